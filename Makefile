@@ -1,0 +1,65 @@
+# mmfm: the two commands of the README are `make demo` (the worked examples, end to end) and
+# `make test` (every test). Both set up a project-local virtual environment on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmfm-installed
+TORCH_VERSION ?= 2.13.0
+# Notebook cells tagged with these flags run too; CI adds the slow cells.
+TEST_FLAGS ?= $(if $(CI),slow,)
+N_WORKERS ?= 2
+export MPLBACKEND := Agg
+
+.PHONY: help setup demo test test-sync test-nbs test-py docs readme lab bench clean
+
+help:
+	@echo "make demo   run the worked examples end to end (writes data/ and reports/)"
+	@echo "make test   every check: export/clean in sync, notebook tests, pytest"
+	@echo "make docs   build the HTML docs offline into _site/"
+	@echo "make lab    JupyterLab on nbs/, bound to 127.0.0.1"
+	@echo "make bench  run the benchmarks in bench/"
+
+setup: $(STAMP)
+
+# torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mmfm.demo
+
+test: test-sync test-nbs test-py
+
+# The library must be what the notebooks export, and the notebooks must be clean.
+test-sync: $(STAMP)
+	$(BIN)/python .ci/check_sync.py
+
+test-nbs: $(STAMP)
+	$(BIN)/nbdev_test --n_workers $(N_WORKERS) $(if $(TEST_FLAGS),--flags "$(TEST_FLAGS)",)
+
+# pytest exits 5 when it collects nothing: make treats that as the failure it is.
+test-py: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+readme: $(STAMP)
+	$(BIN)/python .ci/readme.py
+
+docs: $(STAMP) readme
+	rm -rf _proc _site
+	$(BIN)/nbdev_proc_nbs
+	cd _proc && ../$(BIN)/smalldocs render
+	@echo "docs built: open _site/index.html (or: $(BIN)/python -m http.server 8000 --bind 127.0.0.1 -d _site)"
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $${PORT:-8888} --notebook-dir nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+bench: $(STAMP)
+	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf _proc _site _docs reports
