@@ -16,7 +16,7 @@ export MPLBACKEND := Agg
 help:
 	@echo "make demo   run the worked examples end to end (writes data/ and reports/)"
 	@echo "make test   every check: export/clean in sync, notebook tests, pytest"
-	@echo "make docs   build the HTML docs offline into _site/"
+	@echo "make docs   build the HTML docs offline into _docs/"
 	@echo "make lab    JupyterLab on nbs/, bound to 127.0.0.1"
 	@echo "make bench  run the benchmarks in bench/"
 
@@ -49,11 +49,14 @@ test-py: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python .ci/readme.py
 
+# Quarto cannot be installed here, so the site is rendered by smalldocs from nbdev's processed notebooks; the
+# standard nbdev docs config (nbs/_quarto.yml, nbs/nbdev.yml) is kept, so `nbdev_docs` works where Quarto exists.
 docs: $(STAMP) readme
-	rm -rf _proc _site
+	rm -rf _proc _docs
 	$(BIN)/nbdev_proc_nbs
-	cd _proc && ../$(BIN)/smalldocs render
-	@echo "docs built: open _site/index.html (or: $(BIN)/python -m http.server 8000 --bind 127.0.0.1 -d _site)"
+	cd _proc && ../$(BIN)/smalldocs render --quiet
+	mv _proc/_docs _docs
+	@echo "docs built in _docs/: $(BIN)/python -m http.server 8000 --bind 127.0.0.1 -d _docs"
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $${PORT:-8888} --notebook-dir nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
@@ -62,4 +65,4 @@ bench: $(STAMP)
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf _proc _site _docs reports
+	rm -rf _proc _docs reports

@@ -311,8 +311,9 @@ class CodecManager(nn.Module):
         key = mod.token_key
         try: registered = modality_for_token_key(key)
         except UnknownModalityError: registered = None
-        if registered is not mod:
-            raise CodecError(f"{type(codec).__name__} encodes {mod.__name__}, which is not the registered modality for {key!r}")
+        if registered is None or registered.__name__ != mod.__name__:
+            raise CodecError(f"{type(codec).__name__} encodes {mod.__name__}, but {key!r} is registered to "
+                             f"{registered.__name__ if registered else 'nothing'}")
         if key in self.codecs and not replace:
             raise CodecError(f"{mod.__name__} already has a codec ({type(self.codecs[key]).__name__}); use replace=True to swap it")
         if mod.num_tokens is not None and mod.num_tokens != codec.num_tokens:

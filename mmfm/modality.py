@@ -38,15 +38,12 @@ def _register(cls: type):
     "Register a modality class by name and token key (called when a class with its own `token_key` is defined)."
     key = cls.__dict__['token_key']
     if not isinstance(key, str) or not key: raise TypeError(f"{cls.__qualname__}.token_key must be a non-empty string, got {key!r}")
-    old = _BY_NAME.get(cls.__name__)
-    if old is not None and _origin(old) == _origin(cls):  # the same class defined again (a re-run cell): replace it
-        _BY_KEY.pop(old.token_key, None); del _BY_NAME[cls.__name__]
     other = _BY_KEY.get(key)
-    if other is not None:
+    if other is not None and other.__name__ != cls.__name__:
         raise DuplicateTokenKeyError(f"token_key {key!r} of {_origin(cls)} is already used by {_origin(other)}; "
                                      "each modality needs its own token key")
-    if cls.__name__ in _BY_NAME:
-        raise DuplicateTokenKeyError(f"a modality named {cls.__name__!r} is already registered ({_origin(_BY_NAME[cls.__name__])})")
+    old = _BY_NAME.get(cls.__name__)
+    if old is not None and _BY_KEY.get(old.token_key) is old: del _BY_KEY[old.token_key]   # a redefinition replaces
     _BY_NAME[cls.__name__], _BY_KEY[key] = cls, cls
 
 # %% ../nbs/00_modality.ipynb #c009

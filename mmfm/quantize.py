@@ -70,9 +70,9 @@ def _check_input(self: Quantizer, z: Tensor, where: str, allow_nan: bool = False
                          f"({0 if allow_nan else n_nan} NaN, {n_inf} infinite)")
 
 @patch
-def _check_indices(self: Quantizer, indices: Tensor):
+def _check_indices(self: Quantizer, indices: Tensor, where: str = "decode"):
     "Raise unless `indices` is an integer tensor with values in `[0, codebook_size)`."
-    name = f"{type(self).__name__}.decode"
+    name = f"{type(self).__name__}.{where}"
     if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor of indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
     bad = (indices < 0) | (indices >= self.codebook_size)
@@ -97,6 +97,7 @@ def check_quantizer(quantizer: Quantizer,  # any quantizer (fitted, if it needs 
     q, name, was_training = quantizer, type(quantizer).__name__, quantizer.training
     _expect(isinstance(q.codebook_size, int) and q.codebook_size > 0 and isinstance(q.code_dim, int), f"{name}: codebook_size and code_dim must be ints")
     q.eval()
+    z_before = z.detach().clone()
     try:
         idx = q.encode(z)
         _expect(idx.dtype == torch.long and idx.shape == z.shape[:-1], f"{name}.encode: got {idx.dtype} {tuple(idx.shape)}, expected torch.int64 {tuple(z.shape[:-1])}")
@@ -119,6 +120,7 @@ def check_quantizer(quantizer: Quantizer,  # any quantizer (fitted, if it needs 
         for wrong in (-1, q.codebook_size):
             bad_idx = idx.reshape(-1).clone(); bad_idx[0] = wrong; bad_idx = bad_idx.reshape(idx.shape)
             _expect_raises(lambda: q.decode(bad_idx), ValueError, f"[0, {q.codebook_size})", f"index {wrong} given to decode")
+        _expect(torch.equal(z.detach(), z_before), f"{name}: the caller's tensor was modified in place")
     finally: q.train(was_training)
 
 # %% ../nbs/01_quantize.ipynb #c019
@@ -176,7 +178,7 @@ def _levels_to_indices(self: FiniteScalarQuantizer, level: Tensor) -> Tensor:
 @patch
 def indices_to_codes(self: FiniteScalarQuantizer, indices: Int[Tensor, "..."]) -> Float[Tensor, "... d"]:
     "The grid point of each index: level numbers `(i // basis) % L`, centred and scaled to [-1, 1]."
-    self._check_indices(indices)
+    self._check_indices(indices, "indices_to_codes")
     level = (indices.unsqueeze(-1) // self._basis) % self._levels
     return (level - self._half_width) / self._half_width
 
@@ -205,7 +207,8 @@ def forward(self: FiniteScalarQuantizer, z: Float[Tensor, "... d"]):
     self._check_input(z, "forward")
     with _no_autocast(z):
         b = self.bound(_fp32(z))
-        level = b.round() + (b - b.detach())
+        level = b.round()
+        if b.requires_grad: level = level + (b - b.detach())   # straight through (skipped when no gradient is wanted)
         indices = self._levels_to_indices(level.detach() + self._half_width)
         z_q = (level / self._half_width).to(z.dtype)
     return z_q, indices, torch.zeros((), device=z.device)
@@ -270,7 +273,7 @@ def _restart_dead_codes(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
     samples = flat[torch.randperm(flat.shape[0], device=flat.device)[:dead.numel()]]
     self.codebook.data[dead] = samples.to(self.codebook.dtype)
     self.ema_cluster_size[dead] = mean_usage          # a fresh start: as used as the average code
-    if self.use_ema: self.ema_embed_sum[dead] = samples * mean_usage
+    if self.use_ema: self.ema_embed_sum[dead] = (samples * mean_usage).to(self.ema_embed_sum.dtype)
     self.restarts += dead.numel()
 
 # %% ../nbs/01_quantize.ipynb #c049
@@ -278,10 +281,10 @@ def _restart_dead_codes(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
 def _update(self: VectorQuantizer, flat: Float[Tensor, "n d"], indices: Int[Tensor, "n"]):
     "One training step of the codebook: EMA of cluster sizes (and, with use_ema, of code sums), then dead-code restarts."
     with torch.no_grad():
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        counts = torch.bincount(indices, minlength=self.codebook_size).to(self.ema_cluster_size.dtype)
         self.ema_cluster_size.lerp_(counts, 1 - self.decay)
         if self.use_ema:
-            sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat)
+            sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat.to(self.ema_embed_sum.dtype))
             self.ema_embed_sum.lerp_(sums, 1 - self.decay)
             n = self.ema_cluster_size.sum()
             smoothed = (self.ema_cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
@@ -467,9 +470,9 @@ class QuantileScalarQuantizer(ScalarQuantizer):
 # %% ../nbs/01_quantize.ipynb #c085
 def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
     "Edges `[num_bins + 1]` and centres `[num_bins]` of equal-count bins of the sorted values `v`."
-    pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)
+    pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)   # on the CPU: exact, any device
     lo, hi = pos.floor().long(), pos.ceil().long()
-    edges = torch.lerp(v[lo], v[hi], (pos - lo).to(v.dtype))
+    edges = torch.lerp(v[lo.to(v.device)], v[hi.to(v.device)], (pos - lo).to(device=v.device, dtype=v.dtype))
     counts = torch.bincount(torch.bucketize(v, edges[1:-1]), minlength=num_bins)
     start = counts.cumsum(0) - counts
     median = v[(start + (counts - 1).clamp_min(0) // 2).clamp_max(v.numel() - 1)]

@@ -7,10 +7,11 @@ __all__ = ['SURVEYS', 'LEGACY', 'HSC', 'GAIA', 'SURVEY_IMAGES', 'LegacyCatalog',
            'CATALOGS', 'SurveyInfo', 'register_survey', 'survey_info', 'SurveyImage', 'LegacySurveyImage', 'HSCImage',
            'GaiaImage', 'image_modality', 'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError', 'Preprocessed',
            'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout', 'header_wcs',
-           'load_survey_cutout', 'survey_image']
+           'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
 
 # %% ../nbs/30_surveys.ipynb #c002
 import math, os, tempfile, warnings
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Sequence
@@ -23,6 +24,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError, table_modality, scalar_modality
+from .data import Loader, DataError, resolve_in_root
 
 # %% ../nbs/30_surveys.ipynb #c006
 @dataclass(frozen=True, eq=False)
@@ -328,25 +330,45 @@ def cutout_header(survey: "str | SurveyInfo", ra: float, dec: float, size: int |
     return h
 
 # %% ../nbs/30_surveys.ipynb #c034
+_BLOCK = 2880
+
+@lru_cache(maxsize=64)
+def _header_cards(survey_name: str, size: int) -> tuple[list[str], dict[str, int]]:
+    "80-character cards of a verified cutout header (data included), and where CRVAL1, CRVAL2, LATPOLE, OBJID sit."
+    info = survey_info(survey_name)
+    h = cutout_header(info, 0.0, 0.0, size, object_id='')
+    hdu = fits.PrimaryHDU(np.zeros((info.n_bands, size, size), np.float32), header=h)
+    hdu.verify('exception')
+    text = hdu.header.tostring()
+    cards = [text[i:i + 80] for i in range(0, len(text), 80)]
+    cards = cards[:next(i for i, c in enumerate(cards) if c.startswith('END     '))]
+    where = {k: next(i for i, c in enumerate(cards) if c.startswith(f'{k:8s}=')) for k in ('CRVAL1', 'CRVAL2', 'LATPOLE', 'OBJID')}
+    return cards, where
+
+def _pad(b: bytes, fill: bytes) -> bytes: return b + fill * (-len(b) % _BLOCK)
+
 def write_survey_cutout(path: "str | Path",           # where to write the .fits file
                         flux: np.ndarray,             # [band, size, size] in the survey's unit
                         survey: "str | SurveyInfo",
                         ra: float, dec: float,        # centre (deg)
                         object_id: str | None = None, # written as OBJID
-                        header: fits.Header | None = None,  # a prepared header (else built); CRVAL is set from ra/dec
                         ) -> Path:
-    "Write one cutout as FITS (float32 cube, TAN WCS, survey keys), atomically."
+    "Write one cutout as FITS (float32 cube, TAN WCS, survey keys; see `cutout_header`), atomically."
     info, path = survey_info(survey), Path(path)
     flux = np.asarray(flux, dtype=np.float32)
     if flux.ndim != 3 or flux.shape[0] != info.n_bands or flux.shape[1] != flux.shape[2]:
         raise ValueError(f"write_survey_cutout({object_id}, {info.name}): expected [{info.n_bands}, n, n], got {flux.shape}")
-    h = cutout_header(info, ra, dec, flux.shape[-1], object_id) if header is None else header.copy()
-    h['CRVAL1'], h['CRVAL2'] = float(ra), float(dec)
-    if object_id is not None: h['OBJID'] = str(object_id)
+    cards, where = _header_cards(info.name, flux.shape[-1])
+    cards = list(cards)
+    cards[where['CRVAL1']] = fits.Card('CRVAL1', float(ra), '[deg] Coordinate value at reference point').image
+    cards[where['CRVAL2']] = fits.Card('CRVAL2', float(dec), '[deg] Coordinate value at reference point').image
+    cards[where['LATPOLE']] = fits.Card('LATPOLE', float(dec), '[deg] Native latitude of celestial pole').image
+    cards[where['OBJID']] = fits.Card('OBJID', '' if object_id is None else str(object_id)).image
+    blob = _pad((''.join(cards) + 'END'.ljust(80)).encode('ascii'), b' ') + _pad(flux.astype('>f4').tobytes(), b'\0')
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp_', suffix='.fits'); os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp_', suffix='.fits')
     try:
-        fits.PrimaryHDU(flux, header=h).writeto(tmp, overwrite=True)
+        with os.fdopen(fd, 'wb') as f: f.write(blob)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -417,3 +439,20 @@ def survey_image(survey: "str | SurveyInfo",   # the survey of the image
     t = torch.as_tensor(np.asarray(flux) if not isinstance(flux, Tensor) else flux, dtype=torch.float32)
     if t.ndim == 3: t = t.unsqueeze(0)
     return image_modality(survey)(flux=t, metadata=metadata)
+
+# %% ../nbs/30_surveys.ipynb #c044
+class SurveyImageLoader(Loader):
+    "`mmfm.data` loader: a FITS survey cutout (checked by `load_survey_cutout`) as the survey's image modality."
+    def __init__(self, survey: "str | SurveyInfo",   # the survey of the cutouts
+                 size: int | None = None):            # expected side in pixels (default: the survey's stamp size; 0: any)
+        self.survey, self.size = survey_info(survey).name, size
+    def bind(self, data_root, modality):
+        if modality is not image_modality(self.survey):
+            raise TypeError(f"SurveyImageLoader({self.survey!r}) produces {image_modality(self.survey).__name__}, not {modality.__name__}")
+        return super().bind(data_root, modality)
+    def check(self, value, sample_id, source): resolve_in_root(self.data_root, value, sample_id, source)
+    def load(self, value, sample_id, source) -> SurveyImage:
+        path = resolve_in_root(self.data_root, value, sample_id, source)
+        try: flux, header = load_survey_cutout(path, self.survey, sample_id=sample_id, size=self.size)
+        except (SurveyDataError, FileNotFoundError) as e: raise DataError(sample_id, source, str(e)) from None
+        return survey_image(self.survey, flux, metadata={'id': sample_id, 'file': value, 'header': header.tostring()})

@@ -167,7 +167,7 @@ def model_spec(vocab_sizes: Mapping[str, int] | None = None,  # {token_key: voca
     return {"vocab_sizes": {k: int(v) for k, v in vocab_sizes.items()},
             "num_tokens": {k: int(num_tokens[k]) for k in vocab_sizes}, "token_grids": grids}
 
-# %% ../nbs/11_transformer.ipynb #c020
+# %% ../nbs/11_transformer.ipynb #c021
 class MultimodalTransformer(nn.Module):
     "4M-style encoder–decoder over the tokens of every modality; vocabularies and token counts come from the codecs."
     def __init__(self,
@@ -218,7 +218,7 @@ class MultimodalTransformer(nn.Module):
             elif name.endswith(("proj.weight", "fc2.weight")): nn.init.normal_(p, 0, 0.02 / math.sqrt(2 * n_layers))
             else: nn.init.normal_(p, 0, 0.02)
 
-# %% ../nbs/11_transformer.ipynb #c023
+# %% ../nbs/11_transformer.ipynb #c024
 def _first(mask: Tensor) -> tuple:
     "Index of the first True entry of a boolean tensor, as ints."
     return tuple(int(i) for i in mask.nonzero()[0])
@@ -272,7 +272,7 @@ def check_batch(self: MultimodalTransformer,
     if orphan.any(): raise ValueError(f"sample {_first(orphan)[0]} has target tokens but no input tokens")
     return ids, inp, tgt
 
-# %% ../nbs/11_transformer.ipynb #c028
+# %% ../nbs/11_transformer.ipynb #c029
 def pack(chosen: Bool[Tensor, "batch n"]) -> tuple[Int[Tensor, "batch l"], Bool[Tensor, "batch l"]]:
     "Gather order putting each row's chosen positions first (in order), and the validity mask of the packed rows."
     counts = chosen.sum(1)
@@ -280,7 +280,7 @@ def pack(chosen: Bool[Tensor, "batch n"]) -> tuple[Int[Tensor, "batch l"], Bool[
     order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :L]
     return order, torch.arange(L, device=chosen.device)[None] < counts[:, None]
 
-# %% ../nbs/11_transformer.ipynb #c031
+# %% ../nbs/11_transformer.ipynb #c032
 @patch
 def _embed_tokens(self: MultimodalTransformer, ids: Tensor, key_index: Tensor) -> Tensor:
     "Token embeddings of packed ids `[B, L]`, each from the table of its key."
@@ -300,7 +300,7 @@ def _encode(self: MultimodalTransformer, ids: Tensor, inp: Tensor) -> tuple[Tens
     for block in self.encoder: x = block(x, mask)
     return self.encoder_norm(x), valid, order
 
-# %% ../nbs/11_transformer.ipynb #c033
+# %% ../nbs/11_transformer.ipynb #c034
 @patch
 def _decode(self: MultimodalTransformer, memory: Tensor, memory_valid: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     "Decoder states of the packed targets: `(states [B, L, d], valid [B, L], order [B, L])`."
@@ -311,7 +311,7 @@ def _decode(self: MultimodalTransformer, memory: Tensor, memory_valid: Tensor, t
     for block in self.decoder: x = block(x, mask, memory, memory_mask)
     return self.decoder_norm(x), valid, order
 
-# %% ../nbs/11_transformer.ipynb #c035
+# %% ../nbs/11_transformer.ipynb #c036
 class LossTerms(NamedTuple):
     "Per-key sums over target tokens, ready to be averaged (or all-reduced first, under DDP)."
     ce_sum: dict     # {token_key: summed cross-entropy (float32 scalar tensor)}
@@ -356,7 +356,7 @@ def forward(self: MultimodalTransformer,
         out[k] = dense
     return out
 
-# %% ../nbs/11_transformer.ipynb #c038
+# %% ../nbs/11_transformer.ipynb #c039
 class LossOutput(NamedTuple):
     "The training loss and what to report alongside it."
     loss: Tensor      # mean over keys with targets of the mean cross-entropy over their target tokens
@@ -387,7 +387,7 @@ def loss(self: MultimodalTransformer,
                       {k: t.n_correct[k] / t.n_targets[k] for k in keys},
                       {k: int(t.n_targets[k]) for k in keys})
 
-# %% ../nbs/11_transformer.ipynb #c048
+# %% ../nbs/11_transformer.ipynb #c049
 class EncoderOutput(NamedTuple):
     "Packed encoder states and what each one is."
     states: Tensor     # Float[B, L, d_model]
@@ -411,7 +411,7 @@ def embed(self: MultimodalTransformer,
     start = torch.tensor(list(self.offsets.values()), device=order.device)[key_index]
     return EncoderOutput(states, valid, key_index, order - start, self.token_keys)
 
-# %% ../nbs/11_transformer.ipynb #c051
+# %% ../nbs/11_transformer.ipynb #c052
 def atomic_write(path: str | Path, write) -> Path:
     "Call `write(tmp_path)` on a temporary file next to `path`, flush it to disk, then rename it to `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,7 +451,7 @@ def spec_differences(expected: Mapping, actual: Mapping, prefix: str = "") -> li
             out.append(f"{prefix}{k}: {b!r} (expected {a!r})")
     return out
 
-# %% ../nbs/11_transformer.ipynb #c052
+# %% ../nbs/11_transformer.ipynb #c053
 @patch
 def spec(self: MultimodalTransformer) -> dict:
     "Everything needed to rebuild this model's architecture, as JSON-able data."

@@ -1,0 +1,195 @@
+"""Property tests of mmfm.masking: disjointness, exact budgets, presence, determinism, and the budget distribution."""
+import math
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st, HealthCheck
+from mmfm.masking import (apply_masking, sample_budget_masks, split_budget, sample_dirichlet, MaskingConfig, Masks)
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def token_batches(draw, min_present_tokens=2):
+    "A random token dict with presence flags; every sample keeps at least `min_present_tokens` present tokens."
+    n_keys = draw(st.integers(1, 5))
+    sizes = draw(st.lists(st.integers(1, 12), min_size=n_keys, max_size=n_keys))
+    if sum(sizes) < min_present_tokens: sizes[0] += min_present_tokens
+    B = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    tokens = {f"tok_{i}": torch.randint(0, 50, (B, n), generator=g) for i, n in enumerate(sizes)}
+    present = {k: torch.rand(B, generator=g) < 0.7 for k in tokens}
+    for b in range(B):                       # top up samples that have too few present tokens
+        for k in tokens:
+            if sum(int(present[j][b]) * tokens[j].shape[1] for j in tokens) >= min_present_tokens: break
+            present[k][b] = True
+    for k in tokens: tokens[k][~present[k]] = 0
+    return tokens, present
+
+
+def n_present(tokens, present):
+    return sum(present[k].long() * t.shape[1] for k, t in tokens.items())
+
+
+def check_masks(tokens, present, masks: Masks):
+    for k, t in tokens.items():
+        i, o = masks.is_input[k], masks.is_target[k]
+        assert i.dtype == torch.bool and i.shape == t.shape and o.shape == t.shape
+        assert not (i & o).any(), f"{k}: input and target overlap"
+        assert not (i | o)[~present[k]].any(), f"{k}: an absent row was chosen"
+
+
+@SETTINGS
+@given(token_batches(), st.floats(0.05, 0.95), st.integers(0, 1000))
+def test_ratio_masking_properties(batch, ratio, seed):
+    tokens, present = batch
+    masks = apply_masking(tokens, ratio, present, torch.Generator().manual_seed(seed))
+    check_masks(tokens, present, masks)
+    n = n_present(tokens, present)
+    n_in, n_tgt = masks.counts()
+    assert torch.equal(n_in + n_tgt, n)                       # every present token is input or target
+    expected = (n * ratio).round().long().clamp(min=1).minimum(n - 1)
+    assert torch.equal(n_tgt, expected)
+    again = apply_masking(tokens, ratio, present, torch.Generator().manual_seed(seed))
+    assert all(torch.equal(again.is_target[k], masks.is_target[k]) for k in tokens)
+
+
+@SETTINGS
+@given(token_batches(), st.data())
+def test_budget_masking_properties(batch, data):
+    tokens, present = batch
+    smallest = int(n_present(tokens, present).min())
+    n_in = data.draw(st.integers(1, smallest - 1))
+    n_tgt = data.draw(st.integers(1, smallest - n_in))
+    conc = data.draw(st.sampled_from([0.05, 0.5, 1.0, 5.0]))
+    p_one = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
+    seed = data.draw(st.integers(0, 1000))
+    kw = dict(concentration=conc, mixture={"all-to-all": 1 - p_one, "one-to-all": p_one})
+    masks = sample_budget_masks(tokens, n_in, n_tgt, present, generator=torch.Generator().manual_seed(seed), **kw)
+    check_masks(tokens, present, masks)
+    got_in, got_tgt = masks.counts()
+    assert (got_in == n_in).all() and (got_tgt == n_tgt).all()       # budgets met exactly, per sample
+    again = sample_budget_masks(tokens, n_in, n_tgt, present, generator=torch.Generator().manual_seed(seed), **kw)
+    assert all(torch.equal(again.is_input[k], masks.is_input[k]) and torch.equal(again.is_target[k], masks.is_target[k])
+               for k in tokens)
+
+
+@SETTINGS
+@given(token_batches(min_present_tokens=3), st.integers(0, 100))
+def test_budget_too_large_raises_naming_the_sample(batch, extra):
+    tokens, present = batch
+    n = n_present(tokens, present)
+    b = int(n.argmin())
+    with pytest.raises(ValueError, match=f"sample {b}: input_budget"):
+        sample_budget_masks(tokens, 1, int(n[b]) + extra, present)   # one more than the smallest sample holds
+
+
+def test_all_absent_sample_raises():
+    tokens = {"a": torch.zeros(3, 4, dtype=torch.long), "b": torch.zeros(3, 2, dtype=torch.long)}
+    present = {"a": torch.tensor([True, False, True]), "b": torch.tensor([True, False, False])}
+    with pytest.raises(ValueError, match="sample 1: every modality is absent"): sample_budget_masks(tokens, 1, 1, present)
+    with pytest.raises(ValueError, match="sample 1: every modality is absent"): apply_masking(tokens, 0.5, present)
+    with pytest.raises(ValueError, match="sample 2: only 1 token"):
+        apply_masking({"b": tokens["b"][:, :1]}, 0.5, {"b": torch.tensor([True, True, True])} | {}) if False else \
+        apply_masking({"a": tokens["a"], "b": tokens["b"][:, :1]}, 0.5,
+                      {"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, True])})
+
+
+def test_bad_arguments():
+    tokens = {"a": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="mask_ratio"): apply_masking(tokens, 0.0)
+    with pytest.raises(ValueError, match="input_budget"): sample_budget_masks(tokens, 0, 1)
+    with pytest.raises(TypeError, match="target_budget"): sample_budget_masks(tokens, 1, "2")
+    with pytest.raises(KeyError, match="tok_zzz"): sample_budget_masks(tokens, 1, 1, concentration={"tok_zzz": 2.0})
+    with pytest.raises(ValueError, match="unknown masking"): sample_budget_masks(tokens, 1, 1, mixture={"one-to-one": 1.0})
+    with pytest.raises(KeyError, match="present"): apply_masking(tokens, 0.5, {"b": torch.ones(2, dtype=torch.bool)})
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(1, 8), st.data())
+def test_split_budget_sums_and_caps(B, K, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    capacity = torch.randint(0, 10, (B, K), generator=g)
+    capacity[:, 0] += 1
+    weights = torch.rand(B, K, generator=g) * (torch.rand(B, K, generator=g) < 0.7)
+    budget = torch.stack([torch.randint(1, int(c.sum()) + 1, (1,), generator=g)[0] for c in capacity])
+    out = split_budget(weights, capacity, budget)
+    assert torch.equal(out.sum(1), budget)
+    assert (out >= 0).all() and (out <= capacity).all()
+    # where no modality is capped, the split is the proportional one, rounded (within one token)
+    ideal = budget[:, None] * weights / weights.sum(1, keepdim=True).clamp(min=1e-12)
+    free = (ideal <= capacity).all(1) & (weights.sum(1) > 0)
+    assert ((out - ideal).abs()[free] < 1 + 1e-9).all()
+
+
+def shares(masks: Masks, which: str, budget: int) -> torch.Tensor:
+    m = masks.is_input if which == "input" else masks.is_target
+    return torch.stack([v.sum(1) for v in m.values()], 1).double() / budget
+
+
+def test_budget_shares_follow_the_dirichlet():
+    "Mean and variance of each modality's share of the budget match Dirichlet(alpha) when no modality is capped."
+    B, budget = 4000, 200
+    alpha = {"tok_a": 3.0, "tok_b": 1.0, "tok_c": 0.5, "tok_d": 0.5}
+    tokens = {k: torch.zeros(B, 1000, dtype=torch.long) for k in alpha}
+    masks = sample_budget_masks(tokens, budget, budget, concentration=alpha, target_concentration=2.0,
+                                generator=torch.Generator().manual_seed(0))
+    a = torch.tensor(list(alpha.values()), dtype=torch.float64)
+    a0 = a.sum()
+    s_in = shares(masks, "input", budget)
+    assert torch.allclose(s_in.mean(0), a / a0, atol=0.01), s_in.mean(0)
+    assert torch.allclose(s_in.var(0), a * (a0 - a) / (a0**2 * (a0 + 1)), atol=0.004), s_in.var(0)
+    s_tgt = shares(masks, "target", budget)                           # symmetric concentration 2 for targets
+    assert torch.allclose(s_tgt.mean(0), torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)
+    assert torch.allclose(s_tgt.var(0), torch.full((4,), 0.25 * 0.75 / 9, dtype=torch.float64), atol=0.004)
+
+
+def test_budget_shares_with_absent_modalities():
+    "Absent modalities get nothing; the present ones share the budget as a Dirichlet over the present ones."
+    B = 3000
+    tokens = {k: torch.zeros(B, 500, dtype=torch.long) for k in ("a", "b", "c")}
+    present = {"a": torch.ones(B, dtype=torch.bool), "b": torch.arange(B) % 2 == 0, "c": torch.ones(B, dtype=torch.bool)}
+    masks = sample_budget_masks(tokens, 90, 30, present, generator=torch.Generator().manual_seed(1))
+    s = shares(masks, "input", 90)
+    assert (s[~present["b"], 1] == 0).all()
+    assert torch.allclose(s[present["b"]].mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.015)
+    assert torch.allclose(s[~present["b"]][:, [0, 2]].mean(0), torch.full((2,), 0.5, dtype=torch.float64), atol=0.015)
+
+
+def test_one_to_all_picks_each_present_modality_uniformly():
+    B = 3000
+    tokens = {k: torch.zeros(B, 16, dtype=torch.long) for k in ("a", "b", "c")}
+    present = {"a": torch.ones(B, dtype=torch.bool), "b": torch.ones(B, dtype=torch.bool), "c": torch.arange(B) % 3 != 0}
+    masks = sample_budget_masks(tokens, 8, 8, present, mixture={"one-to-all": 1.0}, generator=torch.Generator().manual_seed(2))
+    used = torch.stack([m.any(1) for m in masks.is_input.values()], 1)
+    assert (used.sum(1) == 1).all()                                   # one modality holds all inputs
+    both = present["c"]
+    freq_all = used[both].double().mean(0)
+    freq_two = used[~both].double().mean(0)
+    assert torch.allclose(freq_all, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.03)
+    assert torch.allclose(freq_two[:2], torch.full((2,), 0.5, dtype=torch.float64), atol=0.04) and freq_two[2] == 0
+
+
+def test_mixture_proportions():
+    B = 4000
+    tokens = {k: torch.zeros(B, 16, dtype=torch.long) for k in ("a", "b", "c", "d")}
+    masks = sample_budget_masks(tokens, 6, 6, concentration=50.0, mixture={"all-to-all": 0.7, "one-to-all": 0.3},
+                                generator=torch.Generator().manual_seed(3))
+    single = (torch.stack([m.any(1) for m in masks.is_input.values()], 1).sum(1) == 1).double().mean()
+    assert abs(single - 0.3) < 0.03                          # with concentration 50, all-to-all nearly never uses one modality
+
+
+def test_dirichlet_sampler_moments_small_concentration():
+    a = torch.tensor([0.05, 0.1, 0.3])
+    w = sample_dirichlet(a.expand(40000, 3), torch.Generator().manual_seed(0))
+    a0 = a.sum()
+    assert torch.isfinite(w).all() and torch.allclose(w.sum(1), torch.ones(40000, dtype=torch.float64))
+    assert torch.allclose(w.mean(0), (a / a0).double(), atol=0.01)
+    assert torch.allclose(w.var(0), (a * (a0 - a) / (a0**2 * (a0 + 1))).double(), atol=0.01)
+
+
+def test_masking_config_dispatch():
+    tokens = {"a": torch.zeros(4, 10, dtype=torch.long)}
+    assert MaskingConfig(3, 2)(tokens, None, torch.Generator().manual_seed(0)).counts()[1].tolist() == [2] * 4
+    assert MaskingConfig(mask_ratio=0.5)(tokens).counts()[1].tolist() == [5] * 4
+    with pytest.raises(ValueError, match="input_budget"): MaskingConfig(None, 3)(tokens)
