@@ -224,6 +224,7 @@ class VectorQuantizer(Quantizer):
                  eps: float = 1e-5,                # Laplace smoothing of the cluster sizes
                  use_ema: bool = True,             # EMA codebook updates; False: the codebook is a Parameter (codebook loss)
                  dead_code_threshold: float = 0.03,  # restart codes whose EMA usage < this × the mean usage; 0 disables
+                 init_from_data: bool = True,      # set the codebook from the first training batch (else: random normal)
                  ):
         super().__init__()
         if num_embeddings < 1 or embedding_dim < 1: raise ValueError(f"VectorQuantizer: num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, {embedding_dim}")
@@ -238,6 +239,7 @@ class VectorQuantizer(Quantizer):
         if use_ema: self.register_buffer("ema_embed_sum", codebook.clone())      # m_i
         self.register_buffer("usage_counts", torch.zeros(num_embeddings, dtype=torch.long), persistent=False)
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("initialized", torch.tensor(not init_from_data))   # saved: a loaded codebook is not re-initialised
 
     def extra_repr(self): return f"{self.codebook_size}, {self.code_dim}, use_ema={self.use_ema}"
 
@@ -291,13 +293,29 @@ def _update(self: VectorQuantizer, flat: Float[Tensor, "n d"], indices: Int[Tens
             self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(-1))
         self._restart_dead_codes(flat)
 
-# %% ../nbs/01_quantize.ipynb #c053
+# %% ../nbs/01_quantize.ipynb #c054
+@patch
+def _init_from_data(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
+    "Set the codebook to random rows of `flat` (the first training batch)."
+    with torch.no_grad():
+        n, k = flat.shape[0], self.codebook_size
+        if n >= k: codes = flat[torch.randperm(n, device=flat.device)[:k]]
+        else:
+            codes = flat[torch.randint(n, (k,), device=flat.device)]
+            codes = codes + 1e-3 * (flat.std() + 1e-8) * torch.randn_like(codes)
+        self.codebook.data.copy_(codes.to(self.codebook.dtype))
+        self.ema_cluster_size.fill_(1.0)
+        if self.use_ema: self.ema_embed_sum.copy_(codes)
+        self.initialized.fill_(True)
+
+# %% ../nbs/01_quantize.ipynb #c055
 @patch
 def forward(self: VectorQuantizer, z: Float[Tensor, "... d"]):
     "`(z_q, indices, aux_loss)`: nearest codes with straight-through gradient; trains the codebook in training mode."
     self._check_input(z, "forward")
     with _no_autocast(z):
         flat = z.float().reshape(-1, self.code_dim)
+        if self.training and not bool(self.initialized): self._init_from_data(flat.detach())
         indices = self._nearest(flat.detach())
         e = self.codebook[indices].float()                      # differentiable w.r.t. the codebook when it is a Parameter
         aux = self.commitment_weight * F.mse_loss(flat, e.detach())
@@ -306,7 +324,7 @@ def forward(self: VectorQuantizer, z: Float[Tensor, "... d"]):
         z_q = e.detach() + (flat - flat.detach())
     return z_q.reshape(z.shape).to(z.dtype), indices.reshape(z.shape[:-1]), aux
 
-# %% ../nbs/01_quantize.ipynb #c060
+# %% ../nbs/01_quantize.ipynb #c063
 @patch
 def usage(self: VectorQuantizer) -> dict:
     "Codes picked since the last `reset_usage`: `{'vectors', 'fraction_used', 'perplexity', 'restarts'}`."
@@ -317,7 +335,7 @@ def reset_usage(self: VectorQuantizer):
     "Start counting code usage (and restarts) afresh."
     self.usage_counts.zero_(); self.restarts.zero_()
 
-# %% ../nbs/01_quantize.ipynb #c067
+# %% ../nbs/01_quantize.ipynb #c070
 class OutOfRangeWarning(UserWarning):
     "Values given to a scalar quantizer lie outside its fixed or fitted range (they go to the end bins, and are counted)."
 
@@ -348,7 +366,7 @@ class ScalarQuantizer(Quantizer):
 
     def _metric(self, x: Tensor) -> Tensor: return x  # the space in which "nearest" is measured
 
-# %% ../nbs/01_quantize.ipynb #c069
+# %% ../nbs/01_quantize.ipynb #c072
 @patch
 def _check_input(self: ScalarQuantizer, z: Tensor, where: str, allow_nan: bool = False):
     "As `Quantizer._check_input`, and `z` must be `[..., num_features, 1]` when `num_features` is set."
@@ -357,7 +375,7 @@ def _check_input(self: ScalarQuantizer, z: Tensor, where: str, allow_nan: bool =
     if nf is not None and (z.ndim < 2 or z.shape[-2] != nf):
         raise ValueError(f"{type(self).__name__}.{where}: expected z of shape [..., {nf}, 1] (one value per feature), got {tuple(z.shape)}")
 
-# %% ../nbs/01_quantize.ipynb #c071
+# %% ../nbs/01_quantize.ipynb #c074
 @patch
 def _count_out_of_range(self: ScalarQuantizer, x: Float[Tensor, "f n"]):
     "Count (and warn about, or refuse) values outside [range_low, range_high], per feature."
@@ -393,7 +411,7 @@ def _decode(self: ScalarQuantizer, indices):
     if self.num_features is None: return self.centres[0][indices].unsqueeze(-1)
     return self.centres[torch.arange(self.num_features, device=indices.device), indices].unsqueeze(-1)
 
-# %% ../nbs/01_quantize.ipynb #c073
+# %% ../nbs/01_quantize.ipynb #c076
 @patch
 def out_of_range(self: ScalarQuantizer) -> dict:
     "Values seen by encode/forward since the last reset, and how many lay below/above the range (lists when per feature)."
@@ -407,7 +425,7 @@ def reset_out_of_range(self: ScalarQuantizer):
     "Zero the out-of-range counters (and warn again the next time)."
     self.n_seen.zero_(); self.n_below.zero_(); self.n_above.zero_(); self._warned = False
 
-# %% ../nbs/01_quantize.ipynb #c075
+# %% ../nbs/01_quantize.ipynb #c078
 class LinearScalarQuantizer(ScalarQuantizer):
     "`num_bins` equal-width bins over the fixed range [low, high]; decodes to the bin centres."
     _persist_bins = False
@@ -427,7 +445,7 @@ class LinearScalarQuantizer(ScalarQuantizer):
 
     def extra_repr(self): return f"num_bins={self.num_bins}, low={self.low}, high={self.high}"
 
-# %% ../nbs/01_quantize.ipynb #c080
+# %% ../nbs/01_quantize.ipynb #c083
 class LogScalarQuantizer(ScalarQuantizer):
     "`num_bins` bins equal in log(value) over [low, high], 0 < low < high; decodes to the geometric bin centres."
     _persist_bins = False
@@ -448,7 +466,7 @@ class LogScalarQuantizer(ScalarQuantizer):
     def _metric(self, x): return x.clamp_min(torch.finfo(x.dtype).tiny).log()
     def extra_repr(self): return f"num_bins={self.num_bins}, low={self.low}, high={self.high}"
 
-# %% ../nbs/01_quantize.ipynb #c083
+# %% ../nbs/01_quantize.ipynb #c086
 class QuantileScalarQuantizer(ScalarQuantizer):
     "`num_bins` equal-count bins fitted from data with `fit`; decodes to the median training value of each bin."
     def __init__(self,
@@ -467,7 +485,7 @@ class QuantileScalarQuantizer(ScalarQuantizer):
 
     def extra_repr(self): return f"num_bins={self.num_bins}, num_features={self.num_features}, fitted={bool(self.fitted)}"
 
-# %% ../nbs/01_quantize.ipynb #c085
+# %% ../nbs/01_quantize.ipynb #c088
 def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
     "Edges `[num_bins + 1]` and centres `[num_bins]` of equal-count bins of the sorted values `v`."
     pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)   # on the CPU: exact, any device
@@ -478,7 +496,7 @@ def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
     median = v[(start + (counts - 1).clamp_min(0) // 2).clamp_max(v.numel() - 1)]
     return edges, torch.where(counts > 0, median, (edges[1:] + edges[:-1]) / 2)
 
-# %% ../nbs/01_quantize.ipynb #c088
+# %% ../nbs/01_quantize.ipynb #c091
 @patch
 def fit(self: QuantileScalarQuantizer,
         values: Float[Tensor, "... 1"],  # training values, [..., 1] (or [..., num_features, 1])

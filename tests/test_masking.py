@@ -79,9 +79,10 @@ def test_budget_masking_properties(batch, data):
 def test_budget_too_large_raises_naming_the_sample(batch, extra):
     tokens, present = batch
     n = n_present(tokens, present)
-    b = int(n.argmin())
-    with pytest.raises(ValueError, match=f"sample {b}: input_budget"):
-        sample_budget_masks(tokens, 1, int(n[b]) + extra, present)   # one more than the smallest sample holds
+    request = 1 + int(n.min()) + extra                               # more than the smallest sample holds
+    b = int((n < request).nonzero()[0])                              # the first sample that cannot hold it
+    with pytest.raises(ValueError, match=f"sample {b}: input_budget 1 \\+ target_budget"):
+        sample_budget_masks(tokens, 1, request - 1, present)
 
 
 def test_all_absent_sample_raises():
@@ -90,7 +91,6 @@ def test_all_absent_sample_raises():
     with pytest.raises(ValueError, match="sample 1: every modality is absent"): sample_budget_masks(tokens, 1, 1, present)
     with pytest.raises(ValueError, match="sample 1: every modality is absent"): apply_masking(tokens, 0.5, present)
     with pytest.raises(ValueError, match="sample 2: only 1 token"):
-        apply_masking({"b": tokens["b"][:, :1]}, 0.5, {"b": torch.tensor([True, True, True])} | {}) if False else \
         apply_masking({"a": tokens["a"], "b": tokens["b"][:, :1]}, 0.5,
                       {"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, True])})
 

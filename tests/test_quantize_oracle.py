@@ -106,7 +106,7 @@ def test_fsq_bf16_input_matches_oracle_fp32():
 
 def make_pair(num_embeddings, dim, decay=0.99, seed=0):
     torch.manual_seed(seed)
-    ours = VectorQuantizer(num_embeddings, dim, decay=decay, dead_code_threshold=0)
+    ours = VectorQuantizer(num_embeddings, dim, decay=decay, dead_code_threshold=0, init_from_data=False)
     oracle = VectorQuantize(dim=dim, codebook_size=num_embeddings, decay=decay, rotation_trick=False,
                             threshold_ema_dead_code=0, commitment_weight=0.25)
     with torch.no_grad():
