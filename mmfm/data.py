@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['DataError', 'resolve_in_root', 'Loader', 'NpyLoader', 'FitsLoader', 'TableLoader', 'ArrayRowLoader', 'Source',
-           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate', 'TokenBatch']
+           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate', 'TokenBatch',
+           'MultiTableDataset', 'MultiSurveyDataset']
 
 # %% ../nbs/04_data.ipynb #c002
 import json, math, warnings
@@ -300,3 +301,35 @@ def encode_batch(self: CodecManager, batch: Batch) -> TokenBatch:
         if name in batch.mods: toks[mask] = codec.encode(batch.mods[name]).to(mask.device)
         tokens[key], present[key] = toks, mask
     return TokenBatch(list(batch.ids), tokens, present)
+
+# %% ../nbs/04_data.ipynb #c039
+def MultiTableDataset(data_root: str | Path,                        # folder holding the tables
+                      manifest: str | Path | list,                  # manifest (path or samples)
+                      tables: dict[str, tuple[type, str]],          # manifest key → (TableModality class, CSV file)
+                      extra_sources: Sequence[Source] = (),         # other sources (e.g. an ECG series)
+                      **kwargs) -> MultiSourceDataset:              # passed on (split, on_error, extra_keys)
+    "The guide's `MultiTableDataset`: several tables, each its own modality, rows referenced from the manifest."
+    sources = [Source(key, mod, TableLoader(file)) for key, (mod, file) in tables.items()]
+    return MultiSourceDataset(data_root, manifest, sources + list(extra_sources), **kwargs)
+
+def MultiSurveyDataset(data_root: str | Path,                       # folder holding the cutouts
+                       manifest: str | Path | list,                 # manifest (path or samples)
+                       surveys: dict[str, type | tuple[type, Loader]],  # manifest key → image modality (or (modality, loader))
+                       extra_sources: Sequence[Source] = (),        # other sources (catalog rows, redshift)
+                       **kwargs) -> MultiSourceDataset:
+    "The guide's `MultiSurveyDataset`: several surveys' cutouts, each its own modality; FITS or `.npy` by suffix."
+    sources = []
+    for key, spec in surveys.items():
+        mod, loader = spec if isinstance(spec, tuple) else (spec, None)
+        sources.append(Source(key, mod, loader or _SuffixImageLoader()))
+    return MultiSourceDataset(data_root, manifest, sources + list(extra_sources), **kwargs)
+
+class _SuffixImageLoader(Loader):
+    "A FITS loader for `.fits`/`.fits.gz`, an `.npy` loader otherwise (both keep NaN pixels, into the `flux` field)."
+    def bind(self, data_root, modality):
+        super().bind(data_root, modality)
+        self.fits, self.npy = FitsLoader('flux').bind(data_root, modality), NpyLoader('flux', allow_nan=True).bind(data_root, modality)
+        return self
+    def _pick(self, value): return self.fits if str(value).endswith(('.fits', '.fits.gz', '.fit')) else self.npy
+    def check(self, value, sample_id, source): self._pick(value).check(value, sample_id, source)
+    def load(self, value, sample_id, source): return self._pick(value).load(value, sample_id, source)
