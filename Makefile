@@ -54,7 +54,7 @@ readme: $(STAMP)
 docs: $(STAMP) readme
 	rm -rf _proc _docs
 	$(BIN)/nbdev_proc_nbs
-	cd _proc && ../$(BIN)/smalldocs render --quiet
+	cd _proc && $(abspath $(BIN))/smalldocs render --quiet
 	mv _proc/_docs _docs
 	@echo "docs built in _docs/: $(BIN)/python -m http.server 8000 --bind 127.0.0.1 -d _docs"
 
