@@ -5,10 +5,13 @@
 # %% auto #0
 __all__ = ['DIABETES_COLUMNS', 'DiabetesDemographics', 'DiabetesLabs', 'DiabetesVitals', 'DiabetesProgression',
            'ECG_SAMPLING_RATE_HZ', 'ECG_LENGTH', 'CohortDemographics', 'CohortLabs', 'CohortVitals', 'CohortEcg',
-           'DIABETES_SOURCES', 'COHORT_SOURCES', 'SPLITS', 'source_triples', 'diabetes_sources', 'cohort_sources',
-           'assign_splits', 'draw_present', 'write_medical_dataset', 'DiabetesConfig', 'diabetes_table',
-           'build_diabetes', 'cohort_fields', 'ecg_random_state', 'cohort_ecg', 'CohortConfig', 'build_cohort',
-           'check_medical_dataset', 'load_split', 'main']
+           'DIABETES_SOURCES', 'COHORT_SOURCES', 'SPLITS', 'DiabetesDemographicsCodec', 'DiabetesLabsCodec',
+           'DiabetesVitalsCodec', 'DiabetesProgressionCodec', 'CohortDemographicsCodec', 'CohortLabsCodec',
+           'CohortVitalsCodec', 'CohortEcgCodec', 'MEDICAL_CODECS', 'source_triples', 'diabetes_sources',
+           'cohort_sources', 'assign_splits', 'draw_present', 'write_medical_dataset', 'DiabetesConfig',
+           'diabetes_table', 'build_diabetes', 'cohort_fields', 'ecg_random_state', 'cohort_ecg', 'ecgsyn_artifact',
+           'patient_ecg', 'CohortConfig', 'build_cohort', 'check_medical_dataset', 'load_split', 'medical_codecs',
+           'ecg_heart_rate', 'main']
 
 # %% ../nbs/35_medical_data.ipynb #c002
 import argparse, builtins, contextlib, importlib, json, os, sys, tempfile, time, warnings
@@ -22,6 +25,9 @@ import pandas as pd
 import torch
 from .modality import BaseModality, TableModality, table_modality, scalar_modality, series_modality
 from .data import DataError, Source, TableLoader, ArrayRowLoader, MultiSourceDataset, read_manifest, collate
+from .codec import CodecManager
+from .table_codecs import table_codec_class, LAYOUTS
+from .series_codecs import series_codec_class
 
 # %% ../nbs/35_medical_data.ipynb #c006
 DIABETES_COLUMNS: dict[str, str] = {  # scikit-learn's column → the clinical name used here
@@ -129,7 +135,8 @@ def _atomic_write(path: Path, write) -> None:
     "Call `write(tmp_path)`, then rename the temporary file onto `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try: write(tmp); os.replace(tmp, path)
+    umask = os.umask(0); os.umask(umask)
+    try: write(tmp); os.chmod(tmp, 0o666 & ~umask); os.replace(tmp, path)  # mkstemp's 0600 → the usual permissions
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
@@ -256,9 +263,9 @@ def _rr_guard():
     try: yield
     finally: module.signal_resample = original
 
-def ecg_random_state(seed: int, index: int) -> int:
-    "The neurokit2 random state of patient `index` of the cohort of seed `seed`."
-    return int(np.random.SeedSequence([seed, 7, index]).generate_state(1)[0])
+def ecg_random_state(seed: int, index: int, attempt: int = 0) -> int:
+    "The neurokit2 random state of patient `index` of the cohort of seed `seed` (and of redraw `attempt`)."
+    return int(np.random.SeedSequence([seed, 7, index] + ([attempt] if attempt else [])).generate_state(1)[0])
 
 # %% ../nbs/35_medical_data.ipynb #c030
 def cohort_ecg(heart_rate: float,        # beats per minute
@@ -280,6 +287,31 @@ def cohort_ecg(heart_rate: float,        # beats per minute
     return (gain * x).astype(np.float32)
 
 # %% ../nbs/35_medical_data.ipynb #c033
+def ecgsyn_artifact(x: np.ndarray,          # one ECG, [L]
+                    max_ms: float = 70.0,    # longest plausible time above 60 % of the 99th percentile
+                    sampling_rate: float = ECG_SAMPLING_RATE_HZ,  # samples per second
+                    ) -> bool:
+    "True if the ECG stays high for longer than an R wave can: ECGSYN's baseline-jump artifact."
+    above = np.concatenate([[0], (x > 0.6 * np.percentile(x, 99)).astype(np.int8), [0]])
+    d = np.diff(above)
+    longest = (np.flatnonzero(d == -1) - np.flatnonzero(d == 1)).max(initial=0)
+    return bool(longest * 1000 / sampling_rate > max_ms)
+
+def patient_ecg(seed: int,                 # cohort seed
+                index: int,                # patient index
+                heart_rate: float,         # beats per minute
+                gain: float = 1.0,         # amplitude scale
+                method: str = "ecgsyn",    # neurokit2 model
+                noise: float = 0.01,       # neurokit2 noise amplitude
+                max_attempts: int = 20,    # redraws before giving up
+                ) -> tuple[np.ndarray, int]:
+    "Patient `index`'s ECG, the first draw without an ECGSYN artifact; returns (ECG, number of redraws)."
+    for attempt in range(max_attempts):
+        x = cohort_ecg(heart_rate, ecg_random_state(seed, index, attempt), gain, method, noise)
+        if method != "ecgsyn" or not ecgsyn_artifact(x): return x, attempt
+    raise RuntimeError(f"patient {index} (seed {seed}, {heart_rate} bpm): {max_attempts} ECG draws all had artifacts")
+
+# %% ../nbs/35_medical_data.ipynb #c036
 @dataclass
 class CohortConfig:
     "Size, seed, missing tables, split and ECG simulation of the synthetic cohort."
@@ -295,18 +327,20 @@ class CohortConfig:
     chunk_size: int = 256                # ECGs per task / per write
     progress: bool = False               # show a progress bar while simulating ECGs
 
-def _ecg_chunk(args) -> np.ndarray:
-    heart_rates, states, gains, method, noise = args
-    return np.stack([cohort_ecg(h, s, g, method, noise) for h, s, g in zip(heart_rates, states, gains)])[:, None, :]
+def _ecg_chunk(args) -> tuple[np.ndarray, int]:
+    seed, indices, heart_rates, gains, method, noise = args
+    out = [patient_ecg(seed, int(i), h, g, method, noise) for i, h, g in zip(indices, heart_rates, gains)]
+    return np.stack([x for x, _ in out])[:, None, :], sum(r for _, r in out)
 
-# %% ../nbs/35_medical_data.ipynb #c034
-def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: CohortConfig) -> None:
-    "Simulate the ECGs of patients `indices` into one `[len(indices), 1, L]` float32 .npy at `path`."
+# %% ../nbs/35_medical_data.ipynb #c037
+def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: CohortConfig) -> int:
+    "Simulate the ECGs of patients `indices` into one `[len(indices), 1, L]` float32 .npy at `path`; returns the redraws."
     from numpy.lib.format import open_memmap
     from tqdm.auto import tqdm
     hr, gain = fields.heart_rate.to_numpy(), fields.ecg_gain.to_numpy()
-    tasks = [(hr[idx], [ecg_random_state(cfg.seed, int(i)) for i in idx], gain[idx], cfg.ecg_method, cfg.ecg_noise)
+    tasks = [(cfg.seed, idx, hr[idx], gain[idx], cfg.ecg_method, cfg.ecg_noise)
              for idx in (indices[i:i + cfg.chunk_size] for i in range(0, len(indices), cfg.chunk_size))]
+    redraws = [0]
     def write(tmp):
         arr = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(indices), 1, ECG_LENGTH))
         with contextlib.ExitStack() as stack:
@@ -316,12 +350,13 @@ def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: Coho
             else: chunks = map(_ecg_chunk, tasks)
             bar = stack.enter_context(tqdm(total=len(indices), desc="simulating ECGs", disable=not cfg.progress))
             start = 0
-            for chunk in chunks:
-                arr[start:start + len(chunk)] = chunk; start += len(chunk); bar.update(len(chunk))
+            for chunk, r in chunks:
+                arr[start:start + len(chunk)] = chunk; start += len(chunk); bar.update(len(chunk)); redraws[0] += r
         arr.flush(); del arr
     _atomic_write(path, write)
+    return redraws[0]
 
-# %% ../nbs/35_medical_data.ipynb #c035
+# %% ../nbs/35_medical_data.ipynb #c038
 def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data/medical/cohort
                  config: CohortConfig | None = None,  # size, seed, missing tables, ECG simulation
                  ) -> dict:
@@ -337,18 +372,19 @@ def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data
     present["demographics_row"] = np.ones(cfg.n, bool)
     splits = assign_splits(cfg.n, cfg.split_fractions, rng)
     with_ecg = np.flatnonzero(present["ecg_row"])
-    _write_ecgs(out_dir / "ecg.npy", fields, with_ecg, cfg)
+    redrawn = _write_ecgs(out_dir / "ecg.npy", fields, with_ecg, cfg)
     tables = {key: fields[list(mod.columns)] for key, mod, file in COHORT_SOURCES if file.endswith(".csv")}
     files = {key: file for key, _, file in COHORT_SOURCES}
     ecg_rows = np.where(present["ecg_row"], np.cumsum(present["ecg_row"]) - 1, -1)
     info = _info("cohort", asdict(cfg), COHORT_SOURCES, present, splits,
                  ecg={"sampling_rate_hz": ECG_SAMPLING_RATE_HZ, "length": ECG_LENGTH, "array": "ecg.npy [n_with_ecg, 1, 1024] float32",
-                      "model": f"neurokit2.ecg_simulate(method={cfg.ecg_method!r}) at the patient's heart rate, times the patient's ECG gain"},
+                      "model": f"neurokit2.ecg_simulate(method={cfg.ecg_method!r}) at the patient's heart rate, times the patient's ECG gain",
+                      "redrawn_after_artifact": redrawn},
                  seconds=round(time.time() - t0, 1))
     write_medical_dataset(out_dir, ids, tables, {k: present[k] for k in tables}, splits, files, info, extra={"ecg_row": ecg_rows})
     return info["counts"]
 
-# %% ../nbs/35_medical_data.ipynb #c038
+# %% ../nbs/35_medical_data.ipynb #c041
 def _check_table(root: Path, key: str, modality: type, file: str, refs: dict[int, list[str]]) -> None:
     "Check the rows `refs` (row → sample ids) of one CSV table against the declared columns of `modality`."
     source = f"{key} ({file})"
@@ -371,7 +407,7 @@ def _check_table(root: Path, key: str, modality: type, file: str, refs: dict[int
             if "patient_id" in df.columns and df.at[row, "patient_id"] != sids[0]:
                 raise DataError(sids[0], source, f"row {row} belongs to {df.at[row, 'patient_id']!r}")
 
-# %% ../nbs/35_medical_data.ipynb #c039
+# %% ../nbs/35_medical_data.ipynb #c042
 def check_medical_dataset(root: str | Path,  # dataset folder holding manifest.json
                           dataset: str,      # "diabetes" or "cohort"
                           ) -> dict[str, int]:
@@ -397,7 +433,7 @@ def check_medical_dataset(root: str | Path,  # dataset folder holding manifest.j
         else: _check_table(root, key, mod, file, refs)
     return counts
 
-# %% ../nbs/35_medical_data.ipynb #c042
+# %% ../nbs/35_medical_data.ipynb #c045
 def load_split(root: str | Path,       # dataset folder holding manifest.json
                dataset: str,           # "diabetes" or "cohort"
                split: str | None = None,  # "train", "validation", "test", or None for all samples
@@ -408,7 +444,49 @@ def load_split(root: str | Path,       # dataset folder holding manifest.json
     ds = MultiSourceDataset(root, "manifest.json", _sources(dataset), split=split)
     return ds.collate([ds[i] for i in range(len(ds))])
 
-# %% ../nbs/35_medical_data.ipynb #c045
+# %% ../nbs/35_medical_data.ipynb #c048
+DiabetesDemographicsCodec = table_codec_class(DiabetesDemographics)
+DiabetesLabsCodec = table_codec_class(DiabetesLabs)
+DiabetesVitalsCodec = table_codec_class(DiabetesVitals)
+DiabetesProgressionCodec = table_codec_class(DiabetesProgression)
+CohortDemographicsCodec = table_codec_class(CohortDemographics)
+CohortLabsCodec = table_codec_class(CohortLabs)
+CohortVitalsCodec = table_codec_class(CohortVitals)
+CohortEcgCodec = series_codec_class(CohortEcg)
+
+MEDICAL_CODECS: dict[type, type] = {  # the guide's MODALITY_CODEC_MAPPING for the medical modalities
+    DiabetesDemographics: DiabetesDemographicsCodec, DiabetesLabs: DiabetesLabsCodec, DiabetesVitals: DiabetesVitalsCodec,
+    DiabetesProgression: DiabetesProgressionCodec, CohortDemographics: CohortDemographicsCodec, CohortLabs: CohortLabsCodec,
+    CohortVitals: CohortVitalsCodec, CohortEcg: CohortEcgCodec}
+
+def medical_codecs(dataset: str,                  # "diabetes" or "cohort"
+                   layout: str = "per_column",    # table layout: "per_column" or "per_table"
+                   **series_kwargs,               # arguments of the ECG codec (e.g. channels)
+                   ) -> CodecManager:
+    "A `CodecManager` with one new codec per modality of a medical dataset."
+    if layout not in LAYOUTS: raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    codecs = [MEDICAL_CODECS[mod](**series_kwargs) if file.endswith(".npy") else MEDICAL_CODECS[mod](layout=layout)
+              for _, mod, file in source_triples(dataset)]
+    return CodecManager(codecs)
+
+# %% ../nbs/35_medical_data.ipynb #c053
+def ecg_heart_rate(ecg,                                           # [L], or [B, L] / [B, 1, L] (array or tensor)
+                   sampling_rate: float = ECG_SAMPLING_RATE_HZ,   # samples per second
+                   ) -> np.ndarray:
+    "Heart rate (bpm) of each ECG, from the R peaks that neurokit2 detects."
+    import neurokit2 as nk
+    x = ecg.detach().cpu().numpy() if isinstance(ecg, torch.Tensor) else np.asarray(ecg)
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    out = np.full(len(x), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, row in enumerate(x):
+            try: peaks = nk.ecg_peaks(row, sampling_rate=int(sampling_rate))[1]["ECG_R_Peaks"]
+            except Exception: continue   # neurokit2 fails on flat or degenerate signals: no rate
+            if len(peaks) > 1: out[i] = 60 * sampling_rate / np.diff(peaks).mean()
+    return out
+
+# %% ../nbs/35_medical_data.ipynb #c056
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: build the diabetes dataset and the synthetic cohort."
     p = argparse.ArgumentParser(prog="python -m mmfm.medical", description="Build the medical example datasets.")
@@ -429,6 +507,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, c in summary.items(): print(f"{out / name}: {json.dumps(c)}")
     return summary
 
-# %% ../nbs/35_medical_data.ipynb #c046
+# %% ../nbs/35_medical_data.ipynb #c057
 #| eval: false
 if __name__ == "__main__" and not getattr(builtins, "__IPYTHON__", False): main()

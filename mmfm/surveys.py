@@ -6,8 +6,8 @@
 __all__ = ['SURVEYS', 'LEGACY', 'HSC', 'GAIA', 'SURVEY_IMAGES', 'LegacyCatalog', 'HSCCatalog', 'GaiaCatalog', 'SpecRedshift',
            'CATALOGS', 'SurveyInfo', 'register_survey', 'survey_info', 'SurveyImage', 'LegacySurveyImage', 'HSCImage',
            'GaiaImage', 'image_modality', 'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError', 'Preprocessed',
-           'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout', 'header_wcs',
-           'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
+           'AsinhStretch', 'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout',
+           'header_wcs', 'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
 
 # %% ../nbs/30_surveys.ipynb #c002
 import math, os, tempfile, warnings
@@ -249,52 +249,75 @@ class Preprocessed(NamedTuple):
     x: Tensor       # [batch, band, h, w] compressed flux, 0 at masked pixels
     valid: Tensor   # [batch, band, h, w] bool, True where the pixel was measured
 
-class SurveyPreprocessor(nn.Module):
+class AsinhStretch(nn.Module):
+    "`x = asinh(f / b) / s` per band for flux `f` in nanomaggies, with explicit masks; exactly invertible."
+    def __init__(self,
+                 softening: Sequence[float],  # softening b per band, in nanomaggies (> 0)
+                 scale: float = 3.0,          # divide the stretched values by this (values of order one)
+                 name: str = 'AsinhStretch',  # what the images are, for error messages
+                 ):
+        super().__init__()
+        soft = np.asarray(softening, dtype=np.float64)
+        if soft.ndim != 1 or not (soft > 0).all(): raise ValueError(f"{name}: softening needs one positive value per band, got {soft}")
+        if not scale > 0: raise ValueError(f"{name}: scale must be positive, got {scale}")
+        self.scale, self.name, self.n_bands = float(scale), name, len(soft)
+        self.register_buffer('softening', torch.tensor(soft, dtype=torch.float32).view(-1, 1, 1))
+
+    def _check_shape(self, flux: Tensor, where: str):
+        if flux.ndim != 4 or flux.shape[1] != self.n_bands:
+            raise ValueError(f"{self.name}{where}: expected [batch, {self.n_bands} bands, h, w], got shape {tuple(flux.shape)}")
+
+    def _check(self, flux: Tensor, ids=None):
+        self._check_shape(flux, '')
+        if torch.isinf(flux).any(): raise SurveyDataError(f"{self.name}: infinite pixel values in the batch; mark masked pixels with NaN")
+        empty = torch.isnan(flux).flatten(1).all(-1)
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            who = [ids[r] for r in rows] if ids is not None else [f"row {r}" for r in rows]
+            raise SurveyDataError(f"{self.name}: every pixel is masked (NaN) in sample(s) {who}; mark the image absent instead")
+
+    def stretch(self, flux_nmgy: Tensor) -> Tensor: return torch.asinh(flux_nmgy / self.softening) / self.scale
+    def unstretch(self, x: Tensor) -> Tensor: return torch.sinh(x * self.scale) * self.softening
+
+    def forward(self, flux: Float[Tensor, "batch band h w"],  # flux in nanomaggies; NaN = masked
+                ids: Sequence[str] | None = None,              # sample ids, for error messages
+                ) -> Preprocessed:
+        "Compress `flux`; returns the stretched image (0 where masked) and the valid-pixel mask."
+        self._check(flux, ids)
+        valid = ~torch.isnan(flux)
+        x = self.stretch(flux)
+        return Preprocessed(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)), valid)
+
+    def inverse(self, x: Float[Tensor, "batch band h w"],          # stretched image (network output)
+                valid: Bool[Tensor, "batch band h w"] | None = None,  # pixels to keep; NaN elsewhere (None: all)
+                ) -> Float[Tensor, "batch band h w"]:
+        "Undo `forward`: stretched values → flux (NaN where `valid` is False)."
+        self._check_shape(x, '.inverse')
+        flux = self.unstretch(x)
+        return flux if valid is None else torch.where(valid, flux, torch.full((), float('nan'), dtype=flux.dtype, device=flux.device))
+
+    def extra_repr(self) -> str: return f"{self.name!r}, bands={self.n_bands}, scale={self.scale}"
+
+# %% ../nbs/30_surveys.ipynb #c029
+class SurveyPreprocessor(AsinhStretch):
     "Per-survey preprocessing: survey unit → nanomaggies → arcsinh stretch, with explicit masks; exactly invertible."
     def __init__(self,
                  survey: "str | SurveyInfo",              # the survey whose images this preprocesses
                  softening: Sequence[float] | None = None,  # arcsinh softening per band in nanomaggies (default: pixel noise σ)
                  scale: float = 3.0,                       # divide the stretched values by this (values of order one)
                  ):
-        super().__init__()
-        self.info = survey_info(survey)
-        soft = self.info.pixel_noise_nmgy if softening is None else np.asarray(softening, dtype=np.float64)
-        if soft.shape != (self.info.n_bands,) or not (soft > 0).all():
-            raise ValueError(f"SurveyPreprocessor({self.info.name!r}): softening needs one positive value per band {self.info.bands}, got {soft}")
-        if not scale > 0: raise ValueError(f"SurveyPreprocessor({self.info.name!r}): scale must be positive, got {scale}")
-        self.scale = float(scale)
-        self.register_buffer('nmgy_per_unit', torch.tensor(self.info.nmgy_per_unit, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer('softening', torch.tensor(soft, dtype=torch.float32).view(-1, 1, 1))
+        info = survey_info(survey)
+        soft = info.pixel_noise_nmgy if softening is None else np.asarray(softening, dtype=np.float64)
+        if np.shape(soft) != (info.n_bands,):
+            raise ValueError(f"SurveyPreprocessor({info.name!r}): softening needs one positive value per band {info.bands}, got {soft}")
+        super().__init__(soft, scale, name=info.title)
+        self.info = info
+        self.register_buffer('nmgy_per_unit', torch.tensor(info.nmgy_per_unit, dtype=torch.float32).view(-1, 1, 1))
 
-    def _check(self, flux: Tensor, ids=None):
-        _check_bands(flux, self.info, f"SurveyPreprocessor({self.info.name!r})")
-        if torch.isinf(flux).any(): raise SurveyDataError(f"{self.info.title}: infinite pixel values in the batch; mark masked pixels with NaN")
-        empty = torch.isnan(flux).flatten(-3).all(-1)
-        if empty.any():
-            rows = empty.nonzero().flatten().tolist()
-            who = [ids[r] for r in rows] if ids is not None else [f"row {r}" for r in rows]
-            raise SurveyDataError(f"{self.info.title}: every pixel is masked (NaN) in sample(s) {who}; mark the image absent instead")
+    def stretch(self, flux: Tensor) -> Tensor: return super().stretch(flux * self.nmgy_per_unit)
+    def unstretch(self, x: Tensor) -> Tensor: return super().unstretch(x) / self.nmgy_per_unit
 
-    def forward(self, flux: Float[Tensor, "batch band h w"],  # flux in the survey's unit; NaN = masked
-                ids: Sequence[str] | None = None,              # sample ids, for error messages
-                ) -> Preprocessed:
-        "Compress `flux` for a network; returns the stretched image (0 where masked) and the valid-pixel mask."
-        self._check(flux, ids)
-        valid = ~torch.isnan(flux)
-        x = torch.asinh(flux * self.nmgy_per_unit / self.softening) / self.scale
-        return Preprocessed(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)), valid)
-
-    def inverse(self, x: Float[Tensor, "batch band h w"],          # stretched image (network output)
-                valid: Bool[Tensor, "batch band h w"] | None = None,  # pixels to keep; NaN elsewhere (None: all)
-                ) -> Float[Tensor, "batch band h w"]:
-        "Undo `forward`: stretched values → flux in the survey's unit (NaN where `valid` is False)."
-        _check_bands(x, self.info, f"SurveyPreprocessor({self.info.name!r}).inverse")
-        flux = torch.sinh(x * self.scale) * self.softening / self.nmgy_per_unit
-        return flux if valid is None else torch.where(valid, flux, torch.full((), float('nan'), dtype=flux.dtype, device=flux.device))
-
-    def extra_repr(self) -> str: return f"survey={self.info.name!r}, scale={self.scale}"
-
-# %% ../nbs/30_surveys.ipynb #c032
+# %% ../nbs/30_surveys.ipynb #c033
 def cutout_wcs(survey: "str | SurveyInfo",  # survey whose pixel grid to use
                ra: float,                    # right ascension of the centre (deg)
                dec: float,                   # declination of the centre (deg)
@@ -329,7 +352,7 @@ def cutout_header(survey: "str | SurveyInfo", ra: float, dec: float, size: int |
     if object_id is not None: h['OBJID'] = str(object_id)
     return h
 
-# %% ../nbs/30_surveys.ipynb #c034
+# %% ../nbs/30_surveys.ipynb #c035
 _BLOCK = 2880
 
 @lru_cache(maxsize=64)
@@ -374,7 +397,7 @@ def write_survey_cutout(path: "str | Path",           # where to write the .fits
         if os.path.exists(tmp): os.unlink(tmp)
     return path
 
-# %% ../nbs/30_surveys.ipynb #c036
+# %% ../nbs/30_surveys.ipynb #c037
 class SurveyCutout(NamedTuple):
     "A loaded cutout: flux `[band, y, x]` (float32, survey unit, NaN = masked) and its FITS header."
     flux: np.ndarray
@@ -393,7 +416,7 @@ def header_wcs(header: fits.Header) -> WCS:
     w.pixel_shape = (header.get('NAXIS1', 0), header.get('NAXIS2', 0))
     return w
 
-# %% ../nbs/30_surveys.ipynb #c037
+# %% ../nbs/30_surveys.ipynb #c038
 def load_survey_cutout(path: "str | Path",           # the .fits file
                        survey: "str | SurveyInfo",   # the survey it must belong to
                        sample_id: str | None = None, # for error messages
@@ -430,7 +453,7 @@ def load_survey_cutout(path: "str | Path",           # the .fits file
     if np.isnan(data).all(): fail("every pixel is NaN (masked); the manifest should not list this image")
     return SurveyCutout(data, header)
 
-# %% ../nbs/30_surveys.ipynb #c038
+# %% ../nbs/30_surveys.ipynb #c039
 def survey_image(survey: "str | SurveyInfo",   # the survey of the image
                  flux,                         # [band, y, x] or [batch, band, y, x], numpy or torch, survey unit
                  metadata: dict | None = None, # e.g. {'id': ...}
@@ -440,7 +463,7 @@ def survey_image(survey: "str | SurveyInfo",   # the survey of the image
     if t.ndim == 3: t = t.unsqueeze(0)
     return image_modality(survey)(flux=t, metadata=metadata)
 
-# %% ../nbs/30_surveys.ipynb #c044
+# %% ../nbs/30_surveys.ipynb #c045
 class SurveyImageLoader(Loader):
     "`mmfm.data` loader: a FITS survey cutout (checked by `load_survey_cutout`) as the survey's image modality."
     def __init__(self, survey: "str | SurveyInfo",   # the survey of the cutouts

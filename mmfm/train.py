@@ -476,7 +476,9 @@ def evaluate(self: Trainer, data=None) -> dict:
     data = self.val_data if data is None else data
     self.model.eval()
     plan = self._epoch(data, 0, shuffle=False)
-    batches = (self._load(data, idx) for idx in plan) if plan is not None else map(as_batch, data)
+    W, r = self.dinfo.world_size, self.dinfo.rank
+    batches = ((self._load(data, idx) for idx in plan) if plan is not None
+               else (as_batch(b) for i, b in enumerate(data) if i % W == r))
     keys = self.model.token_keys
     sums = torch.zeros(len(keys), 3, dtype=torch.float64)
     for batch in batches:

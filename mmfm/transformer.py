@@ -10,7 +10,7 @@ __all__ = ['PRESETS', 'TransformerConfig', 'sincos_1d', 'position_table', 'atten
 
 # %% ../nbs/11_transformer.ipynb #c002
 import json, math, os, tempfile
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Mapping, NamedTuple
 import torch
@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from fastcore.basics import patch
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
-from .masking import check_tokens, sample_budget_masks, apply_masking, Masks
+from .masking import check_tokens
 
 # %% ../nbs/11_transformer.ipynb #c005
 @dataclass
@@ -79,8 +79,9 @@ def position_table(grid: tuple,  # a codec's token_grid: (n,) or (h, w)
     raise ValueError(f"token_grid {grid}: only 1-D (n,) and 2-D (h, w) layouts are supported")
 
 # %% ../nbs/11_transformer.ipynb #c011
-def attention_mask(valid: Bool[Tensor, "batch keys"]) -> Bool[Tensor, "batch 1 1 keys"]:
-    "Key padding mask for SDPA (True = attend); rows with no valid key attend to all keys to stay finite."
+def attention_mask(valid: Bool[Tensor, "batch keys"]) -> Bool[Tensor, "batch 1 1 keys"] | None:
+    "Key padding mask for SDPA (True = attend); rows with no valid key attend to all keys to stay finite; None if no padding."
+    if valid.all(): return None                          # fixed budgets: no padding, let SDPA take its unmasked path
     return (valid | ~valid.any(1, keepdim=True))[:, None, None, :]
 
 class Attention(nn.Module):
@@ -109,7 +110,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.fc1, self.fc2 = nn.Linear(cfg.d_model, hidden), nn.Linear(hidden, cfg.d_model)
-    def forward(self, x): return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x): return self.fc2(F.gelu(self.fc1(x)))
 
 class EncoderBlock(nn.Module):
     "Pre-norm self-attention + MLP."
@@ -341,8 +342,9 @@ def forward(self: MultimodalTransformer,
     B = ids.shape[0]
     if loss_terms:
         ce, correct, count = {}, {}, {}
+        packed_ids = ids.gather(1, order)
         for k, sel, logits in self._targets(h, valid, order):
-            target = ids.gather(1, order)[sel]
+            target = packed_ids[sel]
             ce[k] = F.cross_entropy(logits.float(), target, reduction="sum")
             correct[k] = (logits.argmax(-1) == target).sum()
             count[k] = sel.sum()

@@ -10,8 +10,8 @@ from sklearn.datasets import load_diabetes
 
 from mmfm.data import DataError, MultiSourceDataset
 from mmfm.medical import (DIABETES_COLUMNS, DIABETES_SOURCES, COHORT_SOURCES, SPLITS, CohortConfig, DiabetesConfig,
-                          build_cohort, build_diabetes, check_medical_dataset, cohort_ecg, cohort_fields,
-                          cohort_sources, diabetes_sources, ecg_random_state, load_split)
+                          build_cohort, build_diabetes, check_medical_dataset, cohort_fields, cohort_sources,
+                          diabetes_sources, ecgsyn_artifact, load_split, patient_ecg)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,8 @@ def test_cohort_tables_follow_the_fields_and_ecg_rate(cohort):
         if "ecg_row" not in s: continue
         i = int(s["id"].split("_")[1])
         x = ecg[s["ecg_row"], 0]
-        np.testing.assert_array_equal(x, cohort_ecg(fields.heart_rate.iloc[i], ecg_random_state(3, i), fields.ecg_gain.iloc[i]))
+        np.testing.assert_array_equal(x, patient_ecg(3, i, fields.heart_rate.iloc[i], fields.ecg_gain.iloc[i])[0])
+        assert not ecgsyn_artifact(x)
         peaks = nk.ecg_peaks(x, sampling_rate=100)[1]["ECG_R_Peaks"]
         assert abs(6000 / np.diff(peaks).mean() - fields.heart_rate.iloc[i]) < 4, s["id"]
 
