@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_PATCH', 'SURVEY_IMAGE_CODECS', 'MULTISURVEY_BANDS', 'MULTISURVEY_GRID', 'ResBlock', 'ImageEncoder',
            'ImageDecoder', 'ImageCodecBase', 'SurveyImageCodec', 'LegacySurveyImageCodec', 'HSCImageCodec',
            'GaiaImageCodec', 'survey_band_slice', 'MultiSurveyImage', 'multisurvey_image', 'multisurvey_softening',
-           'SharedImageCodec']
+           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec']
 
 # %% ../nbs/33_image_codecs.ipynb #c002
 import math
@@ -260,3 +260,63 @@ def _augment(self, x: MultiSurveyImage) -> MultiSurveyImage:
     drop[all_gone] = False                                                             # keep at least one survey
     for j, g in enumerate(groups): flux[drop[:, j], g] = float('nan')
     return x.replace(flux=flux)
+
+# %% ../nbs/33_image_codecs.ipynb #c025
+def aperture_mask(size: int, pixel_scale_arcsec: float, radius_arcsec: float = 2.5) -> np.ndarray:
+    "Boolean `[size, size]` disc of `radius_arcsec` around the stamp centre."
+    yy, xx = np.mgrid[:size, :size]
+    return np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2) * pixel_scale_arcsec < radius_arcsec
+
+def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
+                  truth: np.ndarray,          # [n, band, h, w] noiseless images (same unit and grid)
+                  noisy: np.ndarray,          # [n, band, h, w] the codec's input (NaN: band absent for that sample)
+                  noise_sigma: np.ndarray,    # [band] noise σ per pixel of the input (same unit)
+                  pixel_scale_arcsec: float,  # of the grid
+                  bands: Sequence[str],       # band names, for the table
+                  aperture_arcsec: float = 2.5,  # aperture radius
+                  snr_min: float = 20.0,      # aperture S/N above which the flux is checked
+                  ) -> pd.DataFrame:
+    "Per band: residual RMS against the truth in units of σ, and aperture-flux errors of bright galaxies."
+    decoded, truth, noisy = (np.asarray(a, np.float64) for a in (decoded, truth, noisy))
+    ap = aperture_mask(truth.shape[-1], pixel_scale_arcsec, aperture_arcsec)
+    rows = []
+    for b, name in enumerate(bands):
+        has = ~np.isnan(noisy[:, b]).all((-1, -2))                       # samples observed in this band
+        d, t, x = decoded[has, b], truth[has, b], noisy[has, b]
+        rms = np.sqrt(np.nanmean((d - t) ** 2, axis=(-1, -2))) / noise_sigma[b]
+        f_t, f_d, f_x = t[:, ap].sum(-1), d[:, ap].sum(-1), np.nansum(x[:, ap], -1)
+        bright = f_t / (noise_sigma[b] * np.sqrt(ap.sum())) > snr_min
+        err, err_in = np.abs(f_d - f_t) / f_t, np.abs(f_x - f_t) / f_t
+        rows.append(dict(band=name, n=int(has.sum()), rms_over_sigma=float(np.median(rms)) if len(rms) else np.nan,
+                         frac_rms_below_sigma=float((rms < 1).mean()) if len(rms) else np.nan, n_snr20=int(bright.sum()),
+                         aperture_err=float(np.median(err[bright])) if bright.any() else np.nan,
+                         frac_within_5pct=float((err[bright] < 0.05).mean()) if bright.any() else np.nan,
+                         input_aperture_err=float(np.median(err_in[bright])) if bright.any() else np.nan))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/33_image_codecs.ipynb #c028
+@torch.no_grad()
+def evaluate_image_codec(codec: ImageCodecBase,       # a trained image codec
+                         images: BaseModality,        # held-out noisy images (the codec's modality)
+                         truth: np.ndarray,           # their noiseless images, same unit and grid as `images.flux`
+                         noise_sigma: np.ndarray,     # noise σ per pixel of each band of `images.flux`
+                         bands: slice | None = None,  # which bands to report (default: all)
+                         aperture_arcsec: float = 2.5, snr_min: float = 20.0,
+                         batch_size: int = 256,
+                         ) -> tuple[pd.DataFrame, dict]:
+    "Metrics of `codec` on held-out images against the noiseless truth, and its codebook usage."
+    was = codec.training; codec.eval()
+    try:
+        decoded, tokens = [], []
+        for i in range(0, images.batch_size, batch_size):
+            mb = images.select(list(range(i, min(i + batch_size, images.batch_size))))
+            t = codec.encode(mb); tokens.append(t)
+            decoded.append(codec.decode(t).flux.double().cpu().numpy())
+    finally: codec.train(was)
+    bands = bands or slice(None)
+    names = list(np.asarray(images.bands)[bands])
+    grid = survey_info(getattr(images, 'survey', None) or MULTISURVEY_GRID).pixel_scale_arcsec
+    table = image_metrics(np.concatenate(decoded)[:, bands], np.asarray(truth)[:, bands], images.flux.double().cpu().numpy()[:, bands],
+                          np.asarray(noise_sigma)[bands], grid, names, aperture_arcsec, snr_min)
+    use = codebook_usage(torch.cat(tokens), codec.vocab_size)
+    return table, {'codebook_used': use['fraction_used'], 'perplexity': use['perplexity'], 'tokens': codec.num_tokens}

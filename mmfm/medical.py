@@ -394,18 +394,29 @@ def _check_table(root: Path, key: str, modality: type, file: str, refs: dict[int
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in modality.columns if c not in df.columns]
     if missing: raise DataError(first, source, f"missing declared column(s) {missing} (the table has {list(df.columns)})")
-    for row, sids in sorted(refs.items()):
-        if not 0 <= row < len(df): raise DataError(sids[0], source, f"row {row} out of range: {file} has {len(df)} rows")
-        for c in modality.columns:
-            cell = df.at[row, c]
-            if cell.strip().lower() in ("", "nan"):
-                raise DataError(sids[0], source, f"empty (missing) cell {cell!r} in column {c!r}, row {row}: a missing "
-                                                 f"measurement is a missing table (drop the sample's {key!r}), never a missing cell")
-            try: value = float(cell)
-            except ValueError: raise DataError(sids[0], source, f"non-numeric cell {cell!r} in column {c!r}, row {row}") from None
-            if not np.isfinite(value): raise DataError(sids[0], source, f"non-finite cell {cell!r} in column {c!r}, row {row}")
-            if "patient_id" in df.columns and df.at[row, "patient_id"] != sids[0]:
-                raise DataError(sids[0], source, f"row {row} belongs to {df.at[row, 'patient_id']!r}")
+    rows = np.array(sorted(refs), dtype=np.int64)
+    out = rows[(rows < 0) | (rows >= len(df))]
+    if len(out): raise DataError(refs[int(out[0])][0], source, f"row {int(out[0])} out of range: {file} has {len(df)} rows")
+    sub = df.iloc[rows]
+    problems = []   # (row, sample id, problem): the first row at fault is reported
+    for c in modality.columns:
+        raw = sub[c]
+        empty = raw.str.strip().str.lower().isin(["", "nan"]).to_numpy()
+        values = pd.to_numeric(raw.where(~empty, "0"), errors="coerce").to_numpy(dtype=float)
+        for j in np.flatnonzero(empty | ~np.isfinite(values))[:1]:
+            r, cell = int(rows[j]), raw.iloc[j]
+            if empty[j]: what = (f"empty (missing) cell {cell!r} in column {c!r}, row {r}: a missing measurement is a missing "
+                                 f"table (drop the sample's {key!r}), never a missing cell")
+            elif np.isnan(values[j]): what = f"non-numeric cell {cell!r} in column {c!r}, row {r}"
+            else: what = f"non-finite cell {cell!r} in column {c!r}, row {r}"
+            problems.append((r, refs[r][0], what))
+    if "patient_id" in df.columns:
+        owners = np.array([refs[int(r)][0] for r in rows], dtype=object)
+        for j in np.flatnonzero(sub["patient_id"].to_numpy(dtype=object) != owners)[:1]:
+            problems.append((int(rows[j]), owners[j], f"row {int(rows[j])} belongs to {sub['patient_id'].iloc[j]!r}"))
+    if problems:
+        r, sid, what = min(problems, key=lambda p: p[0])
+        raise DataError(sid, source, what)
 
 # %% ../nbs/35_medical_data.ipynb #c042
 def check_medical_dataset(root: str | Path,  # dataset folder holding manifest.json

@@ -8,6 +8,15 @@ from mmfm.masking import (apply_masking, sample_budget_masks, split_budget, samp
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Tiny models gain nothing from a second thread, and on a shared CPU two threads can be many times slower."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @st.composite
 def token_batches(draw, min_present_tokens=2):
     "A random token dict with presence flags; every sample keeps at least `min_present_tokens` present tokens."
