@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_PATCH', 'SURVEY_IMAGE_CODECS', 'MULTISURVEY_BANDS', 'MULTISURVEY_GRID', 'ResBlock', 'ImageEncoder',
            'ImageDecoder', 'ImageCodecBase', 'SurveyImageCodec', 'LegacySurveyImageCodec', 'HSCImageCodec',
            'GaiaImageCodec', 'survey_band_slice', 'MultiSurveyImage', 'multisurvey_image', 'multisurvey_softening',
-           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec']
+           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec', 'load_multisurvey_images']
 
 # %% ../nbs/33_image_codecs.ipynb #c002
 import math
@@ -320,3 +320,41 @@ def evaluate_image_codec(codec: ImageCodecBase,       # a trained image codec
                           np.asarray(noise_sigma)[bands], grid, names, aperture_arcsec, snr_min)
     use = codebook_usage(torch.cat(tokens), codec.vocab_size)
     return table, {'codebook_used': use['fraction_used'], 'perplexity': use['perplexity'], 'tokens': codec.num_tokens}
+
+# %% ../nbs/33_image_codecs.ipynb #c030
+def load_multisurvey_images(root: "str | Path",        # data set written by `mmfm.simulate`
+                            split: str | None = None,  # 'train', 'val', 'test' or None
+                            surveys: Sequence[str] = ('legacy', 'hsc', 'gaia'),  # which surveys to include
+                            with_truth: bool = False,  # also return the noiseless images on the grid
+                            limit: int | None = None,  # at most this many galaxies
+                            aligner: SurveyAligner | None = None,  # default: adaptive, flux-conserving, onto the Legacy grid
+                            ):
+    "`(MultiSurveyImage, ids)` of a split — plus `(truth [n, 12, h, w], noise σ [12])` if `with_truth`."
+    import json
+    from mmfm.surveys import load_survey_cutout
+    from mmfm.simulate import load_truth, render_cutout
+    root, aligner = Path(root), aligner or SurveyAligner(MULTISURVEY_GRID, method='adaptive')
+    samples = json.loads((root / 'manifest.json').read_text())['samples']
+    chosen = [s for s in samples if any(f'{v}_image' in s for v in surveys) and (split is None or s.get('split') == split)][:limit]
+    if not chosen: raise ValueError(f"no galaxies with {list(surveys)} images in split {split!r} under {root}")
+    if with_truth: truth_table, cfg = load_truth(root); by_id = truth_table.set_index('id', drop=False)
+    n, size = len(chosen), aligner.size
+    flux = np.full((n, len(MULTISURVEY_BANDS), size, size), np.nan, np.float32)
+    clean = np.full_like(flux, np.nan) if with_truth else None
+    for i, s in enumerate(chosen):
+        target = None
+        for v in surveys:
+            if f'{v}_image' not in s: continue
+            cut = load_survey_cutout(root / s[f'{v}_image'], v, sample_id=s['id'])
+            if target is None: target = aligner.target_wcs(*cut.wcs.wcs.crval)
+            cube = to_nanomaggies(cut.flux.astype(np.float64), v)
+            if with_truth: cube = np.concatenate([cube, to_nanomaggies(render_cutout(by_id.loc[s['id']], v, cfg).astype(np.float64), v)])
+            out = aligner.align(cube, cut.wcs, target).flux                  # noisy and truth resampled in one call
+            k = survey_info(v).n_bands
+            flux[i, survey_band_slice(v)] = out[:k]
+            if with_truth: clean[i, survey_band_slice(v)] = out[k:]
+    ids = [s['id'] for s in chosen]
+    images = MultiSurveyImage(flux=torch.from_numpy(flux), metadata={'per_sample': [{'id': i} for i in ids]})
+    if not with_truth: return images, ids
+    sigma = np.array([np.nanstd(flux[:, b] - clean[:, b]) if not np.isnan(flux[:, b]).all() else np.nan for b in range(flux.shape[1])])
+    return images, ids, clean, sigma

@@ -43,6 +43,8 @@ def _register(cls: type):
         raise DuplicateTokenKeyError(f"token_key {key!r} of {_origin(cls)} is already used by {_origin(other)}; "
                                      "each modality needs its own token key")
     old = _BY_NAME.get(cls.__name__)
+    if old is not None and cls.__module__ == '__main__' and old.__module__ != '__main__':
+        return   # a notebook re-running the cell that its library module exports: the importable class stays registered
     if old is not None and _BY_KEY.get(old.token_key) is old: del _BY_KEY[old.token_key]   # a redefinition replaces
     _BY_NAME[cls.__name__], _BY_KEY[key] = cls, cls
 

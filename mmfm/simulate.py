@@ -6,10 +6,12 @@
 __all__ = ['GAIA_TOPHATS_NM', 'SED_TEMPLATES', 'REFERENCE_BAND', 'Z_GRID', 'IMAGE_SOURCES', 'TABLE_FILES', 'survey_bandpass',
            'load_sed', 'band_flux_ratios', 'SimConfig', 'true_fluxes', 'draw_galaxies', 'survey_psf', 'galaxy_profile',
            'render_unit_images', 'render_cutout', 'cutout_noise', 'flux_errors', 'asinh_magnitude', 'catalog_softening',
-           'measure_galaxy', 'simulate_dataset', 'astro_sources', 'load_truth', 'noiseless_cutouts', 'main']
+           'measure_galaxy', 'simulate_dataset', 'astro_sources', 'load_survey_images', 'load_catalog', 'load_truth',
+           'noiseless_cutouts', 'main']
 
 # %% ../nbs/31_simulate.ipynb #c002
 import json, math, os, time, multiprocessing
+import torch
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
 from pathlib import Path
@@ -324,6 +326,39 @@ def astro_sources(images: Sequence[str] = IMAGE_SOURCES,          # surveys whos
             + [Source(f'{t}_row', CATALOGS[t], TableLoader(TABLE_FILES[t])) for t in tables])
 
 # %% ../nbs/31_simulate.ipynb #c039
+def load_survey_images(root: "str | Path",            # data set root
+                       survey: str,                   # which survey's cutouts
+                       split: str | None = None,      # 'train', 'val', 'test' or None for all
+                       limit: int | None = None,      # at most this many (the first ones)
+                       ):
+    "All cutouts of `survey` (in `split`) as one image-modality batch, and their galaxy ids."
+    root = Path(root)
+    samples = json.loads((root / 'manifest.json').read_text())['samples']
+    chosen = [s for s in samples if f'{survey}_image' in s and (split is None or s.get('split') == split)][:limit]
+    if not chosen: raise ValueError(f"no {survey} cutouts in split {split!r} under {root}")
+    from mmfm.surveys import load_survey_cutout, survey_image
+    flux = np.stack([load_survey_cutout(root / s[f'{survey}_image'], survey, sample_id=s['id']).flux for s in chosen])
+    ids = [s['id'] for s in chosen]
+    return survey_image(survey, flux, metadata={'per_sample': [{'id': i} for i in ids]}), ids
+
+# %% ../nbs/31_simulate.ipynb #c040
+def load_catalog(root: "str | Path",          # data set root
+                 name: str,                   # 'legacy_catalog', 'hsc_catalog', 'gaia_catalog' or 'spec_z'
+                 split: str | None = None,    # 'train', 'val', 'test' or None for all
+                 ):
+    "The rows of catalog `name` (in `split`) as its table modality, and their galaxy ids."
+    root = Path(root)
+    if name not in TABLE_FILES: raise KeyError(f"unknown catalog {name!r}; known: {list(TABLE_FILES)}")
+    samples = json.loads((root / 'manifest.json').read_text())['samples']
+    rows = [(s['id'], s[f'{name}_row']) for s in samples if f'{name}_row' in s and (split is None or s.get('split') == split)]
+    if not rows: raise ValueError(f"no {name} rows in split {split!r} under {root}")
+    table, modality = pd.read_csv(root / TABLE_FILES[name]), CATALOGS[name]
+    ids, idx = zip(*rows)
+    if list(table['id'].iloc[list(idx)]) != list(ids): raise ValueError(f"{TABLE_FILES[name]}: rows do not match the manifest's ids")
+    x = torch.tensor(table[list(modality.columns)].iloc[list(idx)].to_numpy(np.float32))
+    return modality.from_matrix(x, metadata={'per_sample': [{'id': i} for i in ids]}), list(ids)
+
+# %% ../nbs/31_simulate.ipynb #c043
 def load_truth(root: "str | Path") -> tuple[pd.DataFrame, SimConfig]:
     "The truth table and the simulation config of a data set written by `simulate_dataset`."
     root = Path(root)
@@ -343,7 +378,7 @@ def noiseless_cutouts(root: "str | Path",   # data set root
     if missing: raise KeyError(f"galaxies not in the truth table of {root}: {missing[:5]}")
     return np.stack([render_cutout(by_id.loc[i], survey, cfg) for i in ids])
 
-# %% ../nbs/31_simulate.ipynb #c042
+# %% ../nbs/31_simulate.ipynb #c046
 @call_parse
 def main(out: Param("data root to write", str) = "data/astro",
          n: Param("number of galaxies", int) = 2000,

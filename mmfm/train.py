@@ -223,14 +223,16 @@ def epoch_batches(n: int,  # dataset size
                   epoch: int,  # epoch number
                   shuffle: bool = True,  # False for validation
                   ) -> list[list[int]]:
-    "This process's index batches for one epoch (drop-last), from a `DistributedSampler`."
+    "This process's index batches for one epoch: shuffled by a `DistributedSampler` (drop-last), or in order (validation)."
     if batch_size % dinfo.world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {dinfo.world_size} processes")
     local = batch_size // dinfo.world_size
-    sampler = DistributedSampler(range(n), dinfo.world_size, dinfo.rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+    if not shuffle:                                    # every sample exactly once over all processes (no padding)
+        idx = list(range(dinfo.rank, n, dinfo.world_size))
+        return [idx[i:i + local] for i in range(0, len(idx), local)]
+    sampler = DistributedSampler(range(n), dinfo.world_size, dinfo.rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     idx = list(sampler)
-    if not shuffle: return [idx[i:i + local] for i in range(0, len(idx), local)]
     return [idx[i:i + local] for i in range(0, len(idx) - local + 1, local)]
 
 # %% ../nbs/12_train.ipynb #c028

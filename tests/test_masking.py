@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 from mmfm.masking import (apply_masking, sample_budget_masks, split_budget, sample_dirichlet, MaskingConfig, Masks)
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(autouse=True, scope="module")

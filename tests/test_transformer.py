@@ -12,7 +12,7 @@ from mmfm.testing import toy_manager, toy_table, toy_image, toy_series
 from mmfm.data import TokenBatch
 
 CODECS = toy_manager()
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(autouse=True, scope="module")
