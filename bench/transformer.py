@@ -2,6 +2,7 @@
 
     python bench/transformer.py            # full run (a few minutes on 2 cores)
     python bench/transformer.py --quick    # one timed step per configuration, shorter sweep
+    python bench/transformer.py --threads 1   # one thread: much steadier figures when other processes share the CPU
 
 Reference shape: d_model 256, 4 heads, MLP 4x, 4 encoder + 4 decoder layers, batch 32, 256 input + 256 target tokens
 (4 image-like modalities of 16x16 tokens, vocabulary 1024 each, 4M-style budgets). One training step = forward,
@@ -124,7 +125,8 @@ def memory_probe(config: str) -> str:
 
 def measure_memory(config: str) -> tuple[float, float]:
     "Peak RSS (MiB) of a fresh process running one step of `config`, and the rise during the step."
-    out = subprocess.run([sys.executable, __file__, "--memory", config], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--memory", config, "--threads", str(torch.get_num_threads())],
+                         capture_output=True, text=True, check=True)
     peak, rise = out.stdout.split()[-2:]
     return float(peak), float(rise)
 
@@ -132,8 +134,10 @@ def measure_memory(config: str) -> tuple[float, float]:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one timed step per configuration and a shorter sweep")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is far less sensitive to a busy CPU")
     p.add_argument("--memory", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.threads: torch.set_num_threads(a.threads)
     if a.memory: print(memory_probe(a.memory)); return
     rounds = 1 if a.quick else 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "

@@ -59,8 +59,9 @@ class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
                stretch: AsinhStretch, bright_weight: float, flux_weight: float, augment: bool):
-        if size % patch: raise ValueError(f"{type(self).__name__}: size {size} is not a multiple of patch {patch}")
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
+        padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
+        self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
         self.bright_weight, self.flux_weight, self.augment = float(bright_weight), float(flux_weight), bool(augment)
         self.stretch = stretch
         self.encoder = ImageEncoder(2 * n_bands, hidden, patch, depth)      # stretched bands + their masks
@@ -72,7 +73,9 @@ class ImageCodecBase(Codec):
     @property
     def quantizer(self) -> FiniteScalarQuantizer: return self._quantizer
     @property
-    def token_grid(self) -> tuple[int, int]: return (self.size // self.patch, self.size // self.patch)
+    def token_grid(self) -> tuple[int, int]:
+        n = (self.size + sum(self.pad)) // self.patch
+        return (n, n)
 
     def _ids(self, x):
         md = x.metadata or {}
@@ -87,13 +90,17 @@ class ImageCodecBase(Codec):
         return self.stretch(x.flux, self._ids(x))
 
     def _latent(self, pre: Preprocessed) -> Tensor:
-        return self.projection(self.encoder(torch.cat([pre.x, pre.valid.to(pre.x.dtype)], 1)))
+        x = torch.cat([pre.x, pre.valid.to(pre.x.dtype)], 1)
+        if any(self.pad): x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))   # padding is masked (mask 0)
+        return self.projection(self.encoder(x))
 
     def _encode(self, x: BaseModality) -> Tensor: return self._latent(self._preprocess(x))
 
     def decode_stretched(self, z: Tensor) -> Tensor:
         "Decoder output in the stretched space, `[batch, band, size, size]`, from a quantized latent."
-        return self.decoder(self.unprojection(z))
+        out = self.decoder(self.unprojection(z))
+        lo = self.pad[0]
+        return out[..., lo:lo + self.size, lo:lo + self.size] if any(self.pad) else out
 
 # %% ../nbs/33_image_codecs.ipynb #c010
 def _dihedral(t: Tensor, k: int, flip: bool) -> Tensor:
@@ -135,14 +142,14 @@ def _photometry_loss(self, out: Tensor, pre: Preprocessed) -> Tensor:
     return (d ** 2)[has].mean() / self.stretch.scale ** 2
 
 # %% ../nbs/33_image_codecs.ipynb #c012
-DEFAULT_PATCH = {'legacy': 4, 'hsc': 5, 'gaia': 2}   # pixels per token side: ≈ 1″ tokens, 8², 10², 6² tokens
+DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
 
 class SurveyImageCodec(ImageCodecBase):
     "One survey's image codec (the guide's approach 1): its bands, its pixel grid, FSQ [8,5,5,5] tokens."
     survey: ClassVar[str] = ''
     def __init__(self,
-                 hidden: int = 64,                        # feature channels at token resolution
-                 depth: int = 2,                          # residual blocks in the encoder and in the decoder
+                 hidden: int = 32,                        # feature channels at token resolution
+                 depth: int = 1,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
                  patch: int | None = None,                # pixels per token side (default: DEFAULT_PATCH of the survey)
                  size: int | None = None,                 # cutout side in pixels (default: the survey's stamp size)
@@ -164,11 +171,11 @@ class SurveyImageCodec(ImageCodecBase):
         return self.modality(flux=self.stretch.inverse(self.decode_stretched(z)), metadata=metadata or None)
 
 class LegacySurveyImageCodec(SurveyImageCodec):
-    "Legacy Surveys g, r, i, z cutouts (32² at 0.262″) → 8 × 8 tokens."
+    "Legacy Surveys g, r, i, z cutouts (32² at 0.262″) → 16 × 16 tokens."
     survey: ClassVar[str] = 'legacy'
 
 class HSCImageCodec(SurveyImageCodec):
-    "HSC g, r, i, z, y cutouts (50² at 0.168″) → 10 × 10 tokens."
+    "HSC g, r, i, z, y cutouts (50² at 0.168″, padded to 51) → 17 × 17 tokens."
     survey: ClassVar[str] = 'hsc'
 
 class GaiaImageCodec(SurveyImageCodec):
@@ -236,10 +243,10 @@ def multisurvey_softening() -> np.ndarray:
 class SharedImageCodec(ImageCodecBase):
     "One band-aware codec for any subset of the Legacy, HSC and Gaia bands on the common Legacy grid (AION's approach)."
     def __init__(self,
-                 hidden: int = 64,                        # feature channels at token resolution
-                 depth: int = 2,                          # residual blocks in the encoder and in the decoder
+                 hidden: int = 32,                        # feature channels at token resolution
+                 depth: int = 1,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
-                 patch: int = 4,                          # pixels per token side (8 × 8 tokens on the 32² grid)
+                 patch: int = 2,                          # pixels per token side (16 × 16 tokens on the 32² grid)
                  size: int | None = None,                 # grid side in pixels (default: the Legacy stamp size)
                  scale: float = 3.0,                      # arcsinh output scale
                  bright_weight: float = 0.5,              # loss weight exponent on (1 + S/N²)

@@ -1,0 +1,78 @@
+"""The medical example end to end at the tiny size: every metric has a finite value and baseline, figures are written,
+and a second run gives the same numbers (contract 8)."""
+import json, math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfm.demo import results_table
+from mmfm.medical_example import example_config, prepare_datasets, run
+
+FIGURES = ["cohort_vitals.png", "diabetes_lab_imputation.png", "diabetes_progression.png", "reconstruction.png"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "One torch thread while these tests run: on a shared 2-core machine two threads mostly wait for each other."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("medical_example")
+    first = run("tiny", root / "out1", root / "data", seed=0)
+    second = run("tiny", root / "out2", root / "data", seed=0)
+    return root, first, second
+
+
+def test_every_metric_is_finite_with_its_baseline(runs):
+    _, metrics, _ = runs
+    expected = {"diabetes_reconstruction_rmse_sd", "cohort_reconstruction_rmse_sd", "ecg_correlation_median",
+                "ecg_heart_rate_within_2bpm", "diabetes_progression_r2", "diabetes_progression_probe_r2",
+                "diabetes_lab_imputation_rmse_sd", "diabetes_lab_imputation_rmse_sd_vs_mean",
+                "cohort_heart_rate_from_ecg_mae_bpm", "cohort_heart_rate_from_ecg_mae_bpm_vs_mean",
+                "cohort_vitals_from_demographics_ecg_rmse_sd", "cohort_vitals_from_demographics_ecg_rmse_sd_vs_mean"}
+    assert set(metrics) == expected
+    for name, m in metrics.items():
+        assert math.isfinite(m["model"]), name
+        assert m["baseline"] is not None and math.isfinite(m["baseline"]), name
+        assert m["baseline_name"] and m["description"], name
+        assert isinstance(m["higher_is_better"], bool), name
+    json.dumps(metrics, allow_nan=False)                    # strict JSON: no NaN hides in the extra fields
+    assert "diabetes_progression_r2" in results_table({"medical": metrics})
+
+
+def test_figures_tables_and_timing_are_written(runs):
+    root, _, _ = runs
+    out = root / "out1"
+    assert sorted(p.name for p in out.glob("*.png")) == FIGURES
+    for p in out.glob("*.png"): assert p.stat().st_size > 5_000, p
+    assert {"diabetes_progression.csv", "diabetes_labs.csv", "cohort_vitals.csv", "reconstruction.csv"} <= {p.name for p in out.iterdir()}
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["size"] == "tiny" and timing["seconds"]["total"] > 0
+
+
+def test_second_run_gives_identical_metrics(runs):
+    _, first, second = runs
+    assert first == second
+
+
+def test_datasets_are_reused_and_never_overwritten(runs, tmp_path):
+    root, _, _ = runs
+    cfg = example_config("tiny")
+    folders = prepare_datasets(root / "data", cfg)
+    assert folders["cohort"].name == "cohort_n40_seed0_simple"            # not data/medical/cohort, the demo's
+    stamp = (folders["cohort"] / "manifest.json").stat().st_mtime_ns
+    assert prepare_datasets(root / "data", cfg) == folders
+    assert (folders["cohort"] / "manifest.json").stat().st_mtime_ns == stamp
+    other = prepare_datasets(root / "data", example_config("tiny", seed=1))
+    assert other["cohort"].name == "cohort_n40_seed1_simple" and other["diabetes"].name == "diabetes_seed1"
+
+
+def test_unknown_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown size 'medium'"):
+        run("medium", tmp_path / "out", tmp_path / "data")
