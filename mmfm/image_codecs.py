@@ -58,11 +58,11 @@ class ImageDecoder(nn.Module):
 class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
-               stretch: AsinhStretch, bright_weight: float, flux_weight: float, augment: bool):
+               stretch: AsinhStretch, bright_weight: float, augment: bool):
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
-        self.bright_weight, self.flux_weight, self.augment = float(bright_weight), float(flux_weight), bool(augment)
+        self.bright_weight, self.augment = float(bright_weight), bool(augment)
         self.stretch = stretch
         self.encoder = ImageEncoder(2 * n_bands, hidden, patch, depth)      # stretched bands + their masks
         self.projection = nn.Conv2d(hidden, len(levels), 1)
@@ -115,31 +115,17 @@ def _augment(self, x: BaseModality) -> BaseModality:
 
 @patch_to(ImageCodecBase)
 def loss(self, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
-    "Weighted MSE in the stretched space over valid pixels, plus the photometry term; and the parts for logging."
+    "Weighted MSE in the stretched space over valid pixels, and its parts for logging."
     x = self._check_modality(x)
     if self.training and self.augment: x = self._augment(x)
     pre = self._preprocess(x)
     z_q, _, aux = self.quantize(self._latent(pre))
     out = self.decode_stretched(z_q)
-    valid = pre.valid.to(out.dtype)
-    w = valid * (1 + torch.sinh(pre.x * self.stretch.scale) ** 2) ** self.bright_weight if self.bright_weight else valid
+    w = pre.valid.to(out.dtype)
+    if self.bright_weight: w = w * (1 + torch.sinh(pre.x * self.stretch.scale) ** 2) ** self.bright_weight
     rec = (w * (out - pre.x) ** 2).sum() / pre.valid.sum().clamp_min(1)
-    phot = self._photometry_loss(out, pre) if self.flux_weight else torch.zeros((), device=out.device)
-    total = rec + self.flux_weight * phot + aux
-    return total, {'loss': total.item(), 'reconstruction': rec.item(), 'photometry': phot.item(), 'quantizer': float(aux)}
-
-@patch_to(ImageCodecBase)
-def _photometry_loss(self, out: Tensor, pre: Preprocessed) -> Tensor:
-    "Squared difference of the stretched total fluxes (per sample and band) of the decoded and the input image."
-    valid = pre.valid.to(out.dtype)
-    soft = self.stretch.softening                                   # noise-like scale per pixel (nanomaggies)
-    f_in = (AsinhStretch.unstretch(self.stretch, pre.x) * valid).sum((-1, -2))
-    f_out = (AsinhStretch.unstretch(self.stretch, out) * valid).sum((-1, -2))
-    n = valid.sum((-1, -2)).clamp_min(1)
-    sigma_f = soft.view(1, -1) * n.sqrt()                           # σ of a sum of n pixels
-    has = n > 0
-    d = torch.asinh(f_out / sigma_f) - torch.asinh(f_in / sigma_f)
-    return (d ** 2)[has].mean() / self.stretch.scale ** 2
+    total = rec + aux
+    return total, {'loss': total.item(), 'reconstruction': rec.item(), 'quantizer': float(aux)}
 
 # %% ../nbs/33_image_codecs.ipynb #c012
 DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
@@ -155,14 +141,13 @@ class SurveyImageCodec(ImageCodecBase):
                  size: int | None = None,                 # cutout side in pixels (default: the survey's stamp size)
                  scale: float = 3.0,                      # arcsinh output scale (see SurveyPreprocessor)
                  bright_weight: float = 0.5,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
-                 flux_weight: float = 0.1,                # weight of the photometry term
                  augment: bool = True,                    # random 90° rotations and flips while training
                  ):
         super().__init__()
         if not self.survey: raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or GaiaImageCodec")
         info = survey_info(self.survey)
         self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name], hidden, depth, levels,
-                    SurveyPreprocessor(info, scale=scale), bright_weight, flux_weight, augment)
+                    SurveyPreprocessor(info, scale=scale), bright_weight, augment)
 
     @property
     def modality(self) -> type[SurveyImage]: return image_modality(self.survey)
@@ -250,14 +235,13 @@ class SharedImageCodec(ImageCodecBase):
                  size: int | None = None,                 # grid side in pixels (default: the Legacy stamp size)
                  scale: float = 3.0,                      # arcsinh output scale
                  bright_weight: float = 0.5,              # loss weight exponent on (1 + S/N²)
-                 flux_weight: float = 0.1,                # weight of the photometry term
                  augment: bool = True,                    # random 90° rotations and flips while training
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
         self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch, hidden, depth, levels,
-                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, flux_weight, augment)
+                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage

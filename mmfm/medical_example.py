@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SIZES', 'DIABETES_FEATURES', 'MedicalExampleConfig', 'example_config', 'prepare_datasets', 'load_medical',
            'select_batch', 'reconstruction_table', 'train_ecg_codec', 'decimated_ecg', 'ecg_codec_report',
-           'transformer_codecs', 'bin_values', 'encode_tokens', 'ModalityMixMasking', 'init_token_embeddings',
+           'transformer_codecs', 'bin_values', 'encode_tokens', 'ModalityMixMasking', 'init_embeddings',
            'train_transformer', 'masked_logits', 'expected_values', 'whole', 'diabetes_matrix', 'diabetes_progression',
            'linear_baseline', 'hide_cells', 'diabetes_fold', 'diabetes_cross_validation', 'cohort_evaluation',
            'reference_linear_r2', 'diabetes_metrics', 'cohort_metrics', 'codec_metrics', 'save_figures', 'run']
@@ -50,15 +50,15 @@ class MedicalExampleConfig:
     table_bins: int = 16             # transformer codecs: quantile bins per column (see "Tokens for the transformer")
     recon_bins: int = 1024           # part 1's one-token-per-column codecs (reconstruction figures only)
     per_table_epochs: int = 60       # part 1's one-token-per-table codecs (reconstruction figures only)
-    ecg_epochs: int = 4              # ECG codec training epochs
+    ecg_epochs: int = 3              # ECG codec training epochs
     n_folds: int = 10                # diabetes cross-validation folds
     hide_fraction: float = 0.3       # share of the test patients' lab cells hidden for imputation
     d_model: int = 64                # transformer width
     n_layers: int = 2                # encoder and decoder blocks each
     dropout: float = 0.1             # transformer dropout
-    embedding_std: float = 0.5       # initial scale of the token embeddings (see `init_token_embeddings`)
-    diabetes_steps: int = 600        # optimizer steps per diabetes fold
-    cohort_steps: int = 1000         # optimizer steps of the cohort transformer
+    embedding_std: float = 0.5       # initial scale of the token and modality embeddings (see `init_embeddings`)
+    diabetes_steps: int = 400        # optimizer steps per diabetes fold
+    cohort_steps: int = 1500         # optimizer steps of the cohort transformer
     batch_size: int = 32             # transformer batch
     lr: float = 2e-3                 # peak learning rate (warmup 10 %, cosine to lr / 10)
     progress: bool = True            # progress bars
@@ -68,7 +68,7 @@ SIZES: dict[str, dict] = {  # overrides of MedicalExampleConfig per run size
                  n_folds=2, d_model=32, n_layers=1, diabetes_steps=20, cohort_steps=20, progress=False),
     "demo": dict(),
     "full": dict(n_cohort=5000, build_workers=os.cpu_count() or 2, per_table_epochs=150, ecg_epochs=20,
-                 diabetes_steps=1500, cohort_steps=4000),
+                 diabetes_steps=1500, cohort_steps=6000),
 }
 
 def example_config(size: str = "demo",  # "tiny", "demo" or "full"
@@ -240,39 +240,45 @@ class ModalityMixMasking:
     p_one_in: float = 0.2           # one present modality is all input, every other present token a target
     min_ratio: float = 0.15         # smallest target ratio of random masking
     max_ratio: float = 0.85         # largest target ratio of random masking
+    input_only: tuple = ()          # token keys that are never targets (their tokens are inputs where present)
 
     def __call__(self, tokens, present=None, generator=None) -> Masks:
         present = check_tokens(tokens, present)
         keys = list(tokens); B = next(iter(tokens.values())).shape[0]
         probs = np.array([self.p_random, self.p_leave_one_out, self.p_one_in], dtype=float)
         if (probs < 0).any() or probs.sum() <= 0: raise ValueError(f"masking probabilities must be >= 0 with a positive sum: {probs.tolist()}")
+        unknown = set(self.input_only) - set(keys)
+        if unknown: raise KeyError(f"input_only names token keys {sorted(unknown)} that the tokens do not have ({keys})")
         is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
         is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
         for b in range(B):
             have = [k for k in keys if bool(present[k][b])]
+            can_target = [k for k in have if k not in self.input_only]
             u = float(torch.rand((), generator=generator, dtype=torch.float64)) * probs.sum()
-            strategy = 0 if (u < probs[0] or len(have) < 2) else (1 if u < probs[:2].sum() else 2)
+            strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else (1 if u < probs[:2].sum() else 2)
             if strategy == 0:
                 ratio = self.min_ratio + (self.max_ratio - self.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
                 m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
                 for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
-                continue
-            pick = have[int(torch.randint(len(have), (), generator=generator))]
-            for k in have:
-                is_input[k][b] = (k == pick) == (strategy == 2)
-                is_target[k][b] = (k == pick) == (strategy == 1)
+            else:
+                pool = can_target if strategy == 1 else have
+                pick = pool[int(torch.randint(len(pool), (), generator=generator))]
+                for k in have:
+                    is_input[k][b] = (k == pick) == (strategy == 2)
+                    is_target[k][b] = (k == pick) == (strategy == 1)
+            for k in self.input_only:                  # never a target: shown instead, where present
+                if k in have: is_input[k][b] |= is_target[k][b]; is_target[k][b] = False
         return Masks(is_input, is_target)
 
 # %% ../nbs/22_medical_pipeline.ipynb #c034
 @torch.no_grad()
-def init_token_embeddings(model: MultimodalTransformer,  # a freshly built model
-                          std: float = 0.5,              # standard deviation of the token embeddings
-                          seed: int = 0,                 # seed of the draw
-                          ) -> MultimodalTransformer:
-    "Redraw every token embedding from N(0, std²), so that token identity is not drowned by the position embeddings."
+def init_embeddings(model: MultimodalTransformer,  # a freshly built model
+                    std: float = 0.5,              # standard deviation of the token and modality embeddings
+                    seed: int = 0,                 # seed of the draw
+                    ) -> MultimodalTransformer:
+    "Redraw the token and modality embeddings from N(0, std²), so that they are not drowned by the position embeddings."
     g = torch.Generator().manual_seed(seed)
-    for k in model.token_keys:
-        w = model.token_embeddings[k].weight
+    for w in [model.token_embeddings[k].weight for k in model.token_keys] + [model.modality_embeddings]:
         w.copy_((torch.randn(w.shape, generator=g) * std).to(w.device, w.dtype))
     return model
 
@@ -283,6 +289,7 @@ def train_transformer(manager: CodecManager,         # the codecs the tokens com
                       steps: int,                    # optimizer steps
                       run_dir: str | Path,           # logs and checkpoint (emptied first)
                       seed: int | None = None,       # seed of the model and the run (default: cfg.seed)
+                      masking: ModalityMixMasking | None = None,  # how inputs and targets are drawn (default: ModalityMixMasking())
                       ) -> MultimodalTransformer:
     "A `MultimodalTransformer` for the codecs' token keys, trained on `tokens` with `ModalityMixMasking`."
     seed = cfg.seed if seed is None else seed
@@ -292,11 +299,11 @@ def train_transformer(manager: CodecManager,         # the codecs the tokens com
         torch.manual_seed(seed)
         model = MultimodalTransformer.from_codecs(manager, TransformerConfig.preset(
             "tiny", d_model=cfg.d_model, n_encoder_layers=cfg.n_layers, n_decoder_layers=cfg.n_layers, dropout=cfg.dropout))
-    init_token_embeddings(model, cfg.embedding_std, seed)
+    init_embeddings(model, cfg.embedding_std, seed)
     train_cfg = TrainConfig(steps=steps, batch_size=min(cfg.batch_size, len(tokens)), lr=cfg.lr, min_lr=cfg.lr / 10,
                             warmup_steps=max(1, steps // 10), weight_decay=0.05, eval_every=0, checkpoint_every=0,
                             keep_checkpoints=1, progress=cfg.progress, seed=seed)
-    Trainer(model, tokens, train_cfg, ModalityMixMasking(), run_dir).fit()
+    Trainer(model, tokens, train_cfg, masking or ModalityMixMasking(), run_dir).fit()
     return model.eval()
 
 # %% ../nbs/22_medical_pipeline.ipynb #c039
@@ -454,7 +461,8 @@ def cohort_evaluation(data: dict,                   # load_medical's output
     d = data["cohort"]
     train, test = (select_batch(d["all"], np.flatnonzero(d["split"] == s)) for s in ("train", "test"))
     manager = transformer_codecs("cohort", train, cfg, ecg_codec)
-    model = train_transformer(manager, encode_tokens(manager, train), cfg, cfg.cohort_steps, run_dir)
+    model = train_transformer(manager, encode_tokens(manager, train), cfg, cfg.cohort_steps, run_dir,
+                              masking=ModalityMixMasking(input_only=(CohortEcg.token_key,)))
     rows, vitals = _vitals_and_ecg(test)
     if len(rows) == 0: raise ValueError("no test patient of the cohort has both an ECG and vital signs")
     tok = encode_tokens(manager, select_batch(test, rows))
