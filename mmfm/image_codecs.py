@@ -6,7 +6,8 @@
 __all__ = ['DEFAULT_PATCH', 'SURVEY_IMAGE_CODECS', 'MULTISURVEY_BANDS', 'MULTISURVEY_GRID', 'ResBlock', 'ImageEncoder',
            'ImageDecoder', 'ImageCodecBase', 'SurveyImageCodec', 'LegacySurveyImageCodec', 'HSCImageCodec',
            'GaiaImageCodec', 'survey_band_slice', 'MultiSurveyImage', 'multisurvey_image', 'multisurvey_softening',
-           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec', 'load_multisurvey_images']
+           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec', 'load_multisurvey_images',
+           'fit_image_codec']
 
 # %% ../nbs/33_image_codecs.ipynb #c002
 import math
@@ -134,13 +135,13 @@ class SurveyImageCodec(ImageCodecBase):
     "One survey's image codec (the guide's approach 1): its bands, its pixel grid, FSQ [8,5,5,5] tokens."
     survey: ClassVar[str] = ''
     def __init__(self,
-                 hidden: int = 32,                        # feature channels at token resolution
-                 depth: int = 1,                          # residual blocks in the encoder and in the decoder
+                 hidden: int = 64,                        # feature channels at token resolution
+                 depth: int = 2,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
                  patch: int | None = None,                # pixels per token side (default: DEFAULT_PATCH of the survey)
                  size: int | None = None,                 # cutout side in pixels (default: the survey's stamp size)
                  scale: float = 3.0,                      # arcsinh output scale (see SurveyPreprocessor)
-                 bright_weight: float = 0.5,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
+                 bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
                  augment: bool = True,                    # random 90° rotations and flips while training
                  ):
         super().__init__()
@@ -228,13 +229,13 @@ def multisurvey_softening() -> np.ndarray:
 class SharedImageCodec(ImageCodecBase):
     "One band-aware codec for any subset of the Legacy, HSC and Gaia bands on the common Legacy grid (AION's approach)."
     def __init__(self,
-                 hidden: int = 32,                        # feature channels at token resolution
-                 depth: int = 1,                          # residual blocks in the encoder and in the decoder
+                 hidden: int = 64,                        # feature channels at token resolution
+                 depth: int = 2,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
                  patch: int = 2,                          # pixels per token side (16 × 16 tokens on the 32² grid)
                  size: int | None = None,                 # grid side in pixels (default: the Legacy stamp size)
                  scale: float = 3.0,                      # arcsinh output scale
-                 bright_weight: float = 0.5,              # loss weight exponent on (1 + S/N²)
+                 bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²)
                  augment: bool = True,                    # random 90° rotations and flips while training
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
                  ):
@@ -292,7 +293,8 @@ def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
         d, t, x = decoded[has, b], truth[has, b], noisy[has, b]
         rms = np.sqrt(np.nanmean((d - t) ** 2, axis=(-1, -2))) / noise_sigma[b]
         f_t, f_d, f_x = t[:, ap].sum(-1), d[:, ap].sum(-1), np.nansum(x[:, ap], -1)
-        bright = f_t / (noise_sigma[b] * np.sqrt(ap.sum())) > snr_min
+        sigma_ap = np.std(f_x - f_t) if len(f_t) > 1 else np.inf    # measured: resampled noise is correlated
+        bright = f_t / sigma_ap > snr_min
         err, err_in = np.abs(f_d - f_t) / f_t, np.abs(f_x - f_t) / f_t
         rows.append(dict(band=name, n=int(has.sum()), rms_over_sigma=float(np.median(rms)) if len(rms) else np.nan,
                          frac_rms_below_sigma=float((rms < 1).mean()) if len(rms) else np.nan, n_snr20=int(bright.sum()),
@@ -365,3 +367,23 @@ def load_multisurvey_images(root: "str | Path",        # data set written by `mm
     if not with_truth: return images, ids
     sigma = np.array([np.nanstd(flux[:, b] - clean[:, b]) if not np.isnan(flux[:, b]).all() else np.nan for b in range(flux.shape[1])])
     return images, ids, clean, sigma
+
+# %% ../nbs/33_image_codecs.ipynb #c033
+def fit_image_codec(codec: ImageCodecBase,              # the codec to train (in place)
+                    train: BaseModality,                # training images
+                    val: BaseModality | None = None,    # validation images (early stopping, kept weights)
+                    epochs: int = 20,                   # epochs of the first stage; later stages scale it
+                    lr: float = 2e-3,                   # learning rate of the first stage
+                    stages: Sequence[tuple[float, float]] = ((1.0, 1.0), (0.2, 1 / 3), (0.04, 1 / 6)),  # (lr factor, epochs factor) per stage
+                    batch_size: int = 32,               # samples per step
+                    patience: int | None = 10,          # early stopping within a stage
+                    seed: int = 0,                      # seeds each stage (seed + stage)
+                    ) -> pd.DataFrame:
+    "Train an image codec with `train_codec` in stages of decreasing learning rate; returns the joined history."
+    from mmfm.codec_training import train_codec, CodecTrainConfig
+    history = []
+    for i, (lr_factor, epoch_factor) in enumerate(stages):
+        cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size, lr=lr * lr_factor,
+                               patience=patience, seed=seed + i, progress=False)
+        history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr))
+    return pd.concat(history, ignore_index=True)

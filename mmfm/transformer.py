@@ -34,6 +34,7 @@ class TransformerConfig:
     mlp_ratio: float = 4.0        # hidden width of each MLP, as a multiple of d_model
     dropout: float = 0.0          # dropout on attention and residual branches (0 keeps runs bit-reproducible)
     norm_eps: float = 1e-5        # LayerNorm epsilon
+    embedding_std: float = 0.5    # initial std of the token and modality embeddings (comparable to the unit-size positions)
 
     def __post_init__(self):
         for f in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers"):
@@ -43,6 +44,7 @@ class TransformerConfig:
         if (self.d_model // self.n_heads) % 2 or self.d_model % 4:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} must be a multiple of 4 (2-D sin-cos positions)")
         if not 0 <= self.dropout < 1: raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.embedding_std > 0: raise ValueError(f"TransformerConfig.embedding_std must be positive, got {self.embedding_std}")
 
     presets: ClassVar[dict] = {
         "tiny": dict(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2),     # tests and CPU demos
@@ -211,12 +213,13 @@ class MultimodalTransformer(nn.Module):
         return cls(config=config, codecs=codecs, **overrides)
 
     def reset_parameters(self):
-        "GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 × layers)."
+        "GPT-2 initialisation (N(0, 0.02), residual projections scaled by 1/sqrt(2 × layers)); embeddings N(0, embedding_std²)."
         n_layers = self.config.n_encoder_layers + self.config.n_decoder_layers
         for name, p in self.named_parameters():
             if p.dim() < 2 and "norm" in name: continue                      # LayerNorms keep (1, 0)
             if name.endswith(".bias"): nn.init.zeros_(p)
             elif name.endswith(("proj.weight", "fc2.weight")): nn.init.normal_(p, 0, 0.02 / math.sqrt(2 * n_layers))
+            elif name.startswith(("token_embeddings.", "modality_embeddings")): nn.init.normal_(p, 0, self.config.embedding_std)
             else: nn.init.normal_(p, 0, 0.02)
 
 # %% ../nbs/11_transformer.ipynb #c024
