@@ -45,6 +45,7 @@ class AstroSize:
     codec_epochs: int = 1         # passes of each image codec over its training cutouts
     codec_hidden: int = 16        # image-codec feature channels
     codec_depth: int = 1          # image-codec residual blocks
+    codec_patch: tuple = (2, 3)   # pixels per token side of the Legacy and HSC codecs (their defaults: 16² and 17² tokens)
     model: str = 'tiny'           # TransformerConfig preset
     d_model: int | None = 32      # width override of the preset (None: the preset's)
     layers: int | None = 1        # encoder and decoder blocks override (None: the preset's)
@@ -58,7 +59,7 @@ class AstroSize:
     cnn_min_steps: int = 10       # ...but at least this many optimizer steps (few labels)
 
 SIZES = {'tiny': AstroSize(),
-         'demo': AstroSize(n_galaxies=1000, codec_epochs=5, codec_hidden=32, codec_depth=1, d_model=None, layers=None, steps=300, batch_size=32,
+         'demo': AstroSize(n_galaxies=2000, codec_epochs=10, codec_hidden=32, codec_depth=1, codec_patch=(4, 6), d_model=None, layers=None, steps=5000, batch_size=32,
                            cnn_width=16, cnn_epochs=30, cnn_min_steps=150),
          'full': AstroSize(n_galaxies=4000, codec_epochs=20, codec_hidden=64, codec_depth=2, model='small', d_model=None, layers=None, steps=4000, batch_size=64,
                            cnn_width=16, cnn_epochs=50, cnn_min_steps=300)}
@@ -83,9 +84,9 @@ def fit_codecs(root, size, seed):
     "Train the Legacy and HSC image codecs briefly and fit the Legacy-catalog and redshift table codecs."
     cfg = CodecTrainConfig(epochs=size.codec_epochs, batch_size=32, lr=2e-3, patience=None, seed=seed, progress=False)
     codecs = []
-    for cls in (LegacySurveyImageCodec, HSCImageCodec):
+    for cls, patch in zip((LegacySurveyImageCodec, HSCImageCodec), size.codec_patch):
         torch.manual_seed(seed)
-        codec = cls(hidden=size.codec_hidden, depth=size.codec_depth)
+        codec = cls(hidden=size.codec_hidden, depth=size.codec_depth, patch=patch)
         train, _ = load_survey_images(root, cls.survey, 'train')
         train_codec(codec, train, None, cfg)
         codecs.append(codec.eval())
