@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['SIZES', 'CATALOG_NAMES', 'PROBE_TARGETS', 'LABEL_FRACTIONS', 'AstroSize', 'prepare_data', 'fit_codecs',
-           'encode_tokens', 'train_model', 'hsc_from_legacy', 'rms_sigma', 'photoz_stats', 'posterior_median',
-           'redshift_from_images', 'probe_targets', 'legacy_embeddings', 'label_subsets', 'fit_ridge_probe',
-           'r2_per_target', 'CNNConfig', 'LegacyCNN', 'cnn_inputs', 'train_cnn', 'probe_curves', 'probe_metrics',
-           'plot_hsc_grid', 'plot_photoz', 'plot_probe_curves', 'run']
+           'encode_tokens', 'train_model', 'hsc_from_legacy', 'rms_sigma', 'photoz_stats', 'redshift_from_images',
+           'probe_targets', 'legacy_embeddings', 'label_subsets', 'fit_ridge_probe', 'r2_per_target', 'CNNConfig',
+           'LegacyCNN', 'cnn_inputs', 'train_cnn', 'probe_curves', 'probe_metrics', 'plot_hsc_grid', 'plot_photoz',
+           'plot_probe_curves', 'run']
 
 # %% ../nbs/23_astro_pipeline.ipynb #c002
 import json, math, shutil
@@ -182,32 +182,16 @@ def photoz_stats(z_pred, # predicted redshifts
     dz = np.abs(np.asarray(z_pred) - np.asarray(z_true)) / (1 + np.asarray(z_true))
     return 1.48 * float(np.median(dz)), float(np.mean(dz > 0.15))
 
-# %% ../nbs/23_astro_pipeline.ipynb #29c85b3f
-def posterior_median(logits: torch.Tensor,  # [n, V] logits of one token over its vocabulary
-                     values: torch.Tensor,  # [V] the value each token stands for
-                     ) -> np.ndarray:
-    "Median of each row's predicted distribution over `values`."
-    if logits.ndim != 2 or logits.shape[1] != values.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match {values.shape[0]} token values")
-    if not torch.isfinite(logits).all(): raise ValueError("logits contain NaN or infinite values")
-    order = values.double().argsort()
-    cdf = logits.double().softmax(-1)[:, order].cumsum(-1)
-    return values.double()[order][(cdf < 0.5).sum(-1).clamp(max=len(values) - 1)].numpy()
-
 # %% ../nbs/23_astro_pipeline.ipynb #c026
 @torch.no_grad()
 def redshift_from_images(model, manager, tokens, present, ids, splits, root, seed=0):
-    "Test galaxies with a Legacy image: redshift from the images alone (posterior median), a kNN on catalog fluxes, and the truth."
+    "Test galaxies with a Legacy image: redshift predicted from the images alone, a kNN on catalog fluxes, and the truth."
     kz, images = 'tok_z_spec', {'tok_image_legacy', 'tok_image_hsc'}
     truth = load_truth(root)[0].set_index('id')['z']
     rows = np.flatnonzero((splits == 'test') & present['tok_image_legacy'].numpy() & present['tok_catalog_legacy'].numpy())
     r = torch.from_numpy(rows)
-    seen = {}
-    predict_tokens(model, {k: t[r] for k, t in tokens.items()}, _given({k: p[r] for k, p in present.items()}, images), [kz],
-                   on_step=lambda step: seen.update(step.logits))
-    codec = manager.codec_for(kz)
-    z_of_token = codec.decode(torch.arange(codec.vocab_size)[:, None]).as_matrix()[:, 0]
-    z_model = posterior_median(seen[kz][:, 0], z_of_token)
+    out = predict_tokens(model, {k: t[r] for k, t in tokens.items()}, _given({k: p[r] for k, p in present.items()}, images), [kz])
+    z_model = manager.codec_for(kz).decode(out.tokens[kz]).as_matrix()[:, 0].double().numpy()
     fluxes = lambda x: np.arcsinh(x.as_matrix()[:, :4].double().numpy() / 0.1)             # asinh-stretched g r i z fluxes
     (cat, cat_ids), (spec, spec_ids) = load_catalog(root, 'legacy_catalog'), load_catalog(root, 'spec_z', 'train')
     X, by_id = fluxes(cat), {i: j for j, i in enumerate(cat_ids)}
