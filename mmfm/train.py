@@ -646,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             model.save(Path(args.out) / "model")
             print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
                   + (f", val loss {last['val']['loss']:.4f}" if "val" in last else "") + f"; run in {args.out}")
+        if dist.is_initialized(): dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort
         return 0
     except (NonFiniteLossError, ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
