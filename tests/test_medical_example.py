@@ -4,21 +4,11 @@ import json, math
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmfm.demo import results_table
 from mmfm.medical_example import example_config, prepare_datasets, run
 
 FIGURES = ["cohort_vitals.png", "diabetes_lab_imputation.png", "diabetes_progression.png", "reconstruction.png"]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    "One torch thread while these tests run: on a shared 2-core machine two threads mostly wait for each other."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

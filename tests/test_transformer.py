@@ -15,13 +15,7 @@ CODECS = toy_manager()
 SETTINGS = settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models gain nothing from a second thread, and on a shared CPU two threads can be many times slower."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def token_batch(B=4, seed=0, absent=((1, "tok_toy_table"), (2, "tok_toy_series"))) -> TokenBatch:
