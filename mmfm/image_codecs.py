@@ -59,11 +59,16 @@ class ImageDecoder(nn.Module):
 class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
-               stretch: AsinhStretch, bright_weight: float, augment: bool):
+               stretch: AsinhStretch, bright_weight: float, augment: bool, flux_weight: float = 0.0,
+               flux_pools: Sequence[int] = (4, 8, 16, 32)):
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
         self.bright_weight, self.augment = float(bright_weight), bool(augment)
+        if not flux_weight >= 0: raise ValueError(f"{type(self).__name__}: flux_weight must be >= 0, got {flux_weight}")
+        if not flux_pools or any(int(k) < 1 for k in flux_pools):
+            raise ValueError(f"{type(self).__name__}: flux_pools needs block sizes >= 1 pixel, got {flux_pools}")
+        self.flux_weight, self.flux_pools = float(flux_weight), tuple(int(k) for k in flux_pools)
         self.stretch = stretch
         self.encoder = ImageEncoder(2 * n_bands, hidden, patch, depth)      # stretched bands + their masks
         self.projection = nn.Conv2d(hidden, len(levels), 1)
@@ -114,9 +119,31 @@ def _augment(self, x: BaseModality) -> BaseModality:
     k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
     return x.replace(flux=_dihedral(x.flux, k, flip).contiguous())
 
+def _block_sums(t: Tensor, k: int) -> Tensor:
+    "Sums over k × k blocks of the centred part of `t` whose side is a multiple of k, divided by k."
+    n = t.shape[-1] // k * k
+    lo = (t.shape[-1] - n) // 2
+    return F.avg_pool2d(t[..., lo:lo + n, lo:lo + n], k) * k
+
+@patch_to(ImageCodecBase)
+def flux_loss(self, out: Tensor,          # decoder output, stretched space `[batch, band, h, w]`
+              pre: Preprocessed,          # the stretched input and its valid-pixel mask
+              ) -> Tensor:
+    "Pooled-flux χ²: block sums of decoded and input flux in units of each block's noise, pseudo-Huber, over `flux_pools`."
+    valid = pre.valid.to(out.dtype)
+    decoded = self.stretch.unstretch(out) * valid / self.stretch.softening    # flux in units of the pixel noise σ
+    given = self.stretch.unstretch(pre.x) * valid / self.stretch.softening
+    terms = []
+    for k in self.flux_pools:
+        k = min(k, out.shape[-1])
+        a, b = _block_sums(decoded, k), _block_sums(given, k)                 # a block of k² pixels has noise k σ
+        r = (a - b) / torch.sqrt(1 + (0.01 * b) ** 2)                          # a 1 % floor for very bright blocks
+        terms.append((9 * (torch.sqrt(1 + (r / 3) ** 2) - 1)).mean())          # pseudo-Huber: quadratic up to ~3 σ
+    return torch.stack(terms).mean()
+
 @patch_to(ImageCodecBase)
 def loss(self, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
-    "Weighted MSE in the stretched space over valid pixels, and its parts for logging."
+    "Weighted MSE in the stretched space over valid pixels (+ `flux_weight` × `flux_loss`), and its parts for logging."
     x = self._check_modality(x)
     if self.training and self.augment: x = self._augment(x)
     pre = self._preprocess(x)
@@ -126,7 +153,12 @@ def loss(self, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
     if self.bright_weight: w = w * (1 + torch.sinh(pre.x * self.stretch.scale) ** 2) ** self.bright_weight
     rec = (w * (out - pre.x) ** 2).sum() / pre.valid.sum().clamp_min(1)
     total = rec + aux
-    return total, {'loss': total.item(), 'reconstruction': rec.item(), 'quantizer': float(aux)}
+    logs = {'reconstruction': rec.item(), 'quantizer': float(aux)}
+    if self.flux_weight:
+        flux = self.flux_loss(out, pre)
+        total = total + self.flux_weight * flux
+        logs['flux'] = flux.item()
+    return total, {'loss': total.item(), **logs}
 
 # %% ../nbs/33_image_codecs.ipynb #c012
 DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
@@ -143,12 +175,13 @@ class SurveyImageCodec(ImageCodecBase):
                  scale: float = 3.0,                      # arcsinh output scale (see SurveyPreprocessor)
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
                  augment: bool = True,                    # random 90° rotations and flips while training
+                 flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
                  ):
         super().__init__()
         if not self.survey: raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or GaiaImageCodec")
         info = survey_info(self.survey)
         self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name], hidden, depth, levels,
-                    SurveyPreprocessor(info, scale=scale), bright_weight, augment)
+                    SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight)
 
     @property
     def modality(self) -> type[SurveyImage]: return image_modality(self.survey)
@@ -237,12 +270,14 @@ class SharedImageCodec(ImageCodecBase):
                  scale: float = 3.0,                      # arcsinh output scale
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²)
                  augment: bool = True,                    # random 90° rotations and flips while training
+                 flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
         self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch, hidden, depth, levels,
-                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment)
+                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment,
+                    flux_weight)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage
@@ -283,10 +318,13 @@ def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
                   bands: Sequence[str],       # band names, for the table
                   aperture_arcsec: float = 2.5,  # aperture radius
                   snr_min: float = 20.0,      # aperture S/N above which the flux is checked
+                  core_arcsec: float = 0.8,   # radius of the core, for splitting the aperture error into core and outskirts
                   ) -> pd.DataFrame:
     "Per band: residual RMS against the truth in units of σ, and aperture-flux errors of bright galaxies."
     decoded, truth, noisy = (np.asarray(a, np.float64) for a in (decoded, truth, noisy))
     ap = aperture_mask(truth.shape[-1], pixel_scale_arcsec, aperture_arcsec)
+    core = aperture_mask(truth.shape[-1], pixel_scale_arcsec, min(core_arcsec, aperture_arcsec))
+    outskirts = ap & ~core
     rows = []
     for b, name in enumerate(bands):
         has = ~np.isnan(noisy[:, b]).all((-1, -2))                       # samples observed in this band
@@ -295,11 +333,16 @@ def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
         f_t, f_d, f_x = t[:, ap].sum(-1), d[:, ap].sum(-1), np.nansum(x[:, ap], -1)
         sigma_ap = np.std(f_x - f_t) if len(f_t) > 1 else np.inf    # measured: resampled noise is correlated
         bright = f_t / sigma_ap > snr_min
-        err, err_in = np.abs(f_d - f_t) / f_t, np.abs(f_x - f_t) / f_t
+        signed, err_in = (f_d - f_t) / f_t, np.abs(f_x - f_t) / f_t
+        err = np.abs(signed)
+        part = lambda m: np.abs(d[:, m].sum(-1) - t[:, m].sum(-1))[bright] / f_t[bright]   # share of the aperture flux
         rows.append(dict(band=name, n=int(has.sum()), rms_over_sigma=float(np.median(rms)) if len(rms) else np.nan,
                          frac_rms_below_sigma=float((rms < 1).mean()) if len(rms) else np.nan, n_snr20=int(bright.sum()),
                          aperture_err=float(np.median(err[bright])) if bright.any() else np.nan,
                          frac_within_5pct=float((err[bright] < 0.05).mean()) if bright.any() else np.nan,
+                         aperture_bias=float(np.median(signed[bright])) if bright.any() else np.nan,
+                         core_err=float(np.median(part(core))) if bright.any() else np.nan,
+                         outskirts_err=float(np.median(part(outskirts))) if bright.any() else np.nan,
                          input_aperture_err=float(np.median(err_in[bright])) if bright.any() else np.nan))
     return pd.DataFrame(rows)
 
@@ -378,12 +421,20 @@ def fit_image_codec(codec: ImageCodecBase,              # the codec to train (in
                     batch_size: int = 32,               # samples per step
                     patience: int | None = 10,          # early stopping within a stage
                     seed: int = 0,                      # seeds each stage (seed + stage)
+                    flux_weights: Sequence[float] | None = None,  # the codec's flux_weight in each stage (None: as built)
                     ) -> pd.DataFrame:
     "Train an image codec with `train_codec` in stages of decreasing learning rate; returns the joined history."
     from mmfm.codec_training import train_codec, CodecTrainConfig
-    history = []
-    for i, (lr_factor, epoch_factor) in enumerate(stages):
-        cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size, lr=lr * lr_factor,
-                               patience=patience, seed=seed + i, progress=False)
-        history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr))
+    if flux_weights is not None and len(flux_weights) != len(stages):
+        raise ValueError(f"fit_image_codec: {len(flux_weights)} flux_weights for {len(stages)} stages")
+    if flux_weights is not None and not all(w >= 0 for w in flux_weights):
+        raise ValueError(f"fit_image_codec: flux_weights must be >= 0, got {list(flux_weights)}")
+    built, history = codec.flux_weight, []
+    try:
+        for i, (lr_factor, epoch_factor) in enumerate(stages):
+            if flux_weights is not None: codec.flux_weight = float(flux_weights[i])
+            cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size, lr=lr * lr_factor,
+                                   patience=patience, seed=seed + i, progress=False)
+            history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr, flux_weight=codec.flux_weight))
+    finally: codec.flux_weight = built                   # the codec leaves as it was built (its saved configuration)
     return pd.concat(history, ignore_index=True)
