@@ -176,12 +176,13 @@ class SurveyImageCodec(ImageCodecBase):
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
                  augment: bool = True,                    # random 90° rotations and flips while training
                  flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
+                 flux_pools: Sequence[int] = (4, 8, 16, 32),  # block sides (pixels) of the pooled-flux term
                  ):
         super().__init__()
         if not self.survey: raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or GaiaImageCodec")
         info = survey_info(self.survey)
         self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name], hidden, depth, levels,
-                    SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight)
+                    SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight, flux_pools)
 
     @property
     def modality(self) -> type[SurveyImage]: return image_modality(self.survey)
@@ -271,13 +272,14 @@ class SharedImageCodec(ImageCodecBase):
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²)
                  augment: bool = True,                    # random 90° rotations and flips while training
                  flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
+                 flux_pools: Sequence[int] = (4, 8, 16, 32),  # block sides (pixels) of the pooled-flux term
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
         self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch, hidden, depth, levels,
                     AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment,
-                    flux_weight)
+                    flux_weight, flux_pools)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage
