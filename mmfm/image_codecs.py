@@ -56,6 +56,11 @@ class ImageDecoder(nn.Module):
     def forward(self, z): return self.out(F.gelu(self.refine(F.gelu(self.unpatchify(F.gelu(self.blocks(z)))))))
 
 # %% ../nbs/33_image_codecs.ipynb #c009
+def _flux_weight(w, who: str) -> float:
+    "`w` as a float, refused unless >= 0 (the weight of the pooled-flux term)."
+    if not w >= 0: raise ValueError(f"{who}: flux_weight must be >= 0, got {w}")
+    return float(w)
+
 class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
@@ -65,10 +70,9 @@ class ImageCodecBase(Codec):
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
         self.bright_weight, self.augment = float(bright_weight), bool(augment)
-        if not flux_weight >= 0: raise ValueError(f"{type(self).__name__}: flux_weight must be >= 0, got {flux_weight}")
         if not flux_pools or any(int(k) < 1 for k in flux_pools):
             raise ValueError(f"{type(self).__name__}: flux_pools needs block sizes >= 1 pixel, got {flux_pools}")
-        self.flux_weight, self.flux_pools = float(flux_weight), tuple(int(k) for k in flux_pools)
+        self.flux_weight, self.flux_pools = _flux_weight(flux_weight, type(self).__name__), tuple(int(k) for k in flux_pools)
         self.stretch = stretch
         self.encoder = ImageEncoder(2 * n_bands, hidden, patch, depth)      # stretched bands + their masks
         self.projection = nn.Conv2d(hidden, len(levels), 1)
@@ -429,12 +433,11 @@ def fit_image_codec(codec: ImageCodecBase,              # the codec to train (in
     from mmfm.codec_training import train_codec, CodecTrainConfig
     if flux_weights is not None and len(flux_weights) != len(stages):
         raise ValueError(f"fit_image_codec: {len(flux_weights)} flux_weights for {len(stages)} stages")
-    if flux_weights is not None and not all(w >= 0 for w in flux_weights):
-        raise ValueError(f"fit_image_codec: flux_weights must be >= 0, got {list(flux_weights)}")
+    if flux_weights is not None: flux_weights = [_flux_weight(w, 'fit_image_codec') for w in flux_weights]
     built, history = codec.flux_weight, []
     try:
         for i, (lr_factor, epoch_factor) in enumerate(stages):
-            if flux_weights is not None: codec.flux_weight = float(flux_weights[i])
+            if flux_weights is not None: codec.flux_weight = flux_weights[i]
             cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size, lr=lr * lr_factor,
                                    patience=patience, seed=seed + i, progress=False)
             history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr, flux_weight=codec.flux_weight))
