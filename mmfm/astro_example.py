@@ -22,7 +22,7 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from .surveys import survey_info, load_survey_cutout, to_nanomaggies, CATALOGS
+from .surveys import survey_info, load_survey_cutout, to_nanomaggies, CATALOGS, SurveyPreprocessor
 from .simulate import SimConfig, simulate_dataset, load_truth, load_survey_images, load_catalog, noiseless_cutouts
 from .align import SurveyAligner
 from .image_codecs import LegacySurveyImageCodec, HSCImageCodec
@@ -288,10 +288,8 @@ class LegacyCNN(nn.Module):
 
 def cnn_inputs(flux,  # Legacy cutouts [n, 4, h, w] in the survey's unit; NaN = masked
                ) -> torch.Tensor:
-    "Network input: nanomaggies, arcsinh-stretched with the per-band pixel noise as softening, divided by 3; masked → 0."
-    x = to_nanomaggies(np.asarray(flux, dtype=np.float64), 'legacy')
-    soft = survey_info('legacy').pixel_noise_nmgy[None, :, None, None]
-    return torch.from_numpy(np.nan_to_num(np.arcsinh(x / soft) / 3.0, nan=0.0)).float()
+    "Network input: the Legacy codec's preprocessing (nanomaggies, arcsinh with the pixel noise as softening, ÷ 3); masked → 0."
+    return SurveyPreprocessor('legacy')(torch.as_tensor(np.asarray(flux, dtype=np.float32))).x
 
 # %% ../nbs/23_astro_pipeline.ipynb #c044
 def _augment(x, g):

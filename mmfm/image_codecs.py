@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_PATCH', 'SURVEY_IMAGE_CODECS', 'MULTISURVEY_BANDS', 'MULTISURVEY_GRID', 'ResBlock', 'ImageEncoder',
-           'ImageDecoder', 'ImageCodecBase', 'SurveyImageCodec', 'LegacySurveyImageCodec', 'HSCImageCodec',
-           'GaiaImageCodec', 'survey_band_slice', 'MultiSurveyImage', 'multisurvey_image', 'multisurvey_softening',
-           'SharedImageCodec', 'aperture_mask', 'image_metrics', 'evaluate_image_codec', 'load_multisurvey_images',
-           'fit_image_codec']
+           'ImageDecoder', 'ImageCodecBase', 'aperture_mask', 'SurveyImageCodec', 'LegacySurveyImageCodec',
+           'HSCImageCodec', 'GaiaImageCodec', 'survey_band_slice', 'MultiSurveyImage', 'multisurvey_image',
+           'multisurvey_softening', 'SharedImageCodec', 'image_metrics', 'evaluate_image_codec',
+           'load_multisurvey_images', 'fit_image_codec']
 
 # %% ../nbs/33_image_codecs.ipynb #c002
 import math
@@ -23,7 +23,7 @@ from jaxtyping import Float, Bool
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError
 from .quantize import FiniteScalarQuantizer, codebook_usage
-from .codec import Codec
+from .codec import Codec, CodecError
 from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyImage, SurveyPreprocessor, AsinhStretch,
                           Preprocessed, SurveyDataError, to_nanomaggies, cutout_wcs)
 from .align import SurveyAligner
@@ -65,7 +65,8 @@ class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
                stretch: AsinhStretch, bright_weight: float, augment: bool, flux_weight: float = 0.0,
-               flux_pools: Sequence[int] = (4, 8, 16, 32)):
+               flux_pools: Sequence[int] = (4, 8, 16, 32), pixel_scale: float = 1.0, flux_tokens: bool = False,
+               flux_aperture: float = 2.5, flux_snr_range: Sequence[float] = (-100.0, 1e8)):
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
@@ -79,13 +80,21 @@ class ImageCodecBase(Codec):
         self._quantizer = FiniteScalarQuantizer(levels)
         self.unprojection = nn.Conv2d(len(levels), hidden, 1)
         self.decoder = ImageDecoder(n_bands, hidden, patch, depth)
+        self._build_flux_tokens(bool(flux_tokens), float(pixel_scale), float(flux_aperture), flux_snr_range)
 
     @property
     def quantizer(self) -> FiniteScalarQuantizer: return self._quantizer
     @property
-    def token_grid(self) -> tuple[int, int]:
+    def image_grid(self) -> tuple[int, int]:
+        "The grid of image tokens: `size / patch` on a side (after padding)."
         n = (self.size + sum(self.pad)) // self.patch
         return (n, n)
+    @property
+    def n_flux_tokens(self) -> int: return self.n_bands if self.flux_tokens else 0
+    @property
+    def token_grid(self) -> tuple:
+        "`(n, n)` image tokens; with flux tokens, `((bands,), (n, n))`: one flux token per band, then the image."
+        return ((self.n_bands,), self.image_grid) if self.flux_tokens else self.image_grid
 
     def _ids(self, x):
         md = x.metadata or {}
@@ -111,6 +120,9 @@ class ImageCodecBase(Codec):
         out = self.decoder(self.unprojection(z))
         lo = self.pad[0]
         return out[..., lo:lo + self.size, lo:lo + self.size] if any(self.pad) else out
+
+    def _from_stretched(self, out: Tensor, **metadata) -> BaseModality: raise NotImplementedError
+    def _decode(self, z: Tensor, **metadata) -> BaseModality: return self._from_stretched(self.decode_stretched(z), **metadata)
 
 # %% ../nbs/33_image_codecs.ipynb #c010
 def _dihedral(t: Tensor, k: int, flip: bool) -> Tensor:
@@ -138,8 +150,7 @@ def flux_loss(self, out: Tensor,          # decoder output, stretched space `[ba
     decoded = self.stretch.unstretch(out) * valid / self.stretch.softening    # flux in units of the pixel noise σ
     given = self.stretch.unstretch(pre.x) * valid / self.stretch.softening
     terms = []
-    for k in self.flux_pools:
-        k = min(k, out.shape[-1])
+    for k in sorted({min(k, out.shape[-1]) for k in self.flux_pools}):    # blocks wider than the stamp: the whole stamp, once
         a, b = _block_sums(decoded, k), _block_sums(given, k)                 # a block of k² pixels has noise k σ
         r = (a - b) / torch.sqrt(1 + (0.01 * b) ** 2)                          # a 1 % floor for very bright blocks
         terms.append((9 * (torch.sqrt(1 + (r / 3) ** 2) - 1)).mean())          # pseudo-Huber: quadratic up to ~3 σ
@@ -164,6 +175,97 @@ def loss(self, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
         logs['flux'] = flux.item()
     return total, {'loss': total.item(), **logs}
 
+# %% ../nbs/33_image_codecs.ipynb #c010b
+def aperture_mask(size: int, pixel_scale_arcsec: float, radius_arcsec: float = 2.5) -> np.ndarray:
+    "Boolean `[size, size]` disc of `radius_arcsec` around the stamp centre."
+    yy, xx = np.mgrid[:size, :size]
+    return np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2) * pixel_scale_arcsec < radius_arcsec
+
+@patch_to(ImageCodecBase)
+def _build_flux_tokens(self, on: bool, pixel_scale: float, aperture: float, snr_range: Sequence[float]):
+    "Check and keep the flux-token settings; the aperture is a buffer built from them (not saved: the config rebuilds it)."
+    name = type(self).__name__
+    lo, hi = (float(v) for v in snr_range)
+    if not lo < 0 < hi: raise ValueError(f"{name}: flux_snr_range must be (negative, positive), got {tuple(snr_range)}")
+    if not (pixel_scale > 0 and aperture > 0): raise ValueError(f"{name}: flux_aperture must be > 0 arcsec, got {aperture}")
+    mask = aperture_mask(self.size, pixel_scale, aperture)
+    if not mask.any(): raise ValueError(f"{name}: flux_aperture {aperture}″ holds no pixel at {pixel_scale}″ per pixel")
+    self.flux_tokens, self.pixel_scale, self.flux_aperture, self.flux_snr_range = on, pixel_scale, aperture, (lo, hi)
+    self.register_buffer('aperture', torch.from_numpy(mask), persistent=False)
+
+@patch_to(ImageCodecBase)
+def _signal(self, stretched: Tensor) -> Tensor:
+    "Stretched values → flux in units of each band's softening (the pixel noise σ of the survey)."
+    return torch.sinh(stretched * self.stretch.scale)
+
+@patch_to(ImageCodecBase)
+def aperture_snr(self, signal: Float[Tensor, "batch band h w"]) -> Float[Tensor, "batch band"]:
+    "Each band's flux inside the aperture, in units of the aperture's noise (σ √n_pixels), from `_signal` values."
+    ap = self.aperture.to(signal.dtype)
+    return (signal * ap).sum((-1, -2)) / math.sqrt(float(ap.sum()))
+
+@patch_to(ImageCodecBase)
+def flux_to_tokens(self, snr: Tensor, ids=None) -> Tensor:
+    "Aperture fluxes `[batch, band]` (units of the aperture noise) → flux tokens; out of `flux_snr_range` is an error."
+    (lo, hi), V = self.flux_snr_range, self.vocab_size
+    bad = ~((snr >= lo) & (snr <= hi))                                    # also catches NaN
+    if bad.any():
+        b, k = (int(i) for i in bad.nonzero()[0])
+        who = ids[b] if ids else f"row {b}"
+        band = getattr(self.modality, 'bands', None)
+        raise CodecError(f"{type(self).__name__}: sample {who!r}, band {band[k] if band else k}: aperture flux {float(snr[b, k]):.4g} σ "
+                         f"is outside flux_snr_range {self.flux_snr_range}; build the codec with a wider range")
+    a, c = math.asinh(lo), math.asinh(hi)
+    return torch.round((torch.asinh(snr.double()) - a) / (c - a) * (V - 1)).long()
+
+@patch_to(ImageCodecBase)
+def tokens_to_flux(self, tokens: Tensor) -> Tensor:
+    "Flux tokens → aperture fluxes in units of the aperture noise (the centre of each level)."
+    (lo, hi), V = self.flux_snr_range, self.vocab_size
+    a, c = math.asinh(lo), math.asinh(hi)
+    return torch.sinh(a + tokens.double() * (c - a) / (V - 1)).float()
+
+@patch_to(ImageCodecBase)
+def calibrate_flux(self, out: Float[Tensor, "batch band h w"],   # decoder output (stretched space)
+                   snr: Float[Tensor, "batch band"],             # the aperture flux each band must have (aperture-noise units)
+                   ) -> Float[Tensor, "batch band h w"]:
+    "Rescale each band of `out` so that its aperture flux is `snr`: the change follows the decoded light (+1 σ per aperture pixel)."
+    ap = self.aperture.to(out.dtype)
+    signal = self._signal(out)
+    profile = signal.clamp_min(0) + ap
+    target = snr.to(out.dtype) * math.sqrt(float(ap.sum()))
+    step = (target - (signal * ap).sum((-1, -2))) / (profile * ap).sum((-1, -2))
+    return torch.asinh(signal + step[..., None, None] * profile) / self.stretch.scale
+
+@patch_to(ImageCodecBase)
+@torch.no_grad()
+def encode(self, x: BaseModality) -> Tensor:
+    "Tokens of `x`: `[batch, bands + n²]` with flux tokens (flux tokens first), else `[batch, n²]`."
+    x = self._check_modality(x).to(self.device)
+    pre = self._preprocess(x)
+    idx = self.latent_to_indices(self._latent(pre))
+    B = x.batch_size
+    if tuple(idx.shape) != (B, *self.image_grid):
+        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected {(B, *self.image_grid)}")
+    idx = idx.reshape(B, -1).long()
+    if not self.flux_tokens: return idx
+    signal = self._signal(pre.x)
+    if (~pre.valid & self.aperture).any():                                 # masked aperture pixels: the decoded value
+        decoded = self._signal(self.decode_stretched(self.indices_to_latent(idx.view(B, *self.image_grid))))
+        signal = torch.where(pre.valid, signal, decoded)
+    return torch.cat([self.flux_to_tokens(self.aperture_snr(signal), self._ids(x)), idx], 1)
+
+@patch_to(ImageCodecBase)
+@torch.no_grad()
+def decode(self, tokens: Tensor, **metadata) -> BaseModality:
+    "The images that `tokens` stand for; with flux tokens, each band rescaled to its token's aperture flux."
+    tokens = self._check_tokens(tokens).to(self.device)
+    B, nf = tokens.shape[0], self.n_flux_tokens
+    out = self.decode_stretched(self.indices_to_latent(tokens[:, nf:].reshape(B, *self.image_grid)))
+    if nf: out = self.calibrate_flux(out, self.tokens_to_flux(tokens[:, :nf]))
+    return self._from_stretched(out, **metadata)
+
+
 # %% ../nbs/33_image_codecs.ipynb #c012
 DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
 
@@ -181,29 +283,33 @@ class SurveyImageCodec(ImageCodecBase):
                  augment: bool = True,                    # random 90° rotations and flips while training
                  flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
                  flux_pools: Sequence[int] = (4, 8, 16, 32),  # block sides (pixels) of the pooled-flux term
+                 flux_tokens: bool = True,                # one aperture-flux token per band before the image tokens
+                 flux_aperture: float = 2.5,              # radius (arcsec) of the flux tokens' aperture
+                 flux_snr_range: Sequence[float] = (-100.0, 1e8),  # range of the flux tokens, in units of the aperture noise
                  ):
         super().__init__()
         if not self.survey: raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or GaiaImageCodec")
         info = survey_info(self.survey)
         self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name], hidden, depth, levels,
-                    SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight, flux_pools)
+                    SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight, flux_pools,
+                    info.pixel_scale_arcsec, flux_tokens, flux_aperture, flux_snr_range)
 
     @property
     def modality(self) -> type[SurveyImage]: return image_modality(self.survey)
 
-    def _decode(self, z: Tensor, **metadata) -> SurveyImage:
-        return self.modality(flux=self.stretch.inverse(self.decode_stretched(z)), metadata=metadata or None)
+    def _from_stretched(self, out: Tensor, **metadata) -> SurveyImage:
+        return self.modality(flux=self.stretch.inverse(out), metadata=metadata or None)
 
 class LegacySurveyImageCodec(SurveyImageCodec):
-    "Legacy Surveys g, r, i, z cutouts (32² at 0.262″) → 16 × 16 tokens."
+    "Legacy Surveys g, r, i, z cutouts (32² at 0.262″) → 4 flux + 16 × 16 image tokens."
     survey: ClassVar[str] = 'legacy'
 
 class HSCImageCodec(SurveyImageCodec):
-    "HSC g, r, i, z, y cutouts (50² at 0.168″, padded to 51) → 17 × 17 tokens."
+    "HSC g, r, i, z, y cutouts (50² at 0.168″, padded to 51) → 5 flux + 17 × 17 image tokens."
     survey: ClassVar[str] = 'hsc'
 
 class GaiaImageCodec(SurveyImageCodec):
-    "Gaia BP, G, RP stand-in cutouts (12² at 0.7″) → 6 × 6 tokens."
+    "Gaia BP, G, RP stand-in cutouts (12² at 0.7″) → 3 flux + 6 × 6 image tokens."
     survey: ClassVar[str] = 'gaia'
 
 SURVEY_IMAGE_CODECS: dict[str, type[SurveyImageCodec]] = {'legacy': LegacySurveyImageCodec, 'hsc': HSCImageCodec, 'gaia': GaiaImageCodec}
@@ -277,19 +383,23 @@ class SharedImageCodec(ImageCodecBase):
                  augment: bool = True,                    # random 90° rotations and flips while training
                  flux_weight: float = 0.0,                # weight of the pooled-flux term (0: off; see fit_image_codec)
                  flux_pools: Sequence[int] = (4, 8, 16, 32),  # block sides (pixels) of the pooled-flux term
+                 flux_tokens: bool = True,                # one aperture-flux token per band before the image tokens
+                 flux_aperture: float = 2.5,              # radius (arcsec) of the flux tokens' aperture
+                 flux_snr_range: Sequence[float] = (-100.0, 1e8),  # range of the flux tokens, in units of the aperture noise
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
         self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch, hidden, depth, levels,
                     AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment,
-                    flux_weight, flux_pools)
+                    flux_weight, flux_pools, survey_info(MULTISURVEY_GRID).pixel_scale_arcsec, flux_tokens, flux_aperture,
+                    flux_snr_range)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage
 
-    def _decode(self, z: Tensor, band_present: Tensor | None = None, **metadata) -> MultiSurveyImage:
-        flux = self.stretch.inverse(self.decode_stretched(z))
+    def _from_stretched(self, out: Tensor, band_present: Tensor | None = None, **metadata) -> MultiSurveyImage:
+        flux = self.stretch.inverse(out)
         if band_present is not None:
             keep = torch.as_tensor(band_present, dtype=torch.bool, device=flux.device).view(flux.shape[0], -1, 1, 1)
             flux = torch.where(keep, flux, torch.full((), float('nan'), dtype=flux.dtype, device=flux.device))
@@ -311,11 +421,6 @@ def _augment(self, x: MultiSurveyImage) -> MultiSurveyImage:
     return x.replace(flux=flux)
 
 # %% ../nbs/33_image_codecs.ipynb #c025
-def aperture_mask(size: int, pixel_scale_arcsec: float, radius_arcsec: float = 2.5) -> np.ndarray:
-    "Boolean `[size, size]` disc of `radius_arcsec` around the stamp centre."
-    yy, xx = np.mgrid[:size, :size]
-    return np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2) * pixel_scale_arcsec < radius_arcsec
-
 def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
                   truth: np.ndarray,          # [n, band, h, w] noiseless images (same unit and grid)
                   noisy: np.ndarray,          # [n, band, h, w] the codec's input (NaN: band absent for that sample)
@@ -361,23 +466,27 @@ def evaluate_image_codec(codec: ImageCodecBase,       # a trained image codec
                          bands: slice | None = None,  # which bands to report (default: all)
                          aperture_arcsec: float = 2.5, snr_min: float = 20.0,
                          batch_size: int = 256,
+                         flux_tokens: bool | None = None,  # None: as built; False: the image tokens alone (no flux tokens)
                          ) -> tuple[pd.DataFrame, dict]:
     "Metrics of `codec` on held-out images against the noiseless truth, and its codebook usage."
-    was = codec.training; codec.eval()
+    was, built = codec.training, codec.flux_tokens
+    codec.eval()
+    if flux_tokens is not None: codec.flux_tokens = bool(flux_tokens)
     try:
         decoded, tokens = [], []
         for i in range(0, images.batch_size, batch_size):
             mb = images.select(list(range(i, min(i + batch_size, images.batch_size))))
             t = codec.encode(mb); tokens.append(t)
             decoded.append(codec.decode(t).flux.double().cpu().numpy())
-    finally: codec.train(was)
+        n_flux, n_tokens = codec.n_flux_tokens, codec.num_tokens
+    finally: codec.train(was); codec.flux_tokens = built
     bands = bands or slice(None)
     names = list(np.asarray(images.bands)[bands])
     grid = survey_info(getattr(images, 'survey', None) or MULTISURVEY_GRID).pixel_scale_arcsec
     table = image_metrics(np.concatenate(decoded)[:, bands], np.asarray(truth)[:, bands], images.flux.double().cpu().numpy()[:, bands],
                           np.asarray(noise_sigma)[bands], grid, names, aperture_arcsec, snr_min)
-    use = codebook_usage(torch.cat(tokens), codec.vocab_size)
-    return table, {'codebook_used': use['fraction_used'], 'perplexity': use['perplexity'], 'tokens': codec.num_tokens}
+    use = codebook_usage(torch.cat(tokens)[:, n_flux:], codec.vocab_size)                 # the image tokens
+    return table, {'codebook_used': use['fraction_used'], 'perplexity': use['perplexity'], 'tokens': n_tokens}
 
 # %% ../nbs/33_image_codecs.ipynb #c030
 def load_multisurvey_images(root: "str | Path",        # data set written by `mmfm.simulate`

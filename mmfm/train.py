@@ -22,6 +22,7 @@ from tqdm import tqdm
 from fastcore.basics import patch
 from safetensors.torch import save_file
 from .masking import MaskingConfig, Masks, check_tokens
+from .codec import as_grid, grid_size
 from .transformer import (MultimodalTransformer, TransformerConfig, atomic_write, write_json, read_safetensors,
                               spec_differences)
 
@@ -48,7 +49,7 @@ class TokenDataset(Dataset):
         self.present = {k: p.clone() for k, p in present.items()}
         self.tokens = {k: t.long().masked_fill(~self.present[k][:, None], 0) for k, t in tokens.items()}
         self.vocab_sizes = {k: int(v) for k, v in (vocab_sizes or {k: int(t.max()) + 1 for k, t in self.tokens.items()}).items()}
-        self.token_grids = {k: tuple((token_grids or {}).get(k, (t.shape[1],))) for k, t in self.tokens.items()}
+        self.token_grids = {k: as_grid((token_grids or {}).get(k, (t.shape[1],))) for k, t in self.tokens.items()}
         self.validate()
 
     def __len__(self): return len(self.ids)
@@ -76,7 +77,7 @@ def validate(self: TokenDataset):
         if bad.any():
             b, j = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"sample {self.ids[b]!r}: tokens[{k!r}] position {j} holds {int(t[b, j])}, outside [0, {self.vocab_sizes[k]})")
-        if math.prod(self.token_grids[k]) != t.shape[1]:
+        if grid_size(self.token_grids[k]) != t.shape[1]:
             raise ValueError(f"token_grids[{k!r}] = {self.token_grids[k]} does not hold {t.shape[1]} tokens")
 
 # %% ../nbs/12_train.ipynb #c009
@@ -122,7 +123,7 @@ def load(cls: TokenDataset, path: str | Path) -> TokenDataset:
     if "keys" not in meta: raise ValueError(f"{path} is not a TokenDataset file (no 'keys' metadata)")
     keys = json.loads(meta["keys"])
     return cls({k: tensors[f"tokens/{k}"] for k in keys}, {k: tensors[f"present/{k}"] for k in keys},
-               json.loads(meta["vocab_sizes"]), {k: tuple(v) for k, v in json.loads(meta["token_grids"]).items()},
+               json.loads(meta["vocab_sizes"]), json.loads(meta["token_grids"]),
                json.loads(meta["ids"]))
 
 @patch(cls_method=True)

@@ -22,6 +22,7 @@ from fastcore.basics import patch
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file, safe_open
 from .masking import check_tokens
+from .codec import as_grid, grid_segments, grid_size
 
 # %% ../nbs/11_transformer.ipynb #c005
 @dataclass
@@ -67,11 +68,15 @@ def sincos_1d(n: int,    # number of positions
     angle = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
     return torch.cat([angle.sin(), angle.cos()], 1).float()
 
-def position_table(grid: tuple,  # a codec's token_grid: (n,) or (h, w)
+def position_table(grid: tuple,  # a codec's token_grid: (n,), (h, w), or segments such as ((n,), (h, w))
                    dim: int,     # embedding width
                    ) -> Float[Tensor, "n_tokens dim"]:
     "Position embeddings for the tokens of one modality, flattened row-major: 1-D for `(n,)`, 2-D for `(h, w)`."
-    grid = tuple(int(g) for g in grid)
+    segments = grid_segments(grid)
+    if len(segments) > 1:                     # each segment's own table, plus a 1-D code of the segment's index
+        seg = sincos_1d(len(segments), dim)
+        return torch.cat([position_table(s, dim) + seg[i] for i, s in enumerate(segments)])
+    grid = segments[0]
     if len(grid) == 1: return sincos_1d(grid[0], dim)
     if len(grid) == 2:
         h, w = grid
@@ -141,32 +146,32 @@ class DecoderBlock(nn.Module):
 # %% ../nbs/11_transformer.ipynb #c017
 def model_spec(vocab_sizes: Mapping[str, int] | None = None,  # {token_key: vocabulary size}
                num_tokens: Mapping[str, int] | None = None,   # {token_key: tokens per sample}
-               token_grids: Mapping[str, tuple] | None = None,  # {token_key: (n,) or (h, w)}; None: 1-D lines
+               token_grids: Mapping[str, tuple] | None = None,  # {token_key: (n,), (h, w) or segments}; None: 1-D lines
                codecs=None,  # a CodecManager (anything with vocab_sizes, num_tokens, token_grids); checked against the rest
                ) -> dict:
     "The per-key numbers a model is built for, checked for consistency: `{'vocab_sizes', 'num_tokens', 'token_grids'}`."
     given = {"vocab_sizes": vocab_sizes, "num_tokens": num_tokens, "token_grids": token_grids}
     if codecs is not None:
         for name, value in given.items():
-            ref = {k: (tuple(v) if name == "token_grids" else int(v)) for k, v in getattr(codecs, name).items()}
+            ref = {k: (as_grid(v) if name == "token_grids" else int(v)) for k, v in getattr(codecs, name).items()}
             if value is None: given[name] = ref; continue
             if set(value) != set(ref):
                 raise ValueError(f"{name} keys {sorted(value)} differ from the codecs' keys {sorted(ref)}")
             for k in ref:
-                mine = tuple(value[k]) if name == "token_grids" else int(value[k])
+                mine = as_grid(value[k]) if name == "token_grids" else int(value[k])
                 if mine != ref[k]: raise ValueError(f"{name}[{k!r}] = {value[k]} but the codec for {k!r} says {ref[k]}")
     vocab_sizes, num_tokens, token_grids = given["vocab_sizes"], given["num_tokens"], given["token_grids"]
     if vocab_sizes is None or num_tokens is None:
         raise ValueError("give codecs=, or both vocab_sizes= and num_tokens=")
     if set(vocab_sizes) != set(num_tokens):
         raise ValueError(f"vocab_sizes keys {sorted(vocab_sizes)} differ from num_tokens keys {sorted(num_tokens)}")
-    grids = {k: tuple(int(g) for g in (token_grids or {}).get(k, (num_tokens[k],))) for k in vocab_sizes}
+    grids = {k: as_grid((token_grids or {}).get(k, (num_tokens[k],))) for k in vocab_sizes}
     for k in vocab_sizes:
         if "." in k or not k: raise ValueError(f"token key {k!r}: keys must be non-empty and contain no '.'")
         if int(vocab_sizes[k]) < 1 or int(num_tokens[k]) < 1:
             raise ValueError(f"{k!r}: vocab size {vocab_sizes[k]} and token count {num_tokens[k]} must be >= 1")
-        if math.prod(grids[k]) != int(num_tokens[k]):
-            raise ValueError(f"token_grids[{k!r}] = {grids[k]} holds {math.prod(grids[k])} tokens, but num_tokens says {num_tokens[k]}")
+        if grid_size(grids[k]) != int(num_tokens[k]):
+            raise ValueError(f"token_grids[{k!r}] = {grids[k]} holds {grid_size(grids[k])} tokens, but num_tokens says {num_tokens[k]}")
     return {"vocab_sizes": {k: int(v) for k, v in vocab_sizes.items()},
             "num_tokens": {k: int(num_tokens[k]) for k in vocab_sizes}, "token_grids": grids}
 
