@@ -151,6 +151,13 @@ def _check_tokens(self: Codec, tokens) -> Tensor:
                               f"in rows {rows[:10]} (min {int(tokens.min())}, max {int(tokens.max())})")
     return tokens.long()
 
+@patch
+def _flat_indices(self: Codec, idx: Tensor, batch: int, grid: tuple) -> Tensor:
+    "Check that quantizer indices have the shape `(batch, *grid)` and flatten them to `Long[batch, prod(grid)]`."
+    if tuple(idx.shape) != (batch, *grid):
+        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected {(batch, *grid)}")
+    return idx.reshape(batch, -1).long()
+
 def _single_grid(codec: Codec, what: str):
     if len(grid_segments(codec.token_grid)) > 1:
         raise CodecError(f"{type(codec).__name__}: its token_grid {codec.token_grid} has segments, so it must define its own {what}")
@@ -161,10 +168,7 @@ def encode(self: Codec, x: BaseModality) -> Int[Tensor, "batch num_tokens"]:
     "Tokens of modality `x`: `Long[batch, num_tokens]`."
     x = self._check_modality(x).to(self.device)
     _single_grid(self, 'encode')
-    idx = self.latent_to_indices(self._encode(x))
-    if tuple(idx.shape) != (x.batch_size, *self.token_grid):
-        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected {(x.batch_size, *self.token_grid)}")
-    return idx.reshape(x.batch_size, -1).long()
+    return self._flat_indices(self.latent_to_indices(self._encode(x)), x.batch_size, self.token_grid)
 
 @patch
 @torch.no_grad()

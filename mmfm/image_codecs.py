@@ -187,7 +187,8 @@ def _build_flux_tokens(self, on: bool, pixel_scale: float, aperture: float, snr_
     name = type(self).__name__
     lo, hi = (float(v) for v in snr_range)
     if not lo < 0 < hi: raise ValueError(f"{name}: flux_snr_range must be (negative, positive), got {tuple(snr_range)}")
-    if not (pixel_scale > 0 and aperture > 0): raise ValueError(f"{name}: flux_aperture must be > 0 arcsec, got {aperture}")
+    if not pixel_scale > 0: raise ValueError(f"{name}: pixel_scale must be > 0 arcsec, got {pixel_scale}")
+    if not aperture > 0: raise ValueError(f"{name}: flux_aperture must be > 0 arcsec, got {aperture}")
     mask = aperture_mask(self.size, pixel_scale, aperture)
     if not mask.any(): raise ValueError(f"{name}: flux_aperture {aperture}″ holds no pixel at {pixel_scale}″ per pixel")
     self.flux_tokens, self.pixel_scale, self.flux_aperture, self.flux_snr_range = on, pixel_scale, aperture, (lo, hi)
@@ -243,11 +244,8 @@ def encode(self, x: BaseModality) -> Tensor:
     "Tokens of `x`: `[batch, bands + n²]` with flux tokens (flux tokens first), else `[batch, n²]`."
     x = self._check_modality(x).to(self.device)
     pre = self._preprocess(x)
-    idx = self.latent_to_indices(self._latent(pre))
     B = x.batch_size
-    if tuple(idx.shape) != (B, *self.image_grid):
-        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected {(B, *self.image_grid)}")
-    idx = idx.reshape(B, -1).long()
+    idx = self._flat_indices(self.latent_to_indices(self._latent(pre)), B, self.image_grid)
     if not self.flux_tokens: return idx
     signal = self._signal(pre.x)
     if (~pre.valid & self.aperture).any():                                 # masked aperture pixels: the decoded value
