@@ -452,7 +452,8 @@ def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
                          aperture_bias=float(np.median(signed[bright])) if bright.any() else np.nan,
                          core_err=float(np.median(part(core))) if bright.any() else np.nan,
                          outskirts_err=float(np.median(part(outskirts))) if bright.any() else np.nan,
-                         input_aperture_err=float(np.median(err_in[bright])) if bright.any() else np.nan))
+                         input_aperture_err=float(np.median(err_in[bright])) if bright.any() else np.nan,
+                         input_within_5pct=float((err_in[bright] < 0.05).mean()) if bright.any() else np.nan))
     return pd.DataFrame(rows)
 
 # %% ../nbs/33_image_codecs.ipynb #c028
