@@ -11,7 +11,7 @@ TEST_FLAGS ?=
 N_WORKERS ?= 2
 export MPLBACKEND := Agg
 
-.PHONY: help setup demo test test-sync test-nbs test-py docs readme lab bench clean
+.PHONY: help setup demo test test-sync test-nbs test-py chromium docs readme lab bench style clean
 
 help:
 	@echo "make demo   run the worked examples end to end (writes data/ and reports/)"
@@ -19,6 +19,7 @@ help:
 	@echo "make docs   build the HTML docs offline into _docs/"
 	@echo "make lab    JupyterLab on nbs/, bound to 127.0.0.1"
 	@echo "make bench  run the benchmarks in bench/"
+	@echo "make style  where the notebooks stand (cell sizes, line lengths, tests) and the import graph"
 
 setup: $(STAMP)
 
@@ -31,7 +32,7 @@ $(STAMP): settings.ini setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mmfm.demo
+	$(BIN)/mmfm demo
 
 test: test-sync test-nbs test-py
 
@@ -43,8 +44,22 @@ test-nbs: $(STAMP)
 	$(BIN)/nbdev_test --n_workers $(N_WORKERS) $(if $(TEST_FLAGS),--flags "$(TEST_FLAGS)",)
 
 # pytest exits 5 when it collects nothing: make treats that as the failure it is.
-test-py: $(STAMP)
+test-py: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# The docs test (tests/test_docs.py) checks the built site in headless Chromium and fails rather than skips
+# without it, so that "every test" means every test on a fresh machine too. Chromium is a system package, not
+# a Python one: installed from Debian's packages when we can (root, apt-get), else make stops and says how.
+CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+CHROMIUM_NAMES := chromium chromium-browser google-chrome   # the names tests/test_docs.py looks for
+CHROMIUM_HOWTO := the docs test needs it. Install it as root with: $(CHROMIUM_INSTALL)
+chromium:
+	@for b in $(CHROMIUM_NAMES); do command -v $$b >/dev/null && exit 0; done; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "error: Chromium is not installed; $(CHROMIUM_HOWTO)" >&2; exit 1; fi; \
+	echo "installing Chromium for the docs test: $(CHROMIUM_INSTALL)"; \
+	( $(CHROMIUM_INSTALL) >/dev/null ) \
+	  || { echo "error: could not install Chromium (apt-get says why above); $(CHROMIUM_HOWTO)" >&2; exit 1; }
 
 readme: $(STAMP)
 	$(BIN)/python .ci/readme.py
@@ -63,6 +78,11 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Not a test (it prints figures, it does not judge them); the import graph's cycle check is also a test.
+style: $(STAMP)
+	$(BIN)/python tools/nb_style.py nbs
+	$(BIN)/python tools/import_graph.py mmfm
 
 clean:
 	rm -rf _proc _docs reports

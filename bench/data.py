@@ -1,4 +1,4 @@
-"""Samples per second through MultiSourceDataset + collate + CodecManager.encode_batch, with 0 and 2 worker processes.
+"""Samples per second through MultiSourceDataset + collate + encode_batch, with 0 and 2 worker processes.
 
 Data: N toy samples on disk (a CSV table, one .npy image and one .npy series per sample, ~30 % of each source missing),
 encoded with the toy codecs of mmfm.testing (no learned weights, so the figure measures the data path).
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch.utils.data import DataLoader
 from mmfm.data import MultiSourceDataset, Source, TableLoader, NpyLoader
+from mmfm.tokens import encode_batch
 from mmfm.testing import ToyTable, ToyImage, ToySeries, toy_table, toy_image, toy_series, toy_manager
 
 def build(root: Path, n: int):
@@ -28,7 +29,7 @@ def build(root: Path, n: int):
 def run(ds, manager, workers, batch_size):
     dl = DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate, num_workers=workers)
     t0, n = time.perf_counter(), 0
-    for batch in dl: n += len(manager.encode_batch(batch))
+    for batch in dl: n += len(encode_batch(manager, batch))
     return n / (time.perf_counter() - t0)
 
 if __name__ == "__main__":

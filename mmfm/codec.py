@@ -4,17 +4,17 @@
 
 # %% auto #0
 __all__ = ['CodecError', 'TokenRangeError', 'CodecConfigError', 'as_grid', 'grid_segments', 'grid_size', 'grid_label', 'Codec',
-           'atomic_write_bytes', 'check_codec', 'CodecManager']
+           'check_codec', 'CodecManager']
 
 # %% ../nbs/02_codec.ipynb #c002
-import functools, importlib, inspect, json, math, os, tempfile
+import functools, importlib, inspect, json, math, tempfile
 from pathlib import Path
 from typing import Any, Iterable
 import torch
 from torch import nn, Tensor
 from jaxtyping import Int
-from safetensors.torch import save_file, load_file
 from fastcore.basics import patch
+from .files import write_json, read_json, save_safetensors, load_safetensors, FileFormatError
 from .modality import BaseModality, modality_for_token_key, modality_type, UnknownModalityError
 
 # %% ../nbs/02_codec.ipynb #c006
@@ -202,17 +202,6 @@ def loss(self: Codec, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
     return total, {'loss': total.item(), 'reconstruction': rec.item(), 'quantizer': aux.item()}
 
 # %% ../nbs/02_codec.ipynb #c023
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    "Write `data` to `path` through a temporary file and a rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
 def _paths(path) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in ('.safetensors', '.json'): p = p.with_suffix('')
@@ -238,10 +227,8 @@ def save(self: Codec, path: str | Path) -> tuple[Path, Path]:
             'modality': self.modality.__name__, 'token_key': self.token_key, 'num_tokens': self.num_tokens,
             'vocab_size': self.vocab_size, 'token_grid': list(self.token_grid),
             'tensors': {k: list(v.shape) for k, v in state.items()}}
-    with tempfile.TemporaryDirectory(dir=weights.parent if weights.parent.exists() else None) as tmp:
-        save_file(state, f"{tmp}/w.safetensors")
-        atomic_write_bytes(weights, Path(f"{tmp}/w.safetensors").read_bytes())
-    atomic_write_bytes(meta, (json.dumps(info, indent=1) + '\n').encode())
+    save_safetensors(weights, state)
+    write_json(meta, info)
     return weights, meta
 
 # %% ../nbs/02_codec.ipynb #c026
@@ -249,8 +236,8 @@ def _read_meta(path) -> tuple[Path, dict]:
     weights, meta = _paths(path)
     for p in (weights, meta):
         if not p.exists(): raise FileNotFoundError(f"codec file {p} does not exist")
-    try: info = json.loads(meta.read_text())
-    except json.JSONDecodeError as e: raise CodecConfigError(f"{meta}: not valid JSON ({e})") from None
+    try: info = read_json(meta, "codec config")
+    except FileFormatError as e: raise CodecConfigError(str(e)) from None
     if info.get('format') != 'mmfm-codec': raise CodecConfigError(f"{meta}: not an mmfm codec config")
     return weights, info
 
@@ -266,7 +253,7 @@ def load_weights(self: Codec, path: str | Path) -> Codec:
     if diff:
         raise CodecConfigError(f"{weights}: config does not match this {name}: " +
                                ', '.join(f"{k}: file {info['config'].get(k)!r} vs codec {mine.get(k)!r}" for k in diff))
-    try: state = load_file(str(weights))
+    try: state, _ = load_safetensors(weights)
     except Exception as e: raise CodecConfigError(f"{weights}: cannot read weights ({e})") from None
     own = self.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -427,7 +414,7 @@ def save(self: CodecManager, directory: str | Path) -> Path:
     for key, codec in self.codecs.items(): codec.save(d/key)
     index = {'format': 'mmfm-codec-manager', 'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}
                                                          for k, c in self.codecs.items()}}
-    atomic_write_bytes(d/'codecs.json', (json.dumps(index, indent=1) + '\n').encode())
+    write_json(d/'codecs.json', index)
     return d
 
 @patch(cls_method=True)
@@ -435,5 +422,5 @@ def load(cls: CodecManager, directory: str | Path, map_location='cpu') -> CodecM
     "Load a manager saved by `CodecManager.save`."
     d = Path(directory)
     if not (d/'codecs.json').exists(): raise FileNotFoundError(f"{d/'codecs.json'} not found: not a saved codec manager")
-    index = json.loads((d/'codecs.json').read_text())
+    index = read_json(d/'codecs.json', 'codec manager index')
     return cls([Codec.load(d/e['file'], map_location=map_location) for e in index['codecs'].values()])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 from .modality import BaseModality
 from .codec import Codec
 from .quantize import codebook_usage
@@ -84,7 +84,7 @@ def train_codec(codec: Codec,                          # the codec to train (mod
     if params and cfg.epochs > 0:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = math.ceil(train.batch_size / cfg.batch_size)
-        bar = tqdm(total=cfg.epochs * steps, desc=f"training {type(codec).__name__}", disable=not cfg.progress, leave=False)
+        bar = progress(total=cfg.epochs * steps, desc=f"training {type(codec).__name__}", enable=cfg.progress, leave=False)
         for epoch in range(1, cfg.epochs + 1):
             codec.train(); t0 = time.time()
             for step, mb in enumerate(_minibatches(train, cfg.batch_size, gen)):

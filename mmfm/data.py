@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DataError', 'resolve_in_root', 'Loader', 'NpyLoader', 'FitsLoader', 'TableLoader', 'ArrayRowLoader', 'Source',
-           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate', 'TokenBatch',
-           'MultiTableDataset', 'MultiSurveyDataset']
+           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate', 'MultiTableDataset',
+           'MultiSurveyDataset']
 
 # %% ../nbs/04_data.ipynb #c002
 import json, math, warnings
@@ -20,7 +20,6 @@ from torch.utils.data import Dataset
 from jaxtyping import Bool, Int
 from fastcore.basics import patch
 from .modality import BaseModality, TableModality, SeriesModality, concat
-from .codec import CodecManager, CodecError
 
 # %% ../nbs/04_data.ipynb #c006
 class DataError(ValueError):
@@ -204,7 +203,8 @@ class MultiSourceDataset(Dataset):
                  sources: Sequence[Source],             # what the manifest keys mean
                  split: str | None = None,              # keep only samples whose `split` equals this
                  extra_keys: Sequence[str] = ('split',),  # manifest keys that are not sources
-                 on_error: str = 'raise'):              # 'raise', or 'skip' bad samples and report them
+                 on_error: str = 'raise',               # 'raise', or 'skip' bad samples and report them
+                 drop_empty: bool = False):             # leave out samples that have none of these sources
         self.data_root = Path(data_root)
         names = [s.name for s in sources]
         if len(set(names)) != len(names): raise ValueError(f"duplicate source names {names}")
@@ -219,6 +219,7 @@ class MultiSourceDataset(Dataset):
         if self.skipped:
             warnings.warn(f"skipped {len(self.skipped)} bad sample(s); see dataset.skipped. First: {self.skipped[0]}")
         if split is not None: samples = [s for s in samples if s.get('split') == split]
+        if drop_empty: samples = [s for s in samples if any(src.key in s for src in self.sources)]
         self.samples = samples
 
     def __len__(self): return len(self.samples)
@@ -274,33 +275,32 @@ def collate(samples: Sequence[Sample],          # samples from a MultiSourceData
     if unknown: raise ValueError(f"samples hold sources {sorted(unknown)} not among {list(names)}")
     return Batch([s.id for s in samples], mods, present, {n: types[n] for n in names if n in types})
 
-# %% ../nbs/04_data.ipynb #c023
-@dataclass
-class TokenBatch:
-    "Tokens per token key for a whole batch, with a presence mask per key."
-    ids: list[str]
-    tokens: dict[str, Tensor]    # {token_key: Long[B, N_key]}; rows where present is False are placeholders
-    present: dict[str, Tensor]   # {token_key: Bool[B]}
-    def __len__(self): return len(self.ids)
-    def to(self, device) -> 'TokenBatch':
-        return TokenBatch(self.ids, {k: t.to(device) for k, t in self.tokens.items()}, {k: p.to(device) for k, p in self.present.items()})
-    def select(self, rows) -> 'TokenBatch':
-        idx = torch.as_tensor(rows).long()
-        return TokenBatch([self.ids[i] for i in idx.tolist()], {k: t[idx] for k, t in self.tokens.items()}, {k: p[idx] for k, p in self.present.items()})
-
+# %% ../nbs/04_data.ipynb #c027b
 @patch
-def encode_batch(self: CodecManager, batch: Batch) -> TokenBatch:
-    "Encode a collated `Batch`: tokens `[B, N]` per token key, scattered to the rows of present samples."
-    B, tokens, present = len(batch), {}, {}
-    for name, mask in batch.present.items():
-        if name not in batch.mods and name not in batch.types: raise CodecError(f"source {name!r} has no modality type in the batch")
-        codec = self.codec_for(batch.mods[name] if name in batch.mods else batch.types[name])
-        key = codec.token_key
-        if key in tokens: raise CodecError(f"two sources of the batch map to token key {key!r}")
-        toks = torch.zeros(B, codec.num_tokens, dtype=torch.long, device=mask.device)
-        if name in batch.mods: toks[mask] = codec.encode(batch.mods[name]).to(mask.device)
-        tokens[key], present[key] = toks, mask
-    return TokenBatch(list(batch.ids), tokens, present)
+def select(self: Batch, rows) -> Batch:
+    "The samples at `rows` (batch rows, in this order), with every modality and presence flag restricted to them."
+    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long).reshape(-1)
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+        raise IndexError(f"rows {idx.tolist()} out of range for a batch of {len(self)}")
+    mods = {}
+    for name, present in self.present.items():
+        if name not in self.mods: continue
+        position = present.long().cumsum(0) - 1                  # row of each present sample within mods[name]
+        keep = idx[present[idx]]
+        if len(keep): mods[name] = self.mods[name].select(position[keep])
+    return Batch([self.ids[i] for i in idx.tolist()], mods, {n: p[idx] for n, p in self.present.items()}, dict(self.types))
+
+# %% ../nbs/04_data.ipynb #c027e
+@patch
+def stack(self: MultiSourceDataset, name: str,  # the source's name (as in batches)
+          limit: int | None = None,             # at most this many samples (the first that have it)
+          ) -> tuple[BaseModality, list[str]]:
+    "Every sample's modality of source `name` concatenated into one batch, and their ids (samples without it left out)."
+    src = {s.name: s for s in self.sources}.get(name)
+    if src is None: raise KeyError(f"unknown source {name!r}; the dataset has {self.names}")
+    rows = [s for s in self.samples if src.key in s][:limit]
+    if not rows: raise ValueError(f"no sample of the dataset has source {name!r}")
+    return concat([src.loader.load(s[src.key], s['id'], src.key) for s in rows]), [s['id'] for s in rows]
 
 # %% ../nbs/04_data.ipynb #c039
 def MultiTableDataset(data_root: str | Path,                        # folder holding the tables

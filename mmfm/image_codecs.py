@@ -496,30 +496,33 @@ def load_multisurvey_images(root: "str | Path",        # data set written by `mm
                             aligner: SurveyAligner | None = None,  # default: adaptive, flux-conserving, onto the Legacy grid
                             ):
     "`(MultiSurveyImage, ids)` of a split — plus `(truth [n, 12, h, w], noise σ [12])` if `with_truth`."
-    import json
-    from mmfm.surveys import load_survey_cutout
-    from mmfm.simulate import load_truth, render_cutout
-    root, aligner = Path(root), aligner or SurveyAligner(MULTISURVEY_GRID, method='adaptive')
-    samples = json.loads((root / 'manifest.json').read_text())['samples']
-    chosen = [s for s in samples if any(f'{v}_image' in s for v in surveys) and (split is None or s.get('split') == split)][:limit]
+    from astropy.io import fits
+    from mmfm.surveys import header_wcs
+    from mmfm.simulate import astro_dataset, load_truth, render_cutout
+    aligner = aligner or SurveyAligner(MULTISURVEY_GRID, method='adaptive')
+    ds = astro_dataset(root, images=surveys, tables=(), split=split)
+    chosen = [j for j, s in enumerate(ds.samples) if any(f'{v}_image' in s for v in surveys)][:limit]
     if not chosen: raise ValueError(f"no galaxies with {list(surveys)} images in split {split!r} under {root}")
     if with_truth: truth_table, cfg = load_truth(root); by_id = truth_table.set_index('id', drop=False)
     n, size = len(chosen), aligner.size
     flux = np.full((n, len(MULTISURVEY_BANDS), size, size), np.nan, np.float32)
     clean = np.full_like(flux, np.nan) if with_truth else None
-    for i, s in enumerate(chosen):
-        target = None
+    for i, j in enumerate(chosen):
+        sample, target = ds[j], None                                     # read through the survey loaders
         for v in surveys:
-            if f'{v}_image' not in s: continue
-            cut = load_survey_cutout(root / s[f'{v}_image'], v, sample_id=s['id'])
-            if target is None: target = aligner.target_wcs(*cut.wcs.wcs.crval)
-            cube = to_nanomaggies(cut.flux.astype(np.float64), v)
-            if with_truth: cube = np.concatenate([cube, to_nanomaggies(render_cutout(by_id.loc[s['id']], v, cfg).astype(np.float64), v)])
-            out = aligner.align(cube, cut.wcs, target).flux                  # noisy and truth resampled in one call
+            m = sample.mods.get(f'{v}_image')
+            if m is None: continue
+            wcs = header_wcs(fits.Header.fromstring(m.metadata['header']))
+            if target is None: target = aligner.target_wcs(*wcs.wcs.crval)
+            cube = to_nanomaggies(m.flux[0].double().numpy(), v)
+            if with_truth:
+                truth = render_cutout(by_id.loc[sample.id], v, cfg).astype(np.float64)
+                cube = np.concatenate([cube, to_nanomaggies(truth, v)])
+            out = aligner.align(cube, wcs, target).flux                      # noisy and truth resampled in one call
             k = survey_info(v).n_bands
             flux[i, survey_band_slice(v)] = out[:k]
             if with_truth: clean[i, survey_band_slice(v)] = out[k:]
-    ids = [s['id'] for s in chosen]
+    ids = [ds.samples[j]['id'] for j in chosen]
     images = MultiSurveyImage(flux=torch.from_numpy(flux), metadata={'per_sample': [{'id': i} for i in ids]})
     if not with_truth: return images, ids
     sigma = np.array([np.nanstd(flux[:, b] - clean[:, b]) if not np.isnan(flux[:, b]).all() else np.nan for b in range(flux.shape[1])])

@@ -14,7 +14,7 @@ __all__ = ['DIABETES_COLUMNS', 'DiabetesDemographics', 'DiabetesLabs', 'Diabetes
            'ecg_heart_rate', 'main']
 
 # %% ../nbs/35_medical_data.ipynb #c002
-import argparse, builtins, contextlib, importlib, json, os, sys, tempfile, time, warnings
+import argparse, builtins, contextlib, importlib, json, os, sys, time, warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, asdict, field
 from multiprocessing import get_context
@@ -26,6 +26,8 @@ import torch
 from .modality import BaseModality, TableModality, table_modality, scalar_modality, series_modality
 from .data import DataError, Source, TableLoader, ArrayRowLoader, MultiSourceDataset, read_manifest, collate
 from .codec import CodecManager
+from .files import atomic_write, write_json
+from .progress import progress
 from .table_codecs import table_codec_class, LAYOUTS
 from .series_codecs import series_codec_class
 
@@ -131,19 +133,6 @@ def draw_present(n: int,                        # number of samples
     return out
 
 # %% ../nbs/35_medical_data.ipynb #c017
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(tmp_path)`, then rename the temporary file onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    umask = os.umask(0); os.umask(umask)
-    try: write(tmp); os.chmod(tmp, 0o666 & ~umask); os.replace(tmp, path)  # mkstemp's 0600 → the usual permissions
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
-
 def write_medical_dataset(out_dir: Path,                  # dataset folder (created)
                           ids: Sequence[str],             # sample ids, in order
                           tables: dict[str, pd.DataFrame],  # manifest key → table of all samples (index: ids)
@@ -159,7 +148,7 @@ def write_medical_dataset(out_dir: Path,                  # dataset folder (crea
     for key, df in tables.items():
         keep = present[key]
         table = df.loc[keep].copy(); table.insert(0, "patient_id", np.asarray(ids, dtype=object)[keep])
-        _atomic_write(out_dir / files[key], lambda p, t=table: t.to_csv(p, index=False))
+        atomic_write(out_dir / files[key], lambda p, t=table: t.to_csv(p, index=False))
         rows[key] = np.where(keep, np.cumsum(keep) - 1, -1)
     rows.update(extra or {})
     samples = []
@@ -169,10 +158,10 @@ def write_medical_dataset(out_dir: Path,                  # dataset folder (crea
             if r[i] >= 0: s[key] = int(r[i])
         s["split"] = str(splits[i])
         samples.append(s)
-    _write_json(out_dir / "splits.json", {k: [sid for sid, sp in zip(ids, splits) if sp == k] for k in SPLITS})
-    _write_json(out_dir / "info.json", info)
+    write_json(out_dir / "splits.json", {k: [sid for sid, sp in zip(ids, splits) if sp == k] for k in SPLITS})
+    write_json(out_dir / "info.json", info)
     manifest = {"samples": samples}
-    _write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 # %% ../nbs/35_medical_data.ipynb #c019
@@ -336,7 +325,6 @@ def _ecg_chunk(args) -> tuple[np.ndarray, int]:
 def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: CohortConfig) -> int:
     "Simulate the ECGs of patients `indices` into one `[len(indices), 1, L]` float32 .npy at `path`; returns the redraws."
     from numpy.lib.format import open_memmap
-    from tqdm.auto import tqdm
     hr, gain = fields.heart_rate.to_numpy(), fields.ecg_gain.to_numpy()
     tasks = [(cfg.seed, idx, hr[idx], gain[idx], cfg.ecg_method, cfg.ecg_noise)
              for idx in (indices[i:i + cfg.chunk_size] for i in range(0, len(indices), cfg.chunk_size))]
@@ -348,12 +336,12 @@ def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: Coho
                 pool = stack.enter_context(ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")))
                 chunks = pool.map(_ecg_chunk, tasks)
             else: chunks = map(_ecg_chunk, tasks)
-            bar = stack.enter_context(tqdm(total=len(indices), desc="simulating ECGs", disable=not cfg.progress))
+            bar = stack.enter_context(progress(total=len(indices), desc="simulating ECGs", enable=cfg.progress))
             start = 0
             for chunk, r in chunks:
                 arr[start:start + len(chunk)] = chunk; start += len(chunk); bar.update(len(chunk)); redraws[0] += r
         arr.flush(); del arr
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return redraws[0]
 
 # %% ../nbs/35_medical_data.ipynb #c038
@@ -500,7 +488,7 @@ def ecg_heart_rate(ecg,                                           # [L], or [B, 
 # %% ../nbs/35_medical_data.ipynb #c056
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: build the diabetes dataset and the synthetic cohort."
-    p = argparse.ArgumentParser(prog="python -m mmfm.medical", description="Build the medical example datasets.")
+    p = argparse.ArgumentParser(prog="mmfm medical", description="Build the medical example datasets.")
     p.add_argument("--out", default="data/medical", help="output folder (gets diabetes/ and cohort/)")
     p.add_argument("--n-cohort", type=int, default=1000, help="patients in the synthetic cohort")
     p.add_argument("--seed", type=int, default=0, help="random seed")

@@ -16,11 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from jaxtyping import Float
-from tqdm import tqdm
 from fastcore.basics import patch
 from .modality import BaseModality
-from .data import Batch, TokenBatch
-from .predict import PredictionError, as_token_batch, resolve_targets
+from .data import Batch
+from .tokens import TokenBatch, as_token_batch
+from .predict import PredictionError, resolve_targets
+from .progress import progress as show_progress
 
 # %% ../nbs/14_probes.ipynb #c007
 _POOLINGS = ("mean", "per_key")
@@ -85,7 +86,7 @@ def embed_samples(model,                          # a MultimodalTransformer
     if isinstance(data, (TokenBatch, Batch, Mapping, BaseModality)): data = [data]
     total = len(data) if hasattr(data, "__len__") else None
     out, ids = [], []
-    for batch in tqdm(data, total=total, disable=not progress, desc="embedding", leave=False):
+    for batch in show_progress(data, total=total, enable=progress, desc="embedding", leave=False):
         tb = as_token_batch(batch, manager)
         out.append(embed_batch(model, tb, pooling, keys, fill).cpu()); ids += list(tb.ids)
     if not out: raise PredictionError("no batches to embed")

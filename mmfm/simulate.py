@@ -6,11 +6,11 @@
 __all__ = ['GAIA_TOPHATS_NM', 'SED_TEMPLATES', 'REFERENCE_BAND', 'Z_GRID', 'IMAGE_SOURCES', 'TABLE_FILES', 'survey_bandpass',
            'load_sed', 'band_flux_ratios', 'SimConfig', 'true_fluxes', 'draw_galaxies', 'survey_psf', 'galaxy_profile',
            'render_unit_images', 'render_cutout', 'cutout_noise', 'flux_errors', 'asinh_magnitude', 'catalog_softening',
-           'measure_galaxy', 'simulate_dataset', 'astro_sources', 'load_survey_images', 'load_catalog', 'load_truth',
-           'noiseless_cutouts', 'main']
+           'measure_galaxy', 'simulate_dataset', 'astro_sources', 'astro_dataset', 'load_survey_images', 'load_catalog',
+           'load_truth', 'noiseless_cutouts', 'main']
 
 # %% ../nbs/31_simulate.ipynb #c002
-import json, math, os, time, multiprocessing
+import argparse, json, math, os, sys, time, multiprocessing
 import torch
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import galsim
 import astropy.units as u
-from fastcore.script import call_parse, Param
 from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header, write_survey_cutout, to_nanomaggies,
                           image_modality, SurveyImageLoader, CATALOGS)
 from .data import Source, TableLoader, MultiSourceDataset
+from .files import atomic_write, write_json
 
 # %% ../nbs/31_simulate.ipynb #c006
 GAIA_TOPHATS_NM = {'BP': (330.0, 680.0), 'G': (330.0, 1050.0), 'RP': (630.0, 1050.0)}   # stand-in passbands
@@ -264,7 +264,8 @@ def _simulate_chunk(galaxies: list[dict], cfg: SimConfig, out: str) -> list[dict
             info = survey_info(s)
             unit = render_unit_images(g, s, cfg)
             img = render_cutout(g, s, cfg, noise=True, unit_images=unit)
-            write_survey_cutout(out / 'images' / s / f"{g['id']}.fits", img, info, g['ra'], g['dec'], g['id'])
+            write_survey_cutout(out / 'images' / s / f"{g['id']}.fits", img, info, g['ra'], g['dec'], g['id'],
+                                durable=False)
             errors[s] = flux_errors(unit, s) * info.nmgy_per_unit
         result.append(measure_galaxy(g, errors, cfg))
     return result
@@ -302,20 +303,14 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
             s[f'{name}_row'] = len(tables[name]); tables[name].append(row)
         samples.append(s)
     for name, path in TABLE_FILES.items():
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(tables[name]).to_csv(out / path, index=False)
+        atomic_write(out / path, lambda p, t=pd.DataFrame(tables[name]): t.to_csv(p, index=False))
     manifest = {'name': 'mmfm simulated multi-survey galaxies', 'version': 1, 'tables': TABLE_FILES, 'samples': samples}
-    _write_json(out / 'manifest.json', manifest)
-    (out / 'truth').mkdir(parents=True, exist_ok=True)
-    truth.to_csv(out / 'truth' / 'truth.csv', index=False)
-    _write_json(out / 'truth' / 'config.json', asdict(cfg))
+    atomic_write(out / 'truth' / 'truth.csv', lambda p: truth.to_csv(p, index=False))
+    write_json(out / 'truth' / 'config.json', asdict(cfg))
+    write_json(out / 'manifest.json', manifest)                # last: the manifest commits the data set
     seconds = time.perf_counter() - t0
     counts = {f'{s}_images': int(truth[f'in_{s}'].sum()) for s in IMAGE_SOURCES} | {name: len(v) for name, v in tables.items()}
     return {'galaxies': len(truth), **counts, 'seconds': seconds, 'galaxies_per_second': len(truth) / seconds}
-
-def _write_json(path: Path, obj):
-    tmp = path.with_name('.tmp_' + path.name)
-    tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
 
 # %% ../nbs/31_simulate.ipynb #c036
 def astro_sources(images: Sequence[str] = IMAGE_SOURCES,          # surveys whose cutouts to load
@@ -325,6 +320,17 @@ def astro_sources(images: Sequence[str] = IMAGE_SOURCES,          # surveys whos
     return ([Source(f'{s}_image', image_modality(s), SurveyImageLoader(s)) for s in images]
             + [Source(f'{t}_row', CATALOGS[t], TableLoader(TABLE_FILES[t])) for t in tables])
 
+def astro_dataset(root: "str | Path",                              # data set root (holds manifest.json)
+                  images: Sequence[str] = IMAGE_SOURCES,          # surveys whose cutouts to load
+                  tables: Sequence[str] = tuple(TABLE_FILES),     # catalogs to load
+                  split: str | None = None,                       # keep only this split ('train', 'val', 'test')
+                  ) -> MultiSourceDataset:
+    "A data set written by `simulate_dataset`, read through `MultiSourceDataset`; galaxies with none of the sources left out."
+    unused = ([f'{s}_image' for s in IMAGE_SOURCES if s not in images]
+              + [f'{t}_row' for t in TABLE_FILES if t not in tables])   # in the manifest, but not read here
+    return MultiSourceDataset(root, Path(root) / 'manifest.json', astro_sources(images, tables), split=split,
+                              extra_keys=('split', *unused), drop_empty=True)
+
 # %% ../nbs/31_simulate.ipynb #c039
 def load_survey_images(root: "str | Path",            # data set root
                        survey: str,                   # which survey's cutouts
@@ -332,14 +338,10 @@ def load_survey_images(root: "str | Path",            # data set root
                        limit: int | None = None,      # at most this many (the first ones)
                        ):
     "All cutouts of `survey` (in `split`) as one image-modality batch, and their galaxy ids."
-    root = Path(root)
-    samples = json.loads((root / 'manifest.json').read_text())['samples']
-    chosen = [s for s in samples if f'{survey}_image' in s and (split is None or s.get('split') == split)][:limit]
-    if not chosen: raise ValueError(f"no {survey} cutouts in split {split!r} under {root}")
-    from mmfm.surveys import load_survey_cutout, survey_image
-    flux = np.stack([load_survey_cutout(root / s[f'{survey}_image'], survey, sample_id=s['id']).flux for s in chosen])
-    ids = [s['id'] for s in chosen]
-    return survey_image(survey, flux, metadata={'per_sample': [{'id': i} for i in ids]}), ids
+    ds = astro_dataset(root, images=(survey,), tables=(), split=split)
+    if not any(f'{survey}_image' in s for s in ds.samples):
+        raise ValueError(f"no {survey} cutouts in split {split!r} under {root}")
+    return ds.stack(f'{survey}_image', limit)
 
 # %% ../nbs/31_simulate.ipynb #c040
 def load_catalog(root: "str | Path",          # data set root
@@ -347,22 +349,16 @@ def load_catalog(root: "str | Path",          # data set root
                  split: str | None = None,    # 'train', 'val', 'test' or None for all
                  ):
     "The rows of catalog `name` (in `split`) as its table modality, and their galaxy ids."
-    root = Path(root)
     if name not in TABLE_FILES: raise KeyError(f"unknown catalog {name!r}; known: {list(TABLE_FILES)}")
-    samples = json.loads((root / 'manifest.json').read_text())['samples']
-    rows = [(s['id'], s[f'{name}_row']) for s in samples if f'{name}_row' in s and (split is None or s.get('split') == split)]
-    if not rows: raise ValueError(f"no {name} rows in split {split!r} under {root}")
-    table, modality = pd.read_csv(root / TABLE_FILES[name]), CATALOGS[name]
-    ids, idx = zip(*rows)
-    if list(table['id'].iloc[list(idx)]) != list(ids): raise ValueError(f"{TABLE_FILES[name]}: rows do not match the manifest's ids")
-    x = torch.tensor(table[list(modality.columns)].iloc[list(idx)].to_numpy(np.float32))
-    return modality.from_matrix(x, metadata={'per_sample': [{'id': i} for i in ids]}), list(ids)
+    ds = astro_dataset(root, images=(), tables=(name,), split=split)
+    if not any(f'{name}_row' in s for s in ds.samples): raise ValueError(f"no {name} rows in split {split!r} under {root}")
+    return ds.stack(name)
 
 # %% ../nbs/31_simulate.ipynb #c043
 def load_truth(root: "str | Path") -> tuple[pd.DataFrame, SimConfig]:
     "The truth table and the simulation config of a data set written by `simulate_dataset`."
     root = Path(root)
-    if not (root / 'truth' / 'truth.csv').is_file(): raise FileNotFoundError(f"no truth table under {root / 'truth'}; run `python -m mmfm.simulate --out {root}`")
+    if not (root / 'truth' / 'truth.csv').is_file(): raise FileNotFoundError(f"no truth table under {root / 'truth'}; run `mmfm simulate --out {root}`")
     cfg = json.loads((root / 'truth' / 'config.json').read_text())
     cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     return pd.read_csv(root / 'truth' / 'truth.csv'), cfg
@@ -379,16 +375,21 @@ def noiseless_cutouts(root: "str | Path",   # data set root
     return np.stack([render_cutout(by_id.loc[i], survey, cfg) for i in ids])
 
 # %% ../nbs/31_simulate.ipynb #c046
-@call_parse
-def main(out: Param("data root to write", str) = "data/astro",
-         n: Param("number of galaxies", int) = 2000,
-         seed: Param("random seed", int) = 0,
-         workers: Param("parallel processes", int) = 1,
-         legacy_size: Param("Legacy cutout side (pixels)", int) = None,
-         hsc_size: Param("HSC cutout side (pixels)", int) = None,
-         gaia_size: Param("Gaia cutout side (pixels)", int) = None):
-    "Simulate the multi-survey galaxy data set (cutouts, catalogs, manifest, truth)."
-    sizes = {k: v for k, v in dict(legacy=legacy_size, hsc=hsc_size, gaia=gaia_size).items() if v}
-    s = simulate_dataset(out, SimConfig(n_galaxies=n, seed=seed, stamp_sizes=sizes), workers=workers)
-    print(f"wrote {s['galaxies']} galaxies to {out} in {s['seconds']:.1f} s ({s['galaxies_per_second']:.0f}/s): "
+def main(argv: Sequence[str] | None = None) -> int:
+    "Command line `mmfm simulate`: write the multi-survey galaxy data set (cutouts, catalogs, manifest, truth)."
+    p = argparse.ArgumentParser(prog="mmfm simulate", description=main.__doc__.split(": ", 1)[1])
+    p.add_argument("--out", default="data/astro", help="data root to write (default: data/astro)")
+    p.add_argument("--n", type=int, default=2000, help="number of galaxies (default: 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    for s in IMAGE_SOURCES: p.add_argument(f"--{s}-size", type=int, help=f"{s} cutout side in pixels")
+    a = p.parse_args(argv)
+    sizes = {s: getattr(a, f"{s}_size") for s in IMAGE_SOURCES if getattr(a, f"{s}_size")}
+    s = simulate_dataset(a.out, SimConfig(n_galaxies=a.n, seed=a.seed, stamp_sizes=sizes), workers=a.workers)
+    print(f"wrote {s['galaxies']} galaxies to {a.out} in {s['seconds']:.1f} s ({s['galaxies_per_second']:.0f}/s): "
           + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ('galaxies', 'seconds', 'galaxies_per_second')))
+    return 0
+
+# %% ../nbs/31_simulate.ipynb #c048
+#| eval: false
+if __name__ == "__main__": sys.exit(main())

@@ -25,6 +25,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError, table_modality, scalar_modality
 from .data import Loader, DataError, resolve_in_root
+from .files import write_bytes
 
 # %% ../nbs/30_surveys.ipynb #c006
 @dataclass(frozen=True, eq=False)
@@ -375,6 +376,7 @@ def write_survey_cutout(path: "str | Path",           # where to write the .fits
                         survey: "str | SurveyInfo",
                         ra: float, dec: float,        # centre (deg)
                         object_id: str | None = None, # written as OBJID
+                        durable: bool = True,         # fsync (see `mmfm.files.atomic_write`)
                         ) -> Path:
     "Write one cutout as FITS (float32 cube, TAN WCS, survey keys; see `cutout_header`), atomically."
     info, path = survey_info(survey), Path(path)
@@ -388,14 +390,7 @@ def write_survey_cutout(path: "str | Path",           # where to write the .fits
     cards[where['LATPOLE']] = fits.Card('LATPOLE', float(dec), '[deg] Native latitude of celestial pole').image
     cards[where['OBJID']] = fits.Card('OBJID', '' if object_id is None else str(object_id)).image
     blob = _pad((''.join(cards) + 'END'.ljust(80)).encode('ascii'), b' ') + _pad(flux.astype('>f4').tobytes(), b'\0')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp_', suffix='.fits')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return path
+    return write_bytes(path, blob, durable=durable)
 
 # %% ../nbs/30_surveys.ipynb #c037
 class SurveyCutout(NamedTuple):

@@ -5,11 +5,10 @@
 # %% auto #0
 __all__ = ['TransformerConfig', 'sincos_1d', 'position_table', 'attention_mask', 'Attention', 'MLP', 'EncoderBlock',
            'DecoderBlock', 'model_spec', 'MultimodalTransformer', 'pack', 'LossTerms', 'LossOutput',
-           'average_over_modalities', 'EncoderOutput', 'atomic_write', 'write_json', 'read_safetensors',
-           'spec_differences']
+           'average_over_modalities', 'EncoderOutput', 'spec_differences']
 
 # %% ../nbs/11_transformer.ipynb #c002
-import json, math, os, tempfile
+import json, math
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import ClassVar, Mapping, NamedTuple
@@ -19,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from fastcore.basics import patch
-from safetensors import SafetensorError
-from safetensors.torch import save_file, load_file, safe_open
-from .masking import check_tokens
+from .tokens import check_tokens
 from .codec import as_grid, grid_segments, grid_size
+from .files import save_safetensors, load_safetensors, write_json
 
 # %% ../nbs/11_transformer.ipynb #c005
 @dataclass
@@ -378,9 +376,11 @@ def average_over_modalities(ce_sum: Mapping[str, Tensor],   # {token_key: summed
                             n_targets: Mapping[str, Tensor],  # {token_key: target count} (global counts under DDP)
                             ) -> Tensor:
     "Mean over keys with at least one target of (summed cross-entropy / target count)."
-    keys = [k for k in ce_sum if int(n_targets[k]) > 0]
-    if not keys: raise ValueError("no target tokens in this batch: nothing to predict, the loss is undefined")
-    return torch.stack([ce_sum[k] / n_targets[k] for k in keys]).mean()
+    counts = {k: torch.as_tensor(n_targets[k], device=ce_sum[k].device).float() for k in ce_sum}
+    n_keys = sum(int(c > 0) for c in counts.values())
+    if not n_keys: raise ValueError("no target tokens in this batch: nothing to predict, the loss is undefined")
+    # every key stays in the graph (a key without targets adds 0): DDP expects every head to take part in every step
+    return torch.stack([ce_sum[k] / counts[k].clamp(min=1) for k in ce_sum]).sum() / n_keys
 
 @patch
 def loss(self: MultimodalTransformer,
@@ -422,35 +422,6 @@ def embed(self: MultimodalTransformer,
     return EncoderOutput(states, valid, key_index, order - start, self.token_keys)
 
 # %% ../nbs/11_transformer.ipynb #c052
-def atomic_write(path: str | Path, write) -> Path:
-    "Call `write(tmp_path)` on a temporary file next to `path`, flush it to disk, then rename it to `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
-
-def write_json(path: str | Path, obj) -> Path:
-    "Write JSON atomically."
-    def w(tmp):
-        with open(tmp, "w") as f: json.dump(obj, f, indent=1)
-    return atomic_write(path, w)
-
-def read_safetensors(path: str | Path) -> tuple[dict, dict]:
-    "Tensors and metadata of a safetensors file; a missing, truncated or corrupted file raises naming it."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
-
 def spec_differences(expected: Mapping, actual: Mapping, prefix: str = "") -> list[str]:
     "Human-readable differences between two nested dicts (e.g. model specs)."
     out = []
@@ -470,11 +441,11 @@ def spec(self: MultimodalTransformer) -> dict:
 
 @patch
 def save(self: MultimodalTransformer, directory: str | Path) -> Path:
-    "Write `model.safetensors` and `model.json` into `directory`, each atomically."
+    "Write `model.safetensors` (with a checksum) and `model.json` into `directory`, each atomically."
     directory = Path(directory)
     spec = self.spec()
     state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"mmfm_spec": json.dumps(spec)}))
+    save_safetensors(directory / "model.safetensors", state, {"mmfm_spec": json.dumps(spec)})
     write_json(directory / "model.json", spec)
     return directory
 
@@ -482,7 +453,7 @@ def save(self: MultimodalTransformer, directory: str | Path) -> Path:
 def load(cls: MultimodalTransformer, directory: str | Path, codecs=None) -> MultimodalTransformer:
     "Rebuild a saved model; with `codecs`, check it was built for them."
     directory = Path(directory)
-    state, meta = read_safetensors(directory / "model.safetensors")
+    state, meta = load_safetensors(directory / "model.safetensors")
     spec = json.loads(meta.get("mmfm_spec", "{}"))
     if not spec: raise ValueError(f"{directory / 'model.safetensors'} carries no model spec: not an mmfm model")
     model = cls(spec["vocab_sizes"], spec["num_tokens"], TransformerConfig(**spec["config"]),

@@ -8,8 +8,8 @@ import copy, json, sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from mmfm.train import (synthetic_token_dataset, per_sample_masks, sample_seed, global_loss, init_distributed, DistInfo,
-                        TrainBatch)
+from mmfm.tokens import synthetic_token_dataset
+from mmfm.train import per_sample_masks, sample_seed, global_loss, init_distributed, DistInfo
 from mmfm.transformer import MultimodalTransformer
 from mmfm.masking import MaskingConfig
 

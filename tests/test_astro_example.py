@@ -1,7 +1,7 @@
-"End-to-end check of `mmfm.astro_example.run` at size 'tiny': finite metrics with baselines, figures, determinism."
+"End-to-end check of `mmfm.examples.astronomy.run` at size 'tiny': finite metrics with baselines, figures, determinism."
 import math
 import pytest
-from mmfm.astro_example import run
+from mmfm.examples.astronomy import run
 
 @pytest.fixture(scope='module')
 def two_runs(tmp_path_factory):

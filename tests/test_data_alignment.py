@@ -12,6 +12,7 @@ from hypothesis import given, settings, HealthCheck, strategies as st
 from torch.utils.data import DataLoader
 
 from mmfm.data import MultiSourceDataset, Source, TableLoader, NpyLoader, collate
+from mmfm.tokens import encode_batch
 from mmfm.testing import ToyTable, ToyImage, ToySeries, toy_table, toy_image, toy_series, toy_manager
 
 N = 12
@@ -57,7 +58,7 @@ def assert_aligned(ds, manager, tb):
 @given(order=st.lists(st.integers(0, N - 1), min_size=1, max_size=N, unique=True))
 def test_any_subset_and_order_is_aligned(dataset, manager, order):
     batch = dataset.collate([dataset[i] for i in order])
-    tb = manager.encode_batch(batch)
+    tb = encode_batch(manager, batch)
     assert tb.ids == [dataset.ids[i] for i in order]
     assert_aligned(dataset, manager, tb)
 
@@ -68,7 +69,7 @@ def test_samples_miss_different_sources(dataset):
 
 def test_batch_size_one(dataset, manager):
     for i in range(N):
-        tb = manager.encode_batch(dataset.collate([dataset[i]]))
+        tb = encode_batch(manager, dataset.collate([dataset[i]]))
         assert all(t.shape[0] == 1 for t in tb.tokens.values())
         assert_aligned(dataset, manager, tb)
 
@@ -78,7 +79,7 @@ def test_dataloader_workers(dataset, manager, workers):
                     collate_fn=dataset.collate, num_workers=workers)
     seen = []
     for batch in dl:
-        assert_aligned(dataset, manager, manager.encode_batch(batch)); seen += batch.ids
+        assert_aligned(dataset, manager, encode_batch(manager, batch)); seen += batch.ids
     assert sorted(seen) == sorted(dataset.ids)
 
 def test_plain_collate_infers_names(dataset):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mmfm.demo import results_table
-from mmfm.medical_example import example_config, prepare_datasets, run
+from mmfm.examples.results import results_table
+from mmfm.examples.medical import example_config, prepare_datasets, run
 
 FIGURES = ["cohort_vitals.png", "diabetes_lab_imputation.png", "diabetes_progression.png", "reconstruction.png"]
 

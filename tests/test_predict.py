@@ -8,9 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 from torch.utils.data import DataLoader
-from mmfm.data import TokenBatch, Sample, collate
+from mmfm.data import Sample, collate
+from mmfm.tokens import TokenBatch, as_token_batch
 from mmfm.masking import apply_masking
-from mmfm.predict import (PredictionError, as_token_batch, commit_schedule, predict, predict_tokens, resolve_targets,
+from mmfm.predict import (PredictionError, commit_schedule, predict, predict_tokens, resolve_targets,
                           sample_logits)
 from mmfm.probes import embed_batch, embed_samples, fit_probe, pool_states, regression_metrics, classification_metrics
 from mmfm.testing import toy_manager, toy_image, toy_table, toy_series, ToyImage, ToyTable, ToySeries

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from mmfm.train import (synthetic_token_dataset, Trainer, TrainConfig, read_checkpoint, MetricsLog, TokenDataset,
-                        NonFiniteLossError, DistInfo)
-from mmfm.transformer import MultimodalTransformer, atomic_write
+from mmfm.tokens import synthetic_token_dataset, TokenDataset, TokenBatch
+from mmfm.train import Trainer, TrainConfig, read_checkpoint, MetricsLog, NonFiniteLossError, DistInfo
+from mmfm.files import atomic_write
+from mmfm.transformer import MultimodalTransformer
 from mmfm.masking import MaskingConfig
-from mmfm.data import TokenBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -124,7 +124,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
 def test_resume_with_an_iterable_of_token_batches(tmp_path):
     "Batches from a plain iterable (no indices): masks come from the trainer's generator, which is checkpointed too."
     data = synthetic_token_dataset(48, seed=0)
-    batches = [TokenBatch(data.ids[i:i + 8], *data.batch(range(i, i + 8))[:2]) for i in range(0, 48, 8)]
+    batches = [TokenBatch(b.ids, b.tokens, b.present) for b in (data.batch(range(i, i + 8)) for i in range(0, 48, 8))]
     torch.manual_seed(0)
     model = MultimodalTransformer(data.vocab_sizes, data.num_tokens, "tiny", token_grids=data.token_grids)
     cfg = TrainConfig(steps=9, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4, progress=False)

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from mmfm.masking import sample_budget_masks, apply_masking
 from mmfm.transformer import MultimodalTransformer, TransformerConfig
 from mmfm.testing import toy_manager, toy_table, toy_image, toy_series
-from mmfm.data import TokenBatch
+from mmfm.tokens import TokenBatch, encode_batch
 
 CODECS = toy_manager()
 SETTINGS = settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
