@@ -24,9 +24,10 @@ def site():
 def notebook_of_module():
     "{module name: html page} from each notebook's default_exp."
     out = {}
-    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+    for nb in sorted((ROOT / "nbs").rglob("*.ipynb")):              # the examples live in nbs/examples/
+        if any(part.startswith(("_", ".")) for part in nb.relative_to(ROOT / "nbs").parts): continue
         m = re.search(r"#\|\s*default_exp\s+([\w.]+)", nb.read_text())
-        if m: out[m.group(1)] = nb.with_suffix(".html").name
+        if m: out[m.group(1)] = nb.relative_to(ROOT / "nbs").with_suffix(".html").as_posix()
     return out
 
 def public_top_level(module: str) -> tuple[list[str], list[str]]:
