@@ -12,7 +12,8 @@ from . import __version__
 
 # %% ../nbs/95_cli.ipynb #k005
 COMMANDS = {  # subcommand → (module whose `main(argv)` runs it, what it does)
-    "simulate": ("mmfm.simulate", "simulate multi-survey galaxies: FITS cutouts, catalogs, redshifts, manifest, truth"),
+    "simulate": ("mmfm.simulate", "simulate multi-survey galaxies: FITS cutouts, catalogs, redshifts, "
+                                  "manifest, truth"),
     "medical": ("mmfm.medical", "build the medical data sets (diabetes tables; synthetic cohort with ECGs)"),
     "train": ("mmfm.train", "train a MultimodalTransformer on a token dataset (also under torchrun)"),
     "predict": ("mmfm.predict", "predict target modalities of a token dataset with a trained model"),
@@ -24,7 +25,8 @@ def usage() -> str:
     "The text of `mmfm --help`."
     width = max(map(len, COMMANDS))
     lines = [f"usage: mmfm <command> [options]      (mmfm <command> --help for a command's options)", "",
-             f"mmfm {__version__}: multimodal masked-token foundation models for science data", "", "commands:"]
+             f"mmfm {__version__}: multimodal masked-token foundation models for science data", "",
+             "commands:"]
     lines += [f"  {name.ljust(width)}  {what}" for name, (_, what) in COMMANDS.items()]
     return "\n".join(lines)
 

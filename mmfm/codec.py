@@ -20,10 +20,8 @@ from .modality import BaseModality, modality_for_token_key, modality_type, Unkno
 # %% ../nbs/02_codec.ipynb #c006
 class CodecError(ValueError):
     "A codec was given the wrong modality, or a codec cannot be registered."
-
 class TokenRangeError(CodecError):
     "Tokens outside a codec's vocabulary, or of the wrong shape or dtype."
-
 class CodecConfigError(CodecError):
     "A saved codec does not match the codec it is loaded into."
 
@@ -53,25 +51,29 @@ def as_grid(grid) -> tuple:
     g = tuple(grid)
     if g and all(hasattr(s, '__iter__') and not isinstance(s, (str, bytes)) for s in g):
         segments = tuple(as_grid(s) for s in g)
-        if any(isinstance(s[0], tuple) for s in segments): raise ValueError(f"token_grid {grid!r}: segments cannot be nested")
+        if any(isinstance(s[0], tuple) for s in segments):
+            raise ValueError(f"token_grid {grid!r}: segments cannot be nested")
         return segments[0] if len(segments) == 1 else segments
-    if not g or not all(isinstance(v, int) or (hasattr(v, '__index__') and not isinstance(v, bool)) for v in g) or any(int(v) < 1 for v in g):
+    if not g or not all(isinstance(v, int) or (hasattr(v, '__index__') and not isinstance(v, bool))
+                        for v in g) or any(int(v) < 1 for v in g):
         raise ValueError(f"token_grid {grid!r}: sides must be integers >= 1")
     return tuple(int(v) for v in g)
 
+# %% ../nbs/02_codec.ipynb #s003
 def grid_segments(grid) -> tuple[tuple[int, ...], ...]:
     "The segments of a layout (a single grid is one segment)."
     g = as_grid(grid)
     return g if isinstance(g[0], tuple) else (g,)
 
+# %% ../nbs/02_codec.ipynb #s004
 def grid_size(grid) -> int:
     "Tokens in a layout: the sum over its segments of the product of their sides."
     return sum(math.prod(s) for s in grid_segments(grid))
 
+# %% ../nbs/02_codec.ipynb #s005
 def grid_label(grid) -> str:
     "A short label: `16x16`, or `4 + 16x16` for segments."
     return ' + '.join('x'.join(map(str, s)) for s in grid_segments(grid))
-
 
 # %% ../nbs/02_codec.ipynb #c009
 class Codec(nn.Module):
@@ -82,35 +84,49 @@ class Codec(nn.Module):
 
     # -- what a subclass provides --------------------------------------------------------
     @property
-    def modality(self) -> type[BaseModality]: raise NotImplementedError(f"{type(self).__name__} must define `modality`")
+    def modality(self) -> type[BaseModality]:
+        raise NotImplementedError(f"{type(self).__name__} must define `modality`")
     @property
-    def quantizer(self) -> nn.Module: raise NotImplementedError(f"{type(self).__name__} must define `quantizer`")
+    def quantizer(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define `quantizer`")
     @property
-    def token_grid(self) -> tuple: raise NotImplementedError(f"{type(self).__name__} must define `token_grid` (see `as_grid`)")
+    def token_grid(self) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} must define `token_grid` (see `as_grid`)")
     def _encode(self, x: BaseModality) -> Tensor: raise NotImplementedError
     def _decode(self, z: Tensor, **metadata) -> BaseModality: raise NotImplementedError
 
-    # -- derived ---------------------------------------------------------------------------
-    @property
-    def config(self) -> dict: return dict(self.__dict__.get('_config', {}))
-    @property
-    def num_tokens(self) -> int:
-        "Tokens per sample: the size of `token_grid`."
-        return grid_size(self.token_grid)
-    @property
-    def vocab_size(self) -> int:
-        "Codebook size of the quantizer."
-        return int(self.quantizer.codebook_size)
-    @property
-    def token_key(self) -> str: return self.modality.token_key
-    @property
-    def device(self) -> torch.device:
-        t = next(iter(list(self.parameters()) + list(self.buffers())), None)
-        return t.device if t is not None else torch.device('cpu')
+# %% ../nbs/02_codec.ipynb #s033
+# -- derived ---------------------------------------------------------------------------
+@patch(as_prop=True)
+def config(self: Codec) -> dict: return dict(self.__dict__.get('_config', {}))
 
-    def __repr__(self):
-        return (f"{type(self).__name__}({self.modality.__name__} → {self.token_key}: {self.num_tokens} tokens "
-                f"{tuple(self.token_grid)}, vocab {self.vocab_size})")
+# %% ../nbs/02_codec.ipynb #s034
+@patch(as_prop=True)
+def num_tokens(self: Codec) -> int:
+    "Tokens per sample: the size of `token_grid`."
+    return grid_size(self.token_grid)
+
+# %% ../nbs/02_codec.ipynb #s035
+@patch(as_prop=True)
+def vocab_size(self: Codec) -> int:
+    "Codebook size of the quantizer."
+    return int(self.quantizer.codebook_size)
+
+# %% ../nbs/02_codec.ipynb #s036
+@patch(as_prop=True)
+def token_key(self: Codec) -> str: return self.modality.token_key
+
+# %% ../nbs/02_codec.ipynb #s037
+@patch(as_prop=True)
+def device(self: Codec) -> torch.device:
+    t = next(iter(list(self.parameters()) + list(self.buffers())), None)
+    return t.device if t is not None else torch.device('cpu')
+
+# %% ../nbs/02_codec.ipynb #s038
+@patch
+def __repr__(self: Codec):
+    return (f"{type(self).__name__}({self.modality.__name__} → {self.token_key}: {self.num_tokens} "
+            f"tokens {tuple(self.token_grid)}, vocab {self.vocab_size})")
 
 # %% ../nbs/02_codec.ipynb #c011
 @patch
@@ -118,11 +134,13 @@ def latent_to_indices(self: Codec, z: Tensor) -> Tensor:
     "Channel-first latent `[B, C, *grid]` → indices `[B, *grid]` (no codebook updates)."
     return self.quantizer.encode(z.movedim(1, -1))
 
+# %% ../nbs/02_codec.ipynb #s006
 @patch
 def indices_to_latent(self: Codec, idx: Tensor) -> Tensor:
     "Indices `[B, *grid]` → channel-first quantized latent `[B, C, *grid]`."
     return self.quantizer.decode(idx).movedim(-1, 1)
 
+# %% ../nbs/02_codec.ipynb #s007
 @patch
 def quantize(self: Codec, z: Tensor):
     "Training-time quantization: `(z_q [B, C, *grid] with straight-through gradient, indices, aux loss)`."
@@ -136,32 +154,42 @@ def _check_modality(self: Codec, x) -> BaseModality:
         raise CodecError(f"{type(self).__name__} encodes {self.modality.__name__}, got {type(x).__name__}")
     return x
 
+# %% ../nbs/02_codec.ipynb #s008
 @patch
 def _check_tokens(self: Codec, tokens) -> Tensor:
     name = type(self).__name__
-    if not isinstance(tokens, Tensor): raise TokenRangeError(f"{name}.decode: tokens must be a tensor, got {type(tokens).__name__}")
+    if not isinstance(tokens, Tensor):
+        raise TokenRangeError(f"{name}.decode: tokens must be a tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise TokenRangeError(f"{name}.decode: tokens must be integers, got {tokens.dtype}")
     if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
-        raise TokenRangeError(f"{name}.decode: expected tokens of shape (batch, {self.num_tokens}), got {tuple(tokens.shape)}")
+        raise TokenRangeError(f"{name}.decode: expected tokens of shape (batch, {self.num_tokens}), got "
+                              f"{tuple(tokens.shape)}")
     bad = (tokens < 0) | (tokens >= self.vocab_size)
     if bad.any():
         rows = bad.any(1).nonzero().flatten().tolist()
-        raise TokenRangeError(f"{name}.decode: {int(bad.sum())} token(s) outside the vocabulary [0, {self.vocab_size}) "
+        raise TokenRangeError(f"{name}.decode: {int(bad.sum())} token(s) outside the vocabulary [0, "
+                              f"{self.vocab_size}) "
                               f"in rows {rows[:10]} (min {int(tokens.min())}, max {int(tokens.max())})")
     return tokens.long()
 
+# %% ../nbs/02_codec.ipynb #s009
 @patch
 def _flat_indices(self: Codec, idx: Tensor, batch: int, grid: tuple) -> Tensor:
-    "Check that quantizer indices have the shape `(batch, *grid)` and flatten them to `Long[batch, prod(grid)]`."
+    """Check that quantizer indices have the shape `(batch, *grid)` and flatten them to `Long[batch,
+    prod(grid)]`."""
     if tuple(idx.shape) != (batch, *grid):
-        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected {(batch, *grid)}")
+        raise CodecError(f"{type(self).__name__}: indices of shape {tuple(idx.shape)}, expected "
+                         f"{(batch, *grid)}")
     return idx.reshape(batch, -1).long()
 
+# %% ../nbs/02_codec.ipynb #s010
 def _single_grid(codec: Codec, what: str):
     if len(grid_segments(codec.token_grid)) > 1:
-        raise CodecError(f"{type(codec).__name__}: its token_grid {codec.token_grid} has segments, so it must define its own {what}")
+        raise CodecError(f"{type(codec).__name__}: its token_grid {codec.token_grid} has segments, so it "
+                         f"must define its own {what}")
 
+# %% ../nbs/02_codec.ipynb #s011
 @patch
 @torch.no_grad()
 def encode(self: Codec, x: BaseModality) -> Int[Tensor, "batch num_tokens"]:
@@ -170,6 +198,7 @@ def encode(self: Codec, x: BaseModality) -> Int[Tensor, "batch num_tokens"]:
     _single_grid(self, 'encode')
     return self._flat_indices(self.latent_to_indices(self._encode(x)), x.batch_size, self.token_grid)
 
+# %% ../nbs/02_codec.ipynb #s012
 @patch
 @torch.no_grad()
 def decode(self: Codec, tokens: Int[Tensor, "batch num_tokens"], **metadata) -> BaseModality:
@@ -186,12 +215,14 @@ def forward(self: Codec, x: BaseModality):
     z_q, idx, aux = self.quantize(self._encode(self._check_modality(x)))
     return self._decode(z_q), idx, aux
 
+# %% ../nbs/02_codec.ipynb #s013
 @patch
 def reconstruction_loss(self: Codec, x: BaseModality, x_hat: BaseModality) -> Tensor:
     "Mean squared error averaged over the tensor fields."
     names = x.tensor_fields()
     return sum(nn.functional.mse_loss(getattr(x_hat, n), getattr(x, n)) for n in names) / len(names)
 
+# %% ../nbs/02_codec.ipynb #s014
 @patch
 def loss(self: Codec, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
     "Training loss on a batch, and its parts as floats for logging."
@@ -207,8 +238,10 @@ def _paths(path) -> tuple[Path, Path]:
     if p.suffix in ('.safetensors', '.json'): p = p.with_suffix('')
     return p.with_name(p.name + '.safetensors'), p.with_name(p.name + '.json')
 
+# %% ../nbs/02_codec.ipynb #s015
 def _class_path(cls) -> str: return f"{cls.__module__}:{cls.__qualname__}"
 
+# %% ../nbs/02_codec.ipynb #s016
 def _import_class(path: str):
     module, _, qual = path.partition(':')
     obj = importlib.import_module(module)
@@ -221,7 +254,8 @@ def save(self: Codec, path: str | Path) -> tuple[Path, Path]:
     "Save weights (`path.safetensors`) and config (`path.json`); returns both paths."
     weights, meta = _paths(path)
     try: config = json.loads(json.dumps(self.config))
-    except TypeError as e: raise CodecConfigError(f"{type(self).__name__}: constructor arguments must be JSON values to be saved ({e})") from None
+    except TypeError as e: raise CodecConfigError(f"{type(self).__name__}: constructor arguments must be "
+                                                  f"JSON values to be saved ({e})") from None
     state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
     info = {'format': 'mmfm-codec', 'format_version': 1, 'class': _class_path(type(self)), 'config': config,
             'modality': self.modality.__name__, 'token_key': self.token_key, 'num_tokens': self.num_tokens,
@@ -241,34 +275,41 @@ def _read_meta(path) -> tuple[Path, dict]:
     if info.get('format') != 'mmfm-codec': raise CodecConfigError(f"{meta}: not an mmfm codec config")
     return weights, info
 
+# %% ../nbs/02_codec.ipynb #s017
 @patch
 def load_weights(self: Codec, path: str | Path) -> Codec:
     "Load weights saved by `save` into this codec, checking class, config and tensor shapes."
     weights, info = _read_meta(path)
     name = type(self).__name__
     if info['class'] != _class_path(type(self)):
-        raise CodecConfigError(f"{weights}: saved from {info['class']}, cannot load into {_class_path(type(self))}")
+        raise CodecConfigError(f"{weights}: saved from {info['class']}, cannot load into "
+                               f"{_class_path(type(self))}")
     mine = json.loads(json.dumps(self.config))
     diff = sorted(k for k in set(mine) | set(info['config']) if mine.get(k) != info['config'].get(k))
     if diff:
         raise CodecConfigError(f"{weights}: config does not match this {name}: " +
-                               ', '.join(f"{k}: file {info['config'].get(k)!r} vs codec {mine.get(k)!r}" for k in diff))
+                               ', '.join(f"{k}: file {info['config'].get(k)!r} vs codec "
+                                         f"{mine.get(k)!r}" for k in diff))
     try: state, _ = load_safetensors(weights)
     except Exception as e: raise CodecConfigError(f"{weights}: cannot read weights ({e})") from None
     own = self.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs codec {tuple(own[k].shape)}" for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs codec {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or extra or shapes:
-        raise CodecConfigError(f"{weights} does not fit {name}: missing {missing}, unexpected {extra}, shape mismatches {shapes}")
+        raise CodecConfigError(f"{weights} does not fit {name}: missing {missing}, unexpected {extra}, shape "
+                               f"mismatches {shapes}")
     self.load_state_dict(state, strict=True)
     return self
 
+# %% ../nbs/02_codec.ipynb #s018
 @patch(cls_method=True)
 def load(cls: Codec, path: str | Path, map_location: str | torch.device = 'cpu') -> Codec:
     "Build the codec described by `path.json` and load `path.safetensors` into it."
     weights, info = _read_meta(path)
     try: klass = _import_class(info['class'])
-    except (ImportError, AttributeError) as e: raise CodecConfigError(f"{weights}: codec class {info['class']} not found ({e})") from None
+    except (ImportError, AttributeError) as e:
+        raise CodecConfigError(f"{weights}: codec class {info['class']} not found ({e})") from None
     if not (isinstance(klass, type) and issubclass(klass, cls)):
         raise CodecConfigError(f"{weights}: holds a {info['class']}, which is not a {cls.__name__}")
     codec = klass(**info['config'])
@@ -281,10 +322,13 @@ def check_codec(codec: Codec,               # the codec under test
                 ) -> dict:
     "Check the codec contract on `sample`; raise `AssertionError` naming the failed property."
     name = type(codec).__name__
-    assert isinstance(sample, codec.modality), f"{name}: sample is a {type(sample).__name__}, codec encodes {codec.modality.__name__}"
+    assert isinstance(sample,
+                      codec.modality), f"{name}: sample is a {type(sample).__name__}, codec encodes {codec.modality.__name__}"
     assert sample.batch_size >= 2, f"{name}: check_codec needs a sample batch of at least 2"
-    assert isinstance(codec.num_tokens, int) and codec.num_tokens > 0, f"{name}.num_tokens = {codec.num_tokens!r}"
-    assert isinstance(codec.vocab_size, int) and codec.vocab_size > 1, f"{name}.vocab_size = {codec.vocab_size!r}"
+    assert isinstance(codec.num_tokens,
+                      int) and codec.num_tokens > 0, f"{name}.num_tokens = {codec.num_tokens!r}"
+    assert isinstance(codec.vocab_size,
+                      int) and codec.vocab_size > 1, f"{name}.vocab_size = {codec.vocab_size!r}"
     declared = codec.modality.num_tokens
     assert declared is None or declared == codec.num_tokens, f"{name}: modality declares {declared} tokens, codec makes {codec.num_tokens}"
     was_training = codec.training; codec.eval()
@@ -292,12 +336,15 @@ def check_codec(codec: Codec,               # the codec under test
         tokens = codec.encode(sample)
         B, N, V = sample.batch_size, codec.num_tokens, codec.vocab_size
         assert tokens.dtype == torch.long, f"{name}: tokens are {tokens.dtype}, expected torch.long"
-        assert tuple(tokens.shape) == (B, N), f"{name}: tokens of shape {tuple(tokens.shape)}, expected {(B, N)}"
+        assert tuple(tokens.shape) == (B,
+                                       N), f"{name}: tokens of shape {tuple(tokens.shape)}, expected {(B, N)}"
         assert int(tokens.min()) >= 0 and int(tokens.max()) < V, f"{name}: tokens in [{int(tokens.min())}, {int(tokens.max())}], vocab {V}"
         assert torch.equal(codec.encode(sample), tokens), f"{name}: encoding is not deterministic"
-        assert torch.equal(codec.encode(sample.select([0])), tokens[:1]), f"{name}: a batch of one encodes differently from row 0"
+        assert torch.equal(codec.encode(sample.select([0])),
+                           tokens[:1]), f"{name}: a batch of one encodes differently from row 0"
         rows = list(range(B))[::-1][:max(1, B // 2)]
-        assert torch.equal(codec.encode(sample.select(rows)), tokens[rows]), f"{name}: encoding a subset of rows changes their tokens"
+        assert torch.equal(codec.encode(sample.select(rows)),
+                           tokens[rows]), f"{name}: encoding a subset of rows changes their tokens"
         decoded = codec.decode(tokens)
         assert type(decoded) is codec.modality, f"{name}: decode gave {type(decoded).__name__}, expected {codec.modality.__name__}"
         assert decoded.batch_size == B, f"{name}: decoded batch of {decoded.batch_size}, expected {B}"
@@ -307,12 +354,15 @@ def check_codec(codec: Codec,               # the codec under test
             assert a.shape == b.shape, f"{name}: decoded {f} has shape {tuple(b.shape)}, input {tuple(a.shape)}"
             assert torch.isfinite(b).all(), f"{name}: decoded {f} has non-finite values"
         assert codec.decode(tokens[:1]).batch_size == 1, f"{name}: decoding a batch of one failed"
-        try: codec.decode(torch.full_like(tokens, V)); raise AssertionError(f"{name}: decode accepted tokens equal to vocab_size")
+        try:
+            codec.decode(torch.full_like(tokens, V))
+            raise AssertionError(f"{name}: decode accepted tokens equal to vocab_size")
         except TokenRangeError: pass
         with tempfile.TemporaryDirectory() as d:
             codec.save(f"{d}/codec")
             loaded = Codec.load(f"{d}/codec", map_location=codec.device).eval()
-            assert torch.equal(loaded.encode(sample), tokens), f"{name}: save → load → encode changed the tokens"
+            assert torch.equal(loaded.encode(sample),
+                               tokens), f"{name}: save → load → encode changed the tokens"
         if check_default:
             fresh = type(codec)()
             assert fresh.modality is codec.modality, f"{name}(): default codec encodes {fresh.modality.__name__}"
@@ -341,44 +391,64 @@ class CodecManager(nn.Module):
             raise CodecError(f"{type(codec).__name__} encodes {mod.__name__}, but {key!r} is registered to "
                              f"{registered.__name__ if registered else 'nothing'}")
         if key in self.codecs and not replace:
-            raise CodecError(f"{mod.__name__} already has a codec ({type(self.codecs[key]).__name__}); use replace=True to swap it")
+            raise CodecError(f"{mod.__name__} already has a codec ({type(self.codecs[key]).__name__}); use "
+                             "replace=True to swap it")
         if mod.num_tokens is not None and mod.num_tokens != codec.num_tokens:
-            raise CodecError(f"{mod.__name__} declares {mod.num_tokens} tokens but {type(codec).__name__} makes {codec.num_tokens}")
+            raise CodecError(f"{mod.__name__} declares {mod.num_tokens} tokens but {type(codec).__name__} "
+                             f"makes {codec.num_tokens}")
         self.codecs[key] = codec
         return self
 
-    def codec_for(self, what) -> Codec:
-        "The codec for a modality class or instance, a modality class name, or a token key."
-        if isinstance(what, BaseModality): what = type(what)
-        if isinstance(what, type): key = what.token_key
-        elif isinstance(what, str): key = what if what in self.codecs else (modality_type(what).token_key if not what.startswith('tok_') else what)
-        else: raise CodecError(f"cannot look up a codec for {what!r}")
-        if key not in self.codecs:
-            raise CodecError(f"no codec registered for {what if isinstance(what, str) else what.__name__} ({key!r}); registered: {list(self.codecs)}")
-        return self.codecs[key]
+# %% ../nbs/02_codec.ipynb #s039
+@patch
+def codec_for(self: CodecManager, what) -> Codec:
+    "The codec for a modality class or instance, a modality class name, or a token key."
+    if isinstance(what, BaseModality): what = type(what)
+    if isinstance(what, type): key = what.token_key
+    elif isinstance(what, str):
+        key = what if what in self.codecs else (modality_type(what).token_key
+                                                if not what.startswith('tok_') else what)
+    else: raise CodecError(f"cannot look up a codec for {what!r}")
+    if key not in self.codecs:
+        raise CodecError(f"no codec registered for {what if isinstance(what, str) else what.__name__} "
+                         f"({key!r}); registered: {list(self.codecs)}")
+    return self.codecs[key]
 
 # %% ../nbs/02_codec.ipynb #c036
 @patch(as_prop=True)
 def token_keys(self: CodecManager) -> list[str]: return list(self.codecs)
+
+# %% ../nbs/02_codec.ipynb #s019
 @patch(as_prop=True)
-def vocab_sizes(self: CodecManager) -> dict[str, int]: return {k: c.vocab_size for k, c in self.codecs.items()}
+def vocab_sizes(self: CodecManager) -> dict[str, int]:
+    return {k: c.vocab_size for k, c in self.codecs.items()}
+
+# %% ../nbs/02_codec.ipynb #s020
 @patch(as_prop=True)
 def num_tokens(self: CodecManager) -> dict[str, int]: return {k: c.num_tokens for k, c in self.codecs.items()}
+
+# %% ../nbs/02_codec.ipynb #s021
 @patch(as_prop=True)
-def token_grids(self: CodecManager) -> dict[str, tuple]: return {k: as_grid(c.token_grid) for k, c in self.codecs.items()}
+def token_grids(self: CodecManager) -> dict[str, tuple]:
+    return {k: as_grid(c.token_grid) for k, c in self.codecs.items()}
+
+# %% ../nbs/02_codec.ipynb #s022
 @patch(as_prop=True)
 def mapping(self: CodecManager) -> dict[type, type]:
-    "The guide's `MODALITY_CODEC_MAPPING`: modality class → codec class."
+    "Modality class → codec class, for every registered codec."
     return {c.modality: type(c) for c in self.codecs.values()}
 
+# %% ../nbs/02_codec.ipynb #s023
 @patch
 def summary(self: CodecManager) -> str:
     "A table of modality, token key, codec, tokens, layout and vocabulary."
     rows = [('modality', 'token_key', 'codec', 'tokens', 'grid', 'vocab')]
-    rows += [(c.modality.__name__, k, type(c).__name__, str(c.num_tokens), grid_label(c.token_grid), str(c.vocab_size)) for k, c in self.codecs.items()]
+    rows += [(c.modality.__name__, k, type(c).__name__, str(c.num_tokens), grid_label(c.token_grid),
+              str(c.vocab_size)) for k, c in self.codecs.items()]
     w = [max(len(r[i]) for r in rows) for i in range(6)]
     return '\n'.join('  '.join(v.ljust(w[i]) for i, v in enumerate(r)) for r in rows)
 
+# %% ../nbs/02_codec.ipynb #s024
 @patch
 def freeze(self: CodecManager) -> CodecManager:
     "Put every codec in eval mode and stop its gradients (codecs are fixed while the transformer trains)."
@@ -393,16 +463,19 @@ def encode(self: CodecManager, *modalities: BaseModality) -> dict[str, Tensor]:
     out = {}
     for m in modalities:
         codec = self.codec_for(m)
-        if codec.token_key in out: raise CodecError(f"two {type(m).__name__} batches given to encode; concatenate them first")
+        if codec.token_key in out:
+            raise CodecError(f"two {type(m).__name__} batches given to encode; concatenate them first")
         out[codec.token_key] = codec.encode(m)
     return out
 
+# %% ../nbs/02_codec.ipynb #s025
 @patch
 def decode(self: CodecManager, tokens: dict[str, Tensor] | Tensor, modality, **metadata) -> BaseModality:
     "Decode the tokens of `modality` (class, name or token key) from a token dict or a tensor."
     codec = self.codec_for(modality)
     if isinstance(tokens, dict):
-        if codec.token_key not in tokens: raise CodecError(f"no tokens for {codec.token_key!r} in the dict (keys: {list(tokens)})")
+        if codec.token_key not in tokens:
+            raise CodecError(f"no tokens for {codec.token_key!r} in the dict (keys: {list(tokens)})")
         tokens = tokens[codec.token_key]
     return codec.decode(tokens, **metadata)
 
@@ -412,15 +485,18 @@ def save(self: CodecManager, directory: str | Path) -> Path:
     "Save every codec as `directory/<token_key>.{safetensors,json}` plus `directory/codecs.json`."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     for key, codec in self.codecs.items(): codec.save(d/key)
-    index = {'format': 'mmfm-codec-manager', 'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}
+    index = {'format': 'mmfm-codec-manager',
+             'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}
                                                          for k, c in self.codecs.items()}}
     write_json(d/'codecs.json', index)
     return d
 
+# %% ../nbs/02_codec.ipynb #s026
 @patch(cls_method=True)
 def load(cls: CodecManager, directory: str | Path, map_location='cpu') -> CodecManager:
     "Load a manager saved by `CodecManager.save`."
     d = Path(directory)
-    if not (d/'codecs.json').exists(): raise FileNotFoundError(f"{d/'codecs.json'} not found: not a saved codec manager")
+    if not (d/'codecs.json').exists():
+        raise FileNotFoundError(f"{d/'codecs.json'} not found: not a saved codec manager")
     index = read_json(d/'codecs.json', 'codec manager index')
     return cls([Codec.load(d/e['file'], map_location=map_location) for e in index['codecs'].values()])

@@ -25,13 +25,11 @@ class CodecTrainConfig:
     lr: float = 2e-3                 # AdamW learning rate
     weight_decay: float = 0.0        # AdamW weight decay
     grad_clip: float | None = 1.0    # clip the gradient norm to this (None: no clipping)
-    patience: int | None = 5         # stop after this many epochs without a better validation loss (None: never)
+    patience: int | None = 5  # stop after this many epochs without a better validation loss (None: never)
     seed: int = 0                    # seeds the shuffling and the parameter updates
     progress: bool = True            # show a progress bar
-
 class NonFiniteLossError(RuntimeError):
     "Training produced a NaN or infinite loss."
-
 @dataclass
 class CodecTrainResult:
     "What `train_codec` returns."
@@ -46,6 +44,7 @@ def _minibatches(data: BaseModality, batch_size: int, generator: torch.Generator
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for i in range(0, n, batch_size): yield data.select(order[i:i + batch_size])
 
+# %% ../nbs/07_codec_training.ipynb #s003
 @torch.no_grad()
 def evaluate_codec(codec: Codec, data: BaseModality, batch_size: int = 256) -> dict:
     "Mean loss parts over `data` in eval mode, and codebook usage of its tokens."
@@ -66,32 +65,37 @@ def evaluate_codec(codec: Codec, data: BaseModality, batch_size: int = 256) -> d
 # %% ../nbs/07_codec_training.ipynb #c007
 def train_codec(codec: Codec,                          # the codec to train (modified in place)
                 train: BaseModality,                   # training data, one batch holding all samples
-                val: BaseModality | None = None,       # validation data (early stopping and the kept weights use it)
+                # validation data (early stopping and the kept weights use it)
+                val: BaseModality | None = None,
                 config: CodecTrainConfig | None = None,  # settings (defaults: CodecTrainConfig())
                 save_to: str | Path | None = None,     # save the trained codec here (path without suffix)
                 ) -> CodecTrainResult:
-    "Fit the codec's data statistics on `train`, train it with early stopping on `val`, keep the best weights."
+    """Fit the codec's data statistics on `train`, train it with early stopping on `val`, keep the best
+    weights."""
     cfg = config or CodecTrainConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if hasattr(codec, 'prepare'): codec.prepare(train)
     watch = val if val is not None else train
     rows = [{'epoch': 0, **{f'train_{k}': v for k, v in evaluate_codec(codec, train).items()},
-             **({f'val_{k}': v for k, v in evaluate_codec(codec, val).items()} if val is not None else {}), 'seconds': 0.0}]
+             **({f'val_{k}': v for k, v in evaluate_codec(codec, val).items()} if val is not None else {}),
+             'seconds': 0.0}]
     key = 'val_loss' if val is not None else 'train_loss'
     best = (rows[0][key], 0, copy.deepcopy(codec.state_dict()))
     params = [p for p in codec.parameters() if p.requires_grad]
     if params and cfg.epochs > 0:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = math.ceil(train.batch_size / cfg.batch_size)
-        bar = progress(total=cfg.epochs * steps, desc=f"training {type(codec).__name__}", enable=cfg.progress, leave=False)
+        bar = progress(total=cfg.epochs * steps, desc=f"training {type(codec).__name__}", enable=cfg.progress,
+                       leave=False)
         for epoch in range(1, cfg.epochs + 1):
             codec.train(); t0 = time.time()
             for step, mb in enumerate(_minibatches(train, cfg.batch_size, gen)):
                 loss, logs = codec.loss(mb)
                 if not torch.isfinite(loss):
                     bar.close()
-                    raise NonFiniteLossError(f"{type(codec).__name__}: non-finite loss {float(loss)} at epoch {epoch}, step {step}")
+                    raise NonFiniteLossError(f"{type(codec).__name__}: non-finite loss {float(loss)} at "
+                                             f"epoch {epoch}, step {step}")
                 opt.zero_grad(set_to_none=True); loss.backward()
                 if cfg.grad_clip: torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step(); bar.update(1); bar.set_postfix(loss=f"{logs['loss']:.4f}", epoch=epoch)

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DataError', 'resolve_in_root', 'Loader', 'NpyLoader', 'FitsLoader', 'TableLoader', 'ArrayRowLoader', 'Source',
-           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate', 'MultiTableDataset',
-           'MultiSurveyDataset']
+           'read_manifest', 'validate_samples', 'Sample', 'MultiSourceDataset', 'Batch', 'collate',
+           'multi_table_dataset', 'multi_survey_dataset']
 
 # %% ../nbs/04_data.ipynb #c002
 import json, math, warnings
@@ -31,13 +31,16 @@ class DataError(ValueError):
 # %% ../nbs/04_data.ipynb #c008
 def resolve_in_root(data_root: Path, value, sample_id, source) -> Path:
     "The file `value` (relative to `data_root`), refusing paths that leave the root or do not exist."
-    if not isinstance(value, str) or not value: raise DataError(sample_id, source, f"expected a relative file path, got {value!r}")
+    if not isinstance(value, str) or not value:
+        raise DataError(sample_id, source, f"expected a relative file path, got {value!r}")
     root = Path(data_root).resolve()
     path = (root / value).resolve()
-    if not path.is_relative_to(root): raise DataError(sample_id, source, f"path {value!r} is outside data_root {str(root)!r}")
+    if not path.is_relative_to(root):
+        raise DataError(sample_id, source, f"path {value!r} is outside data_root {str(root)!r}")
     if not path.is_file(): raise DataError(sample_id, source, f"missing file {value!r} (looked for {path})")
     return path
 
+# %% ../nbs/04_data.ipynb #s001
 class Loader:
     "Base loader: `bind` to a data root, `check` a manifest value, `load` it as a batch-of-one modality."
     modality: type[BaseModality] = None
@@ -47,15 +50,19 @@ class Loader:
     def check(self, value, sample_id, source) -> None: pass
     def load(self, value, sample_id, source) -> BaseModality: raise NotImplementedError
 
+# %% ../nbs/04_data.ipynb #s002
 def _as_float_tensor(arr, sample_id, source, allow_nan: bool) -> Tensor:
     arr = np.asarray(arr)
-    if not np.issubdtype(arr.dtype, np.number): raise DataError(sample_id, source, f"array of non-numeric dtype {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataError(sample_id, source, f"array of non-numeric dtype {arr.dtype}")
     t = torch.from_numpy(np.array(arr, dtype=np.float32))
     if not allow_nan and not torch.isfinite(t).all():
         raise DataError(sample_id, source, f"{int((~torch.isfinite(t)).sum())} NaN or infinite value(s)")
-    if allow_nan and torch.isinf(t).any(): raise DataError(sample_id, source, f"{int(torch.isinf(t).sum())} infinite value(s)")
+    if allow_nan and torch.isinf(t).any():
+        raise DataError(sample_id, source, f"{int(torch.isinf(t).sum())} infinite value(s)")
     return t
 
+# %% ../nbs/04_data.ipynb #s003
 def _build(modality, sample_id, source, **kwargs) -> BaseModality:
     try: return modality(**kwargs)
     except TypeError as e: raise DataError(sample_id, source, str(e)) from None
@@ -79,6 +86,7 @@ class NpyLoader(Loader):
         return _build(self.modality, sample_id, source, **{self.field: t}, **self.fixed,
                       metadata={'id': sample_id, 'file': value, **metadata})
 
+# %% ../nbs/04_data.ipynb #s004
 class FitsLoader(NpyLoader):
     "Load the image of a FITS file (and its header, into `metadata['header']`) into one field."
     def __init__(self, field: str = 'flux', hdu: int = 0, allow_nan: bool = True, **fixed):
@@ -98,31 +106,40 @@ class TableLoader(Loader):
         self.file, self.rename = file, dict(columns or {})
     def bind(self, data_root, modality):
         super().bind(data_root, modality)
-        if not issubclass(modality, TableModality): raise TypeError(f"TableLoader needs a TableModality, got {modality.__name__}")
+        if not issubclass(modality, TableModality):
+            raise TypeError(f"TableLoader needs a TableModality, got {modality.__name__}")
         path = resolve_in_root(self.data_root, self.file, '<table>', self.file)
         df = pd.read_csv(path)
         cols = [self.rename.get(c, c) for c in modality.columns]
         missing = [c for c in cols if c not in df.columns]
-        if missing: raise DataError('<table>', self.file, f"missing declared column(s) {missing}; the table has {list(df.columns)}")
+        if missing: raise DataError('<table>', self.file,
+                                    f"missing declared column(s) {missing}; the table has {list(df.columns)}")
         self._raw = df[cols]
         self.values = df[cols].apply(pd.to_numeric, errors='coerce').to_numpy(dtype=np.float32)
         return self
     def __len__(self): return len(self.values)
-    def check(self, value, sample_id, source):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise DataError(sample_id, source, f"row index must be an integer, got {value!r}")
-        if not 0 <= value < len(self): raise DataError(sample_id, source, f"row {value} out of range: {self.file} has {len(self)} rows")
-    def load(self, value, sample_id, source):
-        self.check(value, sample_id, source)
-        row = self.values[value]
-        bad = ~np.isfinite(row)
-        if bad.any():
-            col = self.modality.columns[int(bad.argmax())]
-            raw = self._raw.iloc[value, int(bad.argmax())]
-            what = 'missing (NaN) cell' if pd.isna(raw) else f"non-numeric cell {raw!r}"
-            raise DataError(sample_id, source, f"{what} in column {col!r} of {self.file} row {value}")
-        t = torch.from_numpy(row.copy())[None]
-        return self.modality.from_matrix(t, metadata={'id': sample_id})
+
+# %% ../nbs/04_data.ipynb #s019
+@patch
+def check(self: TableLoader, value, sample_id, source):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DataError(sample_id, source, f"row index must be an integer, got {value!r}")
+    if not 0 <= value < len(self):
+        raise DataError(sample_id, source, f"row {value} out of range: {self.file} has {len(self)} rows")
+
+# %% ../nbs/04_data.ipynb #s020
+@patch
+def load(self: TableLoader, value, sample_id, source):
+    self.check(value, sample_id, source)
+    row = self.values[value]
+    bad = ~np.isfinite(row)
+    if bad.any():
+        col = self.modality.columns[int(bad.argmax())]
+        raw = self._raw.iloc[value, int(bad.argmax())]
+        what = 'missing (NaN) cell' if pd.isna(raw) else f"non-numeric cell {raw!r}"
+        raise DataError(sample_id, source, f"{what} in column {col!r} of {self.file} row {value}")
+    t = torch.from_numpy(row.copy())[None]
+    return self.modality.from_matrix(t, metadata={'id': sample_id})
 
 # %% ../nbs/04_data.ipynb #c014
 class ArrayRowLoader(Loader):
@@ -142,7 +159,8 @@ class ArrayRowLoader(Loader):
         self.check(value, sample_id, source)
         if self._arr is None: self._arr = np.load(self.path, mmap_mode='r')
         t = _as_float_tensor(self._arr[value], sample_id, source, self.allow_nan)[None]
-        return _build(self.modality, sample_id, source, **{self.field: t}, **self.fixed, metadata={'id': sample_id})
+        return _build(self.modality, sample_id, source, **{self.field: t}, **self.fixed,
+                      metadata={'id': sample_id})
 
 # %% ../nbs/04_data.ipynb #c016
 @dataclass
@@ -155,12 +173,14 @@ class Source:
     def __post_init__(self):
         if self.name is None: self.name = self.key[:-4] if self.key.endswith('_row') else self.key
 
+# %% ../nbs/04_data.ipynb #s005
 def read_manifest(path: str | Path) -> list[dict]:
     "The `samples` list of a manifest file, with clear errors for invalid JSON or structure."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"manifest {path} does not exist")
     try: data = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise DataError('<manifest>', str(path), f"not valid JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError('<manifest>', str(path), f"not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get('samples'), list):
         raise DataError('<manifest>', str(path), 'expected an object {"samples": [...]}')
     return data['samples']
@@ -168,15 +188,19 @@ def read_manifest(path: str | Path) -> list[dict]:
 # %% ../nbs/04_data.ipynb #c017
 def validate_samples(samples: list, sources: Sequence[Source], extra_keys: Sequence[str] = ('split',),
                      on_error: str = 'raise') -> tuple[list[dict], list[DataError]]:
-    "Check every sample against the declared sources; returns (good samples, problems). Raises unless `on_error='skip'`."
-    if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    """Check every sample against the declared sources; returns (good samples, problems). Raises unless
+    `on_error='skip'`."""
+    if on_error not in ('raise', 'skip'):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     by_key = {s.key: s for s in sources}
     good, problems, seen = [], [], set()
     for i, s in enumerate(samples):
         try:
-            if not isinstance(s, dict): raise DataError(f'<sample #{i}>', 'id', f"a sample must be an object, got {type(s).__name__}")
+            if not isinstance(s, dict):
+                raise DataError(f'<sample #{i}>', 'id', f"a sample must be an object, got {type(s).__name__}")
             sid = s.get('id')
-            if not isinstance(sid, str) or not sid: raise DataError(f'<sample #{i}>', 'id', f"missing or empty id (got {sid!r})")
+            if not isinstance(sid, str) or not sid:
+                raise DataError(f'<sample #{i}>', 'id', f"missing or empty id (got {sid!r})")
             if sid in seen: raise DataError(sid, 'id', 'duplicate id')
             seen.add(sid)
             for k, v in s.items():
@@ -196,10 +220,11 @@ class Sample:
     id: str
     mods: dict[str, BaseModality]
 
+# %% ../nbs/04_data.ipynb #s006
 class MultiSourceDataset(Dataset):
     "Any mix of sources, declared as `Source`s, read through a validated manifest."
     def __init__(self, data_root: str | Path,            # every path is confined to this folder
-                 manifest: str | Path | list,           # manifest path (relative to data_root or absolute) or samples
+                 manifest: str | Path | list,  # manifest path (relative to data_root or absolute) or samples
                  sources: Sequence[Source],             # what the manifest keys mean
                  split: str | None = None,              # keep only samples whose `split` equals this
                  extra_keys: Sequence[str] = ('split',),  # manifest keys that are not sources
@@ -209,56 +234,74 @@ class MultiSourceDataset(Dataset):
         names = [s.name for s in sources]
         if len(set(names)) != len(names): raise ValueError(f"duplicate source names {names}")
         mods = [s.modality for s in sources]
-        if len(set(mods)) != len(mods): raise ValueError(f"two sources produce the same modality: {[m.__name__ for m in mods]}")
+        if len(set(mods)) != len(mods):
+            raise ValueError(f"two sources produce the same modality: {[m.__name__ for m in mods]}")
         self.sources = list(sources)
         for s in self.sources: s.loader.bind(self.data_root, s.modality)
         if isinstance(manifest, (str, Path)):
-            p = Path(manifest); samples = read_manifest(p if p.is_absolute() or p.exists() else self.data_root / p)
+            p = Path(manifest)
+            samples = read_manifest(p if p.is_absolute() or p.exists() else self.data_root / p)
         else: samples = list(manifest)
         samples, self.skipped = validate_samples(samples, self.sources, extra_keys, on_error)
         if self.skipped:
-            warnings.warn(f"skipped {len(self.skipped)} bad sample(s); see dataset.skipped. First: {self.skipped[0]}")
+            warnings.warn(f"skipped {len(self.skipped)} bad sample(s); see dataset.skipped. First: "
+                          f"{self.skipped[0]}")
         if split is not None: samples = [s for s in samples if s.get('split') == split]
         if drop_empty: samples = [s for s in samples if any(src.key in s for src in self.sources)]
         self.samples = samples
 
     def __len__(self): return len(self.samples)
-    @property
-    def names(self) -> list[str]: return [s.name for s in self.sources]
-    @property
-    def ids(self) -> list[str]: return [s['id'] for s in self.samples]
 
-    def __getitem__(self, i: int) -> Sample:
-        s = self.samples[i]
-        return Sample(s['id'], {src.name: src.loader.load(s[src.key], s['id'], src.key)
-                                for src in self.sources if src.key in s})
+# %% ../nbs/04_data.ipynb #s014
+@patch(as_prop=True)
+def names(self: MultiSourceDataset) -> list[str]: return [s.name for s in self.sources]
 
-    def presence(self) -> pd.DataFrame:
-        "Which sources each sample has (a boolean table indexed by id)."
-        return pd.DataFrame({src.name: [src.key in s for s in self.samples] for src in self.sources},
-                            index=pd.Index(self.ids, name='id'))
+# %% ../nbs/04_data.ipynb #s015
+@patch(as_prop=True)
+def ids(self: MultiSourceDataset) -> list[str]: return [s['id'] for s in self.samples]
 
-    def collate(self, samples: list[Sample]) -> 'Batch':
-        "Collate with this dataset's source names (absent everywhere still gets a `present` mask)."
-        return collate(samples, names={s.name: s.modality for s in self.sources})
+# %% ../nbs/04_data.ipynb #s016
+@patch
+def __getitem__(self: MultiSourceDataset, i: int) -> Sample:
+    s = self.samples[i]
+    return Sample(s['id'], {src.name: src.loader.load(s[src.key], s['id'], src.key)
+                            for src in self.sources if src.key in s})
+
+# %% ../nbs/04_data.ipynb #s017
+@patch
+def presence(self: MultiSourceDataset) -> pd.DataFrame:
+    "Which sources each sample has (a boolean table indexed by id)."
+    return pd.DataFrame({src.name: [src.key in s for s in self.samples] for src in self.sources},
+                        index=pd.Index(self.ids, name='id'))
+
+# %% ../nbs/04_data.ipynb #s018
+@patch
+def collate(self: MultiSourceDataset, samples: list[Sample]) -> 'Batch':
+    "Collate with this dataset's source names (absent everywhere still gets a `present` mask)."
+    return collate(samples, names={s.name: s.modality for s in self.sources})
 
 # %% ../nbs/04_data.ipynb #c021
 @dataclass
 class Batch:
-    "A collated batch: ids, present modalities (rows of present samples only, in batch order), presence masks."
+    """A collated batch: ids, present modalities (rows of present samples only, in batch order), presence
+    masks."""
     ids: list[str]
     mods: dict[str, BaseModality]
     present: dict[str, Tensor]
-    types: dict[str, type] = field(default_factory=dict)  # modality class per source, also for sources absent from the batch
+    # modality class per source, also for sources absent from the batch
+    types: dict[str, type] = field(default_factory=dict)
     def __len__(self): return len(self.ids)
     def rows(self, name: str) -> Tensor:
         "Batch rows (indices) of the samples that have source `name`, in the order of `mods[name]`."
         return self.present[name].nonzero().flatten()
     def to(self, device) -> 'Batch':
-        return Batch(self.ids, {k: m.to(device) for k, m in self.mods.items()}, {k: p.to(device) for k, p in self.present.items()}, self.types)
+        return Batch(self.ids, {k: m.to(device) for k, m in self.mods.items()},
+                     {k: p.to(device) for k, p in self.present.items()}, self.types)
 
+# %% ../nbs/04_data.ipynb #s007
 def collate(samples: Sequence[Sample],          # samples from a MultiSourceDataset
-            names: Sequence[str] | dict[str, type] | None = None,  # every source name (or name → modality class) of the dataset; default: those seen
+            # every source name (or name → modality class) of the dataset; default: those seen
+            names: Sequence[str] | dict[str, type] | None = None,
             ) -> Batch:
     "Collate samples into a `Batch` whose row b is sample b for every source; absence is explicit."
     if len(samples) == 0: raise ValueError("collate needs at least one sample")
@@ -278,24 +321,27 @@ def collate(samples: Sequence[Sample],          # samples from a MultiSourceData
 # %% ../nbs/04_data.ipynb #c027b
 @patch
 def select(self: Batch, rows) -> Batch:
-    "The samples at `rows` (batch rows, in this order), with every modality and presence flag restricted to them."
+    """The samples at `rows` (batch rows, in this order), with every modality and presence flag restricted
+    to them."""
     idx = torch.as_tensor(np.asarray(rows), dtype=torch.long).reshape(-1)
     if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
         raise IndexError(f"rows {idx.tolist()} out of range for a batch of {len(self)}")
     mods = {}
     for name, present in self.present.items():
         if name not in self.mods: continue
-        position = present.long().cumsum(0) - 1                  # row of each present sample within mods[name]
+        position = present.long().cumsum(0) - 1  # row of each present sample within mods[name]
         keep = idx[present[idx]]
         if len(keep): mods[name] = self.mods[name].select(position[keep])
-    return Batch([self.ids[i] for i in idx.tolist()], mods, {n: p[idx] for n, p in self.present.items()}, dict(self.types))
+    return Batch([self.ids[i] for i in idx.tolist()], mods, {n: p[idx] for n, p in self.present.items()},
+                 dict(self.types))
 
 # %% ../nbs/04_data.ipynb #c027e
 @patch
 def stack(self: MultiSourceDataset, name: str,  # the source's name (as in batches)
           limit: int | None = None,             # at most this many samples (the first that have it)
           ) -> tuple[BaseModality, list[str]]:
-    "Every sample's modality of source `name` concatenated into one batch, and their ids (samples without it left out)."
+    """Every sample's modality of source `name` concatenated into one batch, and their ids (samples without
+    it left out)."""
     src = {s.name: s for s in self.sources}.get(name)
     if src is None: raise KeyError(f"unknown source {name!r}; the dataset has {self.names}")
     rows = [s for s in self.samples if src.key in s][:limit]
@@ -303,33 +349,39 @@ def stack(self: MultiSourceDataset, name: str,  # the source's name (as in batch
     return concat([src.loader.load(s[src.key], s['id'], src.key) for s in rows]), [s['id'] for s in rows]
 
 # %% ../nbs/04_data.ipynb #c039
-def MultiTableDataset(data_root: str | Path,                        # folder holding the tables
-                      manifest: str | Path | list,                  # manifest (path or samples)
-                      tables: dict[str, tuple[type, str]],          # manifest key → (TableModality class, CSV file)
-                      extra_sources: Sequence[Source] = (),         # other sources (e.g. an ECG series)
-                      **kwargs) -> MultiSourceDataset:              # passed on (split, on_error, extra_keys)
-    "The guide's `MultiTableDataset`: several tables, each its own modality, rows referenced from the manifest."
+def multi_table_dataset(data_root: str | Path,                        # folder holding the tables
+                        manifest: str | Path | list,                  # manifest (path or samples)
+                        tables: dict[str, tuple[type, str]],  # manifest key → (TableModality class, CSV file)
+                        extra_sources: Sequence[Source] = (),         # other sources (e.g. an ECG series)
+                        **kwargs) -> MultiSourceDataset:  # passed on (split, on_error, extra_keys)
+    "A dataset of several tables, each its own modality, rows referenced from the manifest."
     sources = [Source(key, mod, TableLoader(file)) for key, (mod, file) in tables.items()]
     return MultiSourceDataset(data_root, manifest, sources + list(extra_sources), **kwargs)
 
-def MultiSurveyDataset(data_root: str | Path,                       # folder holding the cutouts
-                       manifest: str | Path | list,                 # manifest (path or samples)
-                       surveys: dict[str, type | tuple[type, Loader]],  # manifest key → image modality (or (modality, loader))
-                       extra_sources: Sequence[Source] = (),        # other sources (catalog rows, redshift)
-                       **kwargs) -> MultiSourceDataset:
-    "The guide's `MultiSurveyDataset`: several surveys' cutouts, each its own modality; FITS or `.npy` by suffix."
+# %% ../nbs/04_data.ipynb #s009
+class _SuffixImageLoader(Loader):
+    """A FITS loader for `.fits`/`.fits.gz`, an `.npy` loader otherwise (both keep NaN pixels, into the
+    `flux` field)."""
+    def bind(self, data_root, modality):
+        super().bind(data_root, modality)
+        self.fits = FitsLoader('flux').bind(data_root, modality)
+        self.npy = NpyLoader('flux', allow_nan=True).bind(data_root, modality)
+        return self
+    def _pick(self, value):
+        return self.fits if str(value).endswith(('.fits', '.fits.gz', '.fit')) else self.npy
+    def check(self, value, sample_id, source): self._pick(value).check(value, sample_id, source)
+    def load(self, value, sample_id, source): return self._pick(value).load(value, sample_id, source)
+
+# %% ../nbs/04_data.ipynb #s008
+def multi_survey_dataset(data_root: str | Path,                       # folder holding the cutouts
+                         manifest: str | Path | list,                 # manifest (path or samples)
+                         # manifest key → image modality (or (modality, loader))
+                         surveys: dict[str, type | tuple[type, Loader]],
+                         extra_sources: Sequence[Source] = (),        # other sources (catalog rows, redshift)
+                         **kwargs) -> MultiSourceDataset:
+    "A dataset of several surveys' cutouts, each its own modality; FITS or `.npy` by suffix."
     sources = []
     for key, spec in surveys.items():
         mod, loader = spec if isinstance(spec, tuple) else (spec, None)
         sources.append(Source(key, mod, loader or _SuffixImageLoader()))
     return MultiSourceDataset(data_root, manifest, sources + list(extra_sources), **kwargs)
-
-class _SuffixImageLoader(Loader):
-    "A FITS loader for `.fits`/`.fits.gz`, an `.npy` loader otherwise (both keep NaN pixels, into the `flux` field)."
-    def bind(self, data_root, modality):
-        super().bind(data_root, modality)
-        self.fits, self.npy = FitsLoader('flux').bind(data_root, modality), NpyLoader('flux', allow_nan=True).bind(data_root, modality)
-        return self
-    def _pick(self, value): return self.fits if str(value).endswith(('.fits', '.fits.gz', '.fit')) else self.npy
-    def check(self, value, sample_id, source): self._pick(value).check(value, sample_id, source)
-    def load(self, value, sample_id, source): return self._pick(value).load(value, sample_id, source)

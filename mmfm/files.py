@@ -27,9 +27,10 @@ def _fsync_dir(folder: Path) -> None:
 # %% ../nbs/01a_files.ipynb #f006
 def atomic_write(path: str | Path,            # the file to create or replace
                  write: Callable[[str], Any],  # called with a temporary path; writes the whole file there
-                 durable: bool = True,         # fsync file and folder; False for many small files committed later
+                 durable: bool = True,  # fsync file and folder; False for many small files committed later
                  ) -> Path:
-    "Write `path` through `write(tmp)`, fsync, rename and fsync the folder: readers see the old file or the new one."
+    """Write `path` through `write(tmp)`, fsync, rename and fsync the folder: readers see the old file or
+    the new one."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     umask = os.umask(0); os.umask(umask)
@@ -50,18 +51,20 @@ def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
     "Write `data` to `path` atomically (see `atomic_write` for `durable`)."
     return atomic_write(path, lambda p: Path(p).write_bytes(data), durable)
 
+# %% ../nbs/01a_files.ipynb #s001
 def write_json(path: str | Path, obj) -> Path:
     "Write `obj` as indented JSON (plus a newline) to `path`, atomically."
     return write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 # %% ../nbs/01a_files.ipynb #f011
 class FileFormatError(ValueError):
-    "A file that exists but cannot be trusted: not the expected format, truncated, or changed since it was written."
-
+    """A file that exists but cannot be trusted: not the expected format, truncated, or changed since it
+    was written."""
 def read_json(path: str | Path,  # the JSON file
               what: str = "JSON file",  # what the file is, for the error message
               ) -> Any:
-    "The parsed JSON at `path`; a missing file raises `FileNotFoundError`, invalid JSON `FileFormatError`, naming it."
+    """The parsed JSON at `path`; a missing file raises `FileNotFoundError`, invalid JSON
+    `FileFormatError`, naming it."""
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{what} {path} does not exist")
     try: return json.loads(path.read_text())
@@ -78,7 +81,8 @@ def sha256_file(path: str | Path) -> str:
 
 # %% ../nbs/01a_files.ipynb #f015
 def tensors_digest(tensors: Mapping[str, Tensor],       # the tensors of a file
-                   metadata: Mapping[str, str] | None = None,  # its string metadata (the digest's own key left out)
+                   # its string metadata (the digest's own key left out)
+                   metadata: Mapping[str, str] | None = None,
                    ) -> str:
     "Hex SHA-256 over the tensors (name, dtype, shape, bytes, in name order) and the metadata."
     h = hashlib.sha256()
@@ -91,7 +95,6 @@ def tensors_digest(tensors: Mapping[str, Tensor],       # the tensors of a file
 
 # %% ../nbs/01a_files.ipynb #f018
 DIGEST_KEY = "mmfm_sha256"
-
 def save_safetensors(path: str | Path,                          # the .safetensors file
                      tensors: Mapping[str, Tensor],             # name → tensor
                      metadata: Mapping[str, str] | None = None,  # string metadata stored in the header
@@ -112,8 +115,10 @@ def load_safetensors(path: str | Path,  # a file written by `save_safetensors` (
         with safe_open(str(path), "pt") as f: meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                              f"{e}") from None
     recorded = meta.pop(DIGEST_KEY, None)
     if recorded is not None and recorded != tensors_digest(tensors, meta):
-        raise FileFormatError(f"{path} is corrupted: its contents differ from the checksum recorded when it was written")
+        raise FileFormatError(f"{path} is corrupted: its contents differ from the checksum recorded when it "
+                              "was written")
     return tensors, meta

@@ -17,7 +17,8 @@ from .tokens import check_tokens
 
 # %% ../nbs/10_masking.ipynb #c007
 class Masks(NamedTuple):
-    "Positive masks per token key: `is_input` (shown to the encoder) and `is_target` (to be predicted); disjoint."
+    """Positive masks per token key: `is_input` (shown to the encoder) and `is_target` (to be predicted);
+    disjoint."""
     is_input: dict   # {token_key: Bool[B, N_key]}
     is_target: dict  # {token_key: Bool[B, N_key]}
 
@@ -35,14 +36,17 @@ def _concat(tokens, present):
     pres = torch.cat([present[k][:, None].expand(-1, t.shape[1]) for k, t in tokens.items()], 1)
     return pres, slices
 
+# %% ../nbs/10_masking.ipynb #s001
 def _ranks(scores: Tensor) -> Tensor:
     "Rank of each entry along the last dim (0 = smallest): a uniformly random order when scores are uniform."
     return scores.argsort(-1).argsort(-1)
 
+# %% ../nbs/10_masking.ipynb #s002
 def apply_masking(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
                   mask_ratio: float = 0.3,  # fraction of each sample's present tokens to predict, in (0, 1)
                   present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B]}; None: all present
-                  generator: torch.Generator | None = None,  # source of randomness (seeded for reproducibility)
+                  # source of randomness (seeded for reproducibility)
+                  generator: torch.Generator | None = None,
                   ) -> Masks:
     "Mark `mask_ratio` of each sample's present tokens as targets and the rest as inputs."
     present = check_tokens(tokens, present)
@@ -57,7 +61,8 @@ def apply_masking(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
     scores = torch.rand(pres.shape, generator=generator, device=pres.device).masked_fill(~pres, 2.0)
     is_target = _ranks(scores) < n_target[:, None]
     is_input = pres & ~is_target
-    return Masks({k: is_input[:, s] for k, s in slices.items()}, {k: is_target[:, s] for k, s in slices.items()})
+    return Masks({k: is_input[:, s] for k, s in slices.items()},
+                 {k: is_target[:, s] for k, s in slices.items()})
 
 # %% ../nbs/10_masking.ipynb #c015
 def _log_gamma_variates(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -79,20 +84,24 @@ def _log_gamma_variates(alpha: Tensor, generator: torch.Generator | None) -> Ten
         todo = todo & ~ok
     else: raise RuntimeError("gamma sampling did not converge")  # practically impossible
     u = torch.rand(a.shape, generator=generator, dtype=torch.float64, device=a.device)
-    return torch.where(a < 1, log_g + torch.log(u) / a.clamp(min=1e-300), log_g).masked_fill(a <= 0, -math.inf)
+    out = torch.where(a < 1, log_g + torch.log(u) / a.clamp(min=1e-300), log_g)
+    return out.masked_fill(a <= 0, -math.inf)
 
+# %% ../nbs/10_masking.ipynb #s003
 def sample_dirichlet(concentration: Float[Tensor, "*batch k"],  # Dirichlet parameters; 0 excludes an entry
                      generator: torch.Generator | None = None,  # source of randomness
                      ) -> Float[Tensor, "*batch k"]:
     "Draw Dirichlet weights (float64, each row sums to 1); entries with concentration 0 get weight 0."
     if (concentration < 0).any() or not torch.isfinite(concentration).all():
         raise ValueError("Dirichlet concentrations must be finite and >= 0")
-    if (concentration.sum(-1) <= 0).any(): raise ValueError("every row needs at least one positive concentration")
+    if (concentration.sum(-1) <= 0).any():
+        raise ValueError("every row needs at least one positive concentration")
     return torch.softmax(_log_gamma_variates(concentration, generator), -1)
 
 # %% ../nbs/10_masking.ipynb #c019
 def _water_fill(weights: Tensor, capacity: Tensor, budget: Tensor) -> Tensor:
-    "Real-valued allocation: proportional to weights, capped at capacity, overflow redistributed; rows sum to budget."
+    """Real-valued allocation: proportional to weights, capped at capacity, overflow redistributed; rows
+    sum to budget."""
     cap = capacity.double()
     full = torch.zeros_like(cap, dtype=torch.bool)
     for _ in range(cap.shape[-1] + 1):
@@ -106,11 +115,14 @@ def _water_fill(weights: Tensor, capacity: Tensor, budget: Tensor) -> Tensor:
         full |= over
     return torch.where(full, cap, share)
 
-def split_budget(weights: Float[Tensor, "batch k"],  # non-negative weights per modality (e.g. Dirichlet draws)
+# %% ../nbs/10_masking.ipynb #s004
+# non-negative weights per modality (e.g. Dirichlet draws)
+def split_budget(weights: Float[Tensor, "batch k"],
                  capacity: Int[Tensor, "batch k"],  # tokens available per modality (0 where absent)
                  budget: Int[Tensor, "batch"],  # tokens to hand out per sample
                  ) -> Int[Tensor, "batch k"]:
-    "Whole token counts per modality, summing exactly to `budget`, within `capacity`, close to `weights * budget`."
+    """Whole token counts per modality, summing exactly to `budget`, within `capacity`, close to `weights *
+    budget`."""
     short = budget > capacity.sum(-1)
     if short.any():
         b = int(short.nonzero()[0])
@@ -133,15 +145,18 @@ def _budget_per_sample(budget, n_present: Tensor, what: str) -> Tensor:
     if budget < 1: raise ValueError(f"{what} must be at least 1 token, got {budget}")
     return torch.full_like(n_present, budget)
 
+# %% ../nbs/10_masking.ipynb #s005
 def _concentrations(concentration, keys, device) -> Tensor:
     if isinstance(concentration, Mapping):
         unknown = set(concentration) - set(keys)
         if unknown: raise KeyError(f"concentration given for unknown token keys {sorted(unknown)}")
         values = [float(concentration.get(k, 1.0)) for k in keys]
     else: values = [float(concentration)] * len(keys)
-    if any(not v > 0 or math.isinf(v) for v in values): raise ValueError(f"concentrations must be finite and > 0, got {values}")
+    if any(not v > 0 or math.isinf(v) for v in values):
+        raise ValueError(f"concentrations must be finite and > 0, got {values}")
     return torch.tensor(values, dtype=torch.float64, device=device)
 
+# %% ../nbs/10_masking.ipynb #s006
 _STRATEGIES = ("all-to-all", "one-to-all")
 
 # %% ../nbs/10_masking.ipynb #c023
@@ -150,23 +165,31 @@ def _input_weights(alpha: Tensor, pres: Tensor, mixture: Mapping[str, float], ge
     unknown = set(mixture) - set(_STRATEGIES)
     if unknown: raise ValueError(f"unknown masking strategies {sorted(unknown)}; choose from {_STRATEGIES}")
     probs = torch.tensor([float(mixture.get(s, 0.0)) for s in _STRATEGIES], dtype=torch.float64)
-    if (probs < 0).any() or probs.sum() <= 0: raise ValueError(f"mixture weights must be >= 0 with a positive sum: {dict(mixture)}")
+    if (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(f"mixture weights must be >= 0 with a positive sum: {dict(mixture)}")
     B, K = pres.shape
     dirichlet = sample_dirichlet(alpha * pres, generator)
     one_hot = torch.nn.functional.one_hot(
-        torch.rand(B, K, generator=generator, dtype=torch.float64, device=pres.device).masked_fill(~pres, -1).argmax(-1), K).double()
+        torch.rand(B, K, generator=generator, dtype=torch.float64, device=pres.device)
+        .masked_fill(~pres, -1).argmax(-1), K).double()
     pick = torch.rand(B, generator=generator, dtype=torch.float64, device=pres.device) * probs.sum()
     one_to_all = (pick >= probs[0]).to(pres.device)
     return torch.where(one_to_all[:, None], one_hot, dirichlet)
 
 # %% ../nbs/10_masking.ipynb #c024
 def sample_budget_masks(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
-                        input_budget: int | float,  # input tokens per sample (int), or a fraction of its present tokens
-                        target_budget: int | float,  # target tokens per sample (int), or a fraction of its present tokens
-                        present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B]}; None: all present
-                        concentration: float | Mapping[str, float] = 1.0,  # Dirichlet concentration for inputs
-                        target_concentration: float | Mapping[str, float] | None = None,  # for targets; None: same
-                        mixture: Mapping[str, float] | None = None,  # {"all-to-all": p, "one-to-all": q}; None: all-to-all
+                        # input tokens per sample (int), or a fraction of its present tokens
+                        input_budget: int | float,
+                        # target tokens per sample (int), or a fraction of its present tokens
+                        target_budget: int | float,
+                        # {token_key: Bool[B]}; None: all present
+                        present: Mapping[str, Tensor] | None = None,
+                        # Dirichlet concentration for inputs
+                        concentration: float | Mapping[str, float] = 1.0,
+                        # for targets; None: same
+                        target_concentration: float | Mapping[str, float] | None = None,
+                        # {"all-to-all": p, "one-to-all": q}; None: all-to-all
+                        mixture: Mapping[str, float] | None = None,
                         generator: torch.Generator | None = None,  # source of randomness
                         ) -> Masks:
     "4M-style masks: per sample, input and target budgets split across present modalities by Dirichlet draws."
@@ -183,10 +206,12 @@ def sample_budget_masks(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_k
     short = n_in + n_tgt > n_present
     if short.any():
         b = int(short.nonzero()[0])
-        raise ValueError(f"sample {b}: input_budget {int(n_in[b])} + target_budget {int(n_tgt[b])} tokens exceed its "
-                         f"{int(n_present[b])} present tokens (present: {[k for k in keys if present[k][b]]})")
+        raise ValueError(f"sample {b}: input_budget {int(n_in[b])} + target_budget {int(n_tgt[b])} tokens "
+                         f"exceed its {int(n_present[b])} present tokens (present: "
+                         f"{[k for k in keys if present[k][b]]})")
     alpha_in = _concentrations(concentration, keys, pres.device)
-    alpha_tgt = _concentrations(concentration if target_concentration is None else target_concentration, keys, pres.device)
+    alpha_tgt = _concentrations(concentration if target_concentration is None else target_concentration, keys,
+                                pres.device)
     w_in = _input_weights(alpha_in, pres, mixture or {"all-to-all": 1.0}, generator)
     in_k = split_budget(w_in, capacity, n_in)
     tgt_k = split_budget(sample_dirichlet(alpha_tgt * pres, generator), capacity - in_k, n_tgt)
@@ -201,12 +226,15 @@ def sample_budget_masks(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_k
 @dataclass
 class MaskingConfig:
     "How to choose input and target tokens during training; call it on `(tokens, present, generator)`."
-    input_budget: int | float | None = 64     # input tokens per sample (int) or fraction of its present tokens (float)
-    target_budget: int | float | None = 64    # target tokens per sample (int) or fraction of its present tokens (float)
-    mask_ratio: float | None = None           # plain masking instead of budgets: fraction of present tokens to predict
+    # input tokens per sample (int) or fraction of its present tokens (float)
+    input_budget: int | float | None = 64
+    # target tokens per sample (int) or fraction of its present tokens (float)
+    target_budget: int | float | None = 64
+    mask_ratio: float | None = None  # plain masking instead of budgets: fraction of present tokens to predict
     concentration: float | dict = 1.0         # Dirichlet concentration for input shares (dict: per token key)
     target_concentration: float | dict | None = None  # for target shares; None: same as `concentration`
-    mixture: dict = field(default_factory=lambda: {"all-to-all": 1.0})  # probabilities of "all-to-all" and "one-to-all"
+    # probabilities of "all-to-all" and "one-to-all"
+    mixture: dict = field(default_factory=lambda: {"all-to-all": 1.0})
 
     def __call__(self, tokens, present=None, generator=None) -> Masks:
         if self.mask_ratio is not None: return apply_masking(tokens, self.mask_ratio, present, generator)
@@ -219,30 +247,35 @@ class MaskingConfig:
 @dataclass
 class ModalityMixMasking:
     "Per sample: random-ratio masking, leave-one-modality-out, or one-modality-in (probabilities below)."
-    p_random: float = 0.5           # random masking of a ratio in [min_ratio, max_ratio] of the present tokens
+    p_random: float = 0.5  # random masking of a ratio in [min_ratio, max_ratio] of the present tokens
     p_leave_one_out: float = 0.3    # one present modality is all target, every other present token an input
     p_one_in: float = 0.2           # one present modality is all input, every other present token a target
     min_ratio: float = 0.15         # smallest target ratio of random masking
     max_ratio: float = 0.85         # largest target ratio of random masking
-    input_only: tuple = ()          # token keys that are never targets (their tokens are inputs where present)
+    input_only: tuple = ()  # token keys that are never targets (their tokens are inputs where present)
 
     def __call__(self, tokens, present=None, generator=None) -> Masks:
         present = check_tokens(tokens, present)
         keys = list(tokens); B = next(iter(tokens.values())).shape[0]
         probs = torch.tensor([self.p_random, self.p_leave_one_out, self.p_one_in], dtype=torch.float64)
-        if (probs < 0).any() or probs.sum() <= 0: raise ValueError(f"masking probabilities must be >= 0 with a positive sum: {probs.tolist()}")
+        if (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError(f"masking probabilities must be >= 0 with a positive sum: {probs.tolist()}")
         unknown = set(self.input_only) - set(keys)
-        if unknown: raise KeyError(f"input_only names token keys {sorted(unknown)} that the tokens do not have ({keys})")
+        if unknown: raise KeyError(f"input_only names token keys {sorted(unknown)} that the tokens do not "
+                                   f"have ({keys})")
         is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
         is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
         for b in range(B):
             have = [k for k in keys if bool(present[k][b])]
             can_target = [k for k in have if k not in self.input_only]
             u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(probs.sum())
-            strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else (1 if u < probs[:2].sum() else 2)
+            strategy = (0 if (u < probs[0] or len(have) < 2 or not can_target)
+                        else 1 if u < probs[:2].sum() else 2)
             if strategy == 0:
-                ratio = self.min_ratio + (self.max_ratio - self.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
-                m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
+                draw = float(torch.rand((), generator=generator, dtype=torch.float64))
+                ratio = self.min_ratio + (self.max_ratio - self.min_ratio) * draw
+                m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio,
+                                  {k: present[k][b:b + 1] for k in keys}, generator)
                 for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
             else:
                 pool = can_target if strategy == 1 else have

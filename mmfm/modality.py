@@ -21,44 +21,51 @@ from fastcore.basics import patch
 # %% ../nbs/00_modality.ipynb #c006
 class ModalityError(TypeError):
     "A modality field has the wrong shape, dtype or type, or modalities cannot be combined."
-
 class UnknownModalityError(LookupError):
     "No modality is registered under this name or token key."
-
 class DuplicateTokenKeyError(ValueError):
     "Two different modality classes claim the same token key."
 
 # %% ../nbs/00_modality.ipynb #c008
 _BY_NAME: dict[str, type] = {}
 _BY_KEY: dict[str, type] = {}
-
 def _origin(cls) -> str: return f"{cls.__module__}.{cls.__qualname__}"
 
+# %% ../nbs/00_modality.ipynb #s004
 def _register(cls: type):
-    "Register a modality class by name and token key (called when a class with its own `token_key` is defined)."
+    """Register a modality class by name and token key (called when a class with its own `token_key` is
+    defined)."""
     key = cls.__dict__['token_key']
-    if not isinstance(key, str) or not key: raise TypeError(f"{cls.__qualname__}.token_key must be a non-empty string, got {key!r}")
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"{cls.__qualname__}.token_key must be a non-empty string, got {key!r}")
     other = _BY_KEY.get(key)
     if other is not None and other.__name__ != cls.__name__:
-        raise DuplicateTokenKeyError(f"token_key {key!r} of {_origin(cls)} is already used by {_origin(other)}; "
+        raise DuplicateTokenKeyError(f"token_key {key!r} of {_origin(cls)} is already used by "
+                                     f"{_origin(other)}; "
                                      "each modality needs its own token key")
     old = _BY_NAME.get(cls.__name__)
     if old is not None and cls.__module__ == '__main__' and old.__module__ != '__main__':
-        return   # a notebook re-running the cell that its library module exports: the importable class stays registered
-    if old is not None and _BY_KEY.get(old.token_key) is old: del _BY_KEY[old.token_key]   # a redefinition replaces
+        # a notebook re-running the cell that its library module exports: the importable class stays registered
+        return
+    if old is not None and _BY_KEY.get(old.token_key) is old:
+        del _BY_KEY[old.token_key]   # a redefinition replaces
     _BY_NAME[cls.__name__], _BY_KEY[key] = cls, cls
 
 # %% ../nbs/00_modality.ipynb #c009
 def modality_type(name: str) -> type:
     "The registered modality class called `name`."
     try: return _BY_NAME[name]
-    except KeyError: raise UnknownModalityError(f"unknown modality type {name!r}; registered: {sorted(_BY_NAME)}") from None
+    except KeyError: raise UnknownModalityError(f"unknown modality type {name!r}; registered: "
+                                                f"{sorted(_BY_NAME)}") from None
 
+# %% ../nbs/00_modality.ipynb #s005
 def modality_for_token_key(token_key: str) -> type:
     "The registered modality class whose tokens are stored under `token_key`."
     try: return _BY_KEY[token_key]
-    except KeyError: raise UnknownModalityError(f"unknown token key {token_key!r}; registered: {sorted(_BY_KEY)}") from None
+    except KeyError: raise UnknownModalityError(f"unknown token key {token_key!r}; registered: "
+                                                f"{sorted(_BY_KEY)}") from None
 
+# %% ../nbs/00_modality.ipynb #s006
 def registered_modalities() -> dict[str, type]:
     "All registered modality classes, by token key."
     return dict(_BY_KEY)
@@ -71,12 +78,16 @@ def _array_hint(hint):
         if isinstance(arg, type) and issubclass(arg, jaxtyping.AbstractArray): return arg
     return None
 
+# %% ../nbs/00_modality.ipynb #s007
 def _describe(value) -> str:
-    if isinstance(value, Tensor): return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__} {value!r:.80}"
 
+# %% ../nbs/00_modality.ipynb #s008
 def _named_dims(hint) -> list[str]: return hint.dim_str.split()
 
+# %% ../nbs/00_modality.ipynb #s009
 @jaxtyped(typechecker=None)
 def _check_fields(m) -> None:
     "Check every field of modality `m` against its annotation; raise `ModalityError` naming the field."
@@ -90,8 +101,8 @@ def _check_fields(m) -> None:
         if value is None and type(None) in typing.get_args(hint): continue
         if not isinstance(value, Tensor) or not isinstance(value, arr):
             known = ', '.join(f"{k}={v}" for k, v in bound.items())
-            raise ModalityError(f"{cls.__name__}.{name}: expected {arr.__name__.split('[')[0]} tensor of shape "
-                                f"({', '.join(_named_dims(arr))}), got {_describe(value)}"
+            raise ModalityError(f"{cls.__name__}.{name}: expected {arr.__name__.split('[')[0]} tensor of "
+                                f"shape ({', '.join(_named_dims(arr))}), got {_describe(value)}"
                                 + (f" (already bound: {known})" if known else ''))
         for dim, size in zip(_named_dims(arr), value.shape):
             if dim.isidentifier(): bound.setdefault(dim, size)
@@ -111,7 +122,8 @@ class BaseModality:
 
     def __post_init__(self):
         _check_fields(self)
-        if self.batch_size < 1: raise ModalityError(f"{type(self).__name__}: a batch needs at least one sample, got 0")
+        if self.batch_size < 1:
+            raise ModalityError(f"{type(self).__name__}: a batch needs at least one sample, got 0")
         self.validate()
 
     def validate(self) -> None:
@@ -124,19 +136,23 @@ class BaseModality:
             cls._hints_cache = {f.name: hints[f.name] for f in fields(cls) if f.init}
         return cls._hints_cache
 
-    @classmethod
-    def tensor_fields(cls) -> tuple[str, ...]:
-        "Names of the tensor fields (their first dimension is the batch)."
-        return tuple(n for n, h in cls._field_hints().items() if _array_hint(h) is not None)
+# %% ../nbs/00_modality.ipynb #s032
+@patch
+def replace(self: BaseModality, **changes):
+    "A new instance with some fields changed, checked like any other."
+    return dataclasses.replace(self, **changes)
 
-    @property
-    def batch_size(self) -> int:
-        "Number of samples in this batch."
-        return next(getattr(self, n).shape[0] for n in self.tensor_fields() if getattr(self, n) is not None)
+# %% ../nbs/00_modality.ipynb #s033
+@patch(cls_method=True)
+def tensor_fields(cls: BaseModality) -> tuple[str, ...]:
+    "Names of the tensor fields (their first dimension is the batch)."
+    return tuple(n for n, h in cls._field_hints().items() if _array_hint(h) is not None)
 
-    def replace(self, **changes):
-        "A new instance with some fields changed, checked like any other."
-        return dataclasses.replace(self, **changes)
+# %% ../nbs/00_modality.ipynb #s034
+@patch(as_prop=True)
+def batch_size(self: BaseModality) -> int:
+    "Number of samples in this batch."
+    return next(getattr(self, n).shape[0] for n in self.tensor_fields() if getattr(self, n) is not None)
 
 # %% ../nbs/00_modality.ipynb #c023
 def _per_row_metadata(m: BaseModality) -> list:
@@ -144,12 +160,14 @@ def _per_row_metadata(m: BaseModality) -> list:
     if 'per_sample' in md: return list(md['per_sample'])
     return [md] * m.batch_size
 
+# %% ../nbs/00_modality.ipynb #s010
 def concat(mods: Sequence[BaseModality]) -> BaseModality:
     "Concatenate modalities of one type along the batch dimension."
     if len(mods) == 0: raise ValueError("concat needs at least one modality")
     cls = type(mods[0])
     for i, m in enumerate(mods):
-        if type(m) is not cls: raise ModalityError(f"concat: item {i} is a {type(m).__name__}, item 0 a {cls.__name__}")
+        if type(m) is not cls:
+            raise ModalityError(f"concat: item {i} is a {type(m).__name__}, item 0 a {cls.__name__}")
     kwargs = {}
     for f in fields(cls):
         if not f.init or f.name == 'metadata': continue
@@ -157,7 +175,9 @@ def concat(mods: Sequence[BaseModality]) -> BaseModality:
         if f.name in cls.tensor_fields(): kwargs[f.name] = torch.cat(values, dim=0)
         else:
             for i, v in enumerate(values):
-                if v != values[0]: raise ModalityError(f"concat: {cls.__name__}.{f.name} differs between item 0 ({values[0]!r}) and item {i} ({v!r})")
+                if v != values[0]:
+                    raise ModalityError(f"concat: {cls.__name__}.{f.name} differs between item 0 "
+                                        f"({values[0]!r}) and item {i} ({v!r})")
             kwargs[f.name] = values[0]
     mds = [m.metadata for m in mods]
     if all(md == mds[0] for md in mds): metadata = mds[0]
@@ -169,13 +189,16 @@ def _row_index(rows, batch_size: int, what: str) -> Tensor:
     "Rows as a LongTensor; a bool mask must have one entry per row; indices must lie in [0, batch_size)."
     idx = torch.as_tensor(rows)
     if idx.dtype == torch.bool:
-        if idx.shape != (batch_size,): raise IndexError(f"{what}: boolean row mask of shape {tuple(idx.shape)} for a batch of {batch_size}")
+        if idx.shape != (batch_size,):
+            raise IndexError(f"{what}: boolean row mask of shape {tuple(idx.shape)} for a batch of "
+                             f"{batch_size}")
         return idx.nonzero().flatten()
     idx = idx.long().reshape(-1)
     bad = idx[(idx < 0) | (idx >= batch_size)]
     if len(bad): raise IndexError(f"{what}: rows {bad.tolist()} out of range for a batch of {batch_size}")
     return idx
 
+# %% ../nbs/00_modality.ipynb #s011
 @patch
 def select(self: BaseModality, rows) -> BaseModality:
     "The rows `rows` (indices or a boolean mask) of this batch, as a new modality (batch dimension kept)."
@@ -185,6 +208,7 @@ def select(self: BaseModality, rows) -> BaseModality:
     if md and 'per_sample' in md: md = {**md, 'per_sample': [md['per_sample'][i] for i in idx.tolist()]}
     return dataclasses.replace(self, **changes, metadata=md)
 
+# %% ../nbs/00_modality.ipynb #s012
 @patch
 def to(self: BaseModality, device=None, dtype: torch.dtype | None = None) -> BaseModality:
     "Move the tensor fields to `device`; `dtype` converts floating-point fields only."
@@ -208,16 +232,21 @@ class TableModality(BaseModality):
     def from_matrix(cls, x: Float[Tensor, "batch n_columns"], **kwargs) -> "TableModality":
         "Build from a `[batch, n_columns]` matrix in declaration order."
         if x.ndim != 2 or x.shape[1] != len(cls.columns):
-            raise ModalityError(f"{cls.__name__}.from_matrix: expected shape (batch, {len(cls.columns)}) for columns {list(cls.columns)}, got {tuple(x.shape)}")
+            raise ModalityError(f"{cls.__name__}.from_matrix: expected shape (batch, {len(cls.columns)}) for "
+                                f"columns {list(cls.columns)}, got {tuple(x.shape)}")
         return cls(**{c: x[:, i:i + 1] for i, c in enumerate(cls.columns)}, **kwargs)
 
+# %% ../nbs/00_modality.ipynb #s013
 def _caller_module(depth: int = 2) -> str: return sys._getframe(depth).f_globals.get('__name__', '__main__')
 
+# %% ../nbs/00_modality.ipynb #s014
 def _make_modality(name, specs, bases, namespace, module):
     if not name.isidentifier(): raise ValueError(f"modality name {name!r} is not a Python identifier")
     for f, _ in specs:
-        if not f.isidentifier() or f in ('metadata', 'token_key', 'num_tokens'): raise ValueError(f"{name}: invalid field name {f!r}")
-    if len({f for f, _ in specs}) != len(specs): raise ValueError(f"{name}: duplicate field names in {[f for f, _ in specs]}")
+        if not f.isidentifier() or f in ('metadata', 'token_key', 'num_tokens'):
+            raise ValueError(f"{name}: invalid field name {f!r}")
+    if len({f for f, _ in specs}) != len(specs):
+        raise ValueError(f"{name}: duplicate field names in {[f for f, _ in specs]}")
     ns = {'__module__': module, '__qualname__': name, **namespace}
     return dataclasses.make_dataclass(name, specs, bases=bases, namespace=ns, frozen=True, eq=False)
 
@@ -226,7 +255,8 @@ def table_modality(name: str,                      # class name (assign the resu
                    columns: Sequence[str],          # column names, in order
                    token_key: str,                  # the token stream of this table
                    units: dict[str, str] | None = None,  # optional unit per column, for labels and docs
-                   num_tokens: int | None = None,   # tokens per sample if fixed by the modality; None lets the codec decide
+                   # tokens per sample if fixed by the modality; None lets the codec decide
+                   num_tokens: int | None = None,
                    doc: str | None = None,          # docstring of the class
                    ) -> type[TableModality]:
     "A modality class with one `Float[Tensor, 'batch 1']` field per column."
@@ -251,6 +281,7 @@ class SeriesModality(BaseModality):
         "The signal tensor, whatever its field is called."
         return getattr(self, self.signal_field)
 
+# %% ../nbs/00_modality.ipynb #s015
 def scalar_modality(name: str,                 # class name (assign the result to a variable of this name)
                     token_key: str,            # the token stream of this scalar
                     field: str = "value",      # the field name
@@ -263,7 +294,8 @@ def scalar_modality(name: str,                 # class name (assign the result t
               __doc__=doc or f"Scalar modality {field}" + (f" [{unit}]." if unit else "."))
     return _make_modality(name, specs, (TableModality,), ns, _caller_module())
 
-def series_modality(name: str,                      # class name (assign the result to a variable of this name)
+# %% ../nbs/00_modality.ipynb #s016
+def series_modality(name: str,  # class name (assign the result to a variable of this name)
                     token_key: str,                 # the token stream of this series
                     channels: int = 1,              # number of channels (leads, bands)
                     length: int | None = None,      # fixed number of samples, or None for any length
@@ -276,5 +308,6 @@ def series_modality(name: str,                      # class name (assign the res
     shape = f"batch {int(channels)} {int(length) if length else 'time'}"
     ns = dict(token_key=token_key, num_tokens=None, signal_field=field, channels=int(channels), length=length,
               sampling_rate_hz=sampling_rate_hz, unit=unit,
-              __doc__=doc or f"Time series with {channels} channel(s)" + (f" of {length} samples" if length else "") + ".")
+              __doc__=doc or f"Time series with {channels} channel(s)"
+                                 + (f" of {length} samples" if length else "") + ".")
     return _make_modality(name, [(field, Float[Tensor, shape])], (SeriesModality,), ns, _caller_module())

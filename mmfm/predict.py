@@ -21,7 +21,8 @@ from .files import save_safetensors
 
 # %% ../nbs/13_predict.ipynb #c007
 class PredictionError(ValueError):
-    "A prediction request that cannot be served: unknown targets, targets without codecs, empty input, nothing to predict from."
+    """A prediction request that cannot be served: unknown targets, targets without codecs, empty input,
+    nothing to predict from."""
 
 # %% ../nbs/13_predict.ipynb #c009
 def _target_key(t, model, role: str = "target") -> tuple[str, str]:
@@ -29,16 +30,19 @@ def _target_key(t, model, role: str = "target") -> tuple[str, str]:
     if isinstance(t, BaseModality): t = type(t)
     if isinstance(t, type) and issubclass(t, BaseModality):
         key = getattr(t, "token_key", None)
-        if not isinstance(key, str): raise PredictionError(f"{role} {t.__name__} has no token key: it is not a concrete modality")
+        if not isinstance(key, str):
+            raise PredictionError(f"{role} {t.__name__} has no token key: it is not a concrete modality")
         return key, t.__name__
     if isinstance(t, str):
         if t in model.token_keys: return t, repr(t)
         try: return modality_type(t).token_key, t
         except UnknownModalityError:
-            raise PredictionError(f"unknown {role} {t!r}: neither a token key of the model ({model.token_keys}) "
+            raise PredictionError(f"unknown {role} {t!r}: neither a token key of the model "
+                                  f"({model.token_keys}) "
                                   "nor a registered modality name") from None
     raise PredictionError(f"{role} {t!r} is neither a modality class nor a token key")
 
+# %% ../nbs/13_predict.ipynb #s001
 def resolve_targets(targets,  # modality classes, class names or token keys (one, or a sequence)
                     model,    # the MultimodalTransformer that will predict them
                     manager: CodecManager | None = None,  # codecs that will decode them; None: no codec check
@@ -52,9 +56,11 @@ def resolve_targets(targets,  # modality classes, class names or token keys (one
     for t in targets:
         key, name = _target_key(t, model, role)
         if key not in model.token_keys:
-            raise PredictionError(f"{role} {name} ({key!r}): the model was not built for it (its keys: {model.token_keys})")
+            raise PredictionError(f"{role} {name} ({key!r}): the model was not built for it (its keys: "
+                                  f"{model.token_keys})")
         if manager is not None and key not in manager.token_keys:
-            raise PredictionError(f"{role} {name} ({key!r}) has no codec in the manager (codecs for {manager.token_keys}): "
+            raise PredictionError(f"{role} {name} ({key!r}) has no codec in the manager (codecs for "
+                                  f"{manager.token_keys}): "
                                   "its tokens could not be decoded")
         if key in keys: raise PredictionError(f"{role} {name} ({key!r}) is given twice")
         keys.append(key)
@@ -84,20 +90,23 @@ def sample_logits(logits: Float[Tensor, "n vocab"],  # logits of n tokens over o
 _SCHEDULES = {"cosine": lambda r: math.cos(math.pi * r / 2),   # MaskGIT's default
              "linear": lambda r: 1.0 - r}
 
+# %% ../nbs/13_predict.ipynb #s002
 def commit_schedule(n: Int[Tensor, "batch"] | int,  # target tokens per sample
                     steps: int,                      # decoding steps
                     schedule: str = "cosine",        # "cosine" (MaskGIT) or "linear"
                     ) -> Int[Tensor, "batch steps"]:
     "Number of tokens each sample commits at each step; rows sum to `n`."
-    if schedule not in _SCHEDULES: raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(_SCHEDULES)}")
-    if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(_SCHEDULES)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     n = torch.as_tensor(n).long()
     scalar = n.dim() == 0
     n = n.reshape(-1)
     masked, out = n.clone(), []
     for t in range(1, steps + 1):
         keep = torch.floor(n.double() * _SCHEDULES[schedule](t / steps) + 1e-9).long() if t < steps else torch.zeros_like(n)
-        keep = torch.minimum(keep, (masked - 1).clamp(min=0))     # at least one token per step while any remain
+        keep = torch.minimum(keep, (masked - 1).clamp(min=0))  # at least one token per step while any remain
         out.append(masked - keep); masked = keep
     out = torch.stack(out, 1)
     return out[0] if scalar else out
@@ -107,21 +116,25 @@ class TokenPrediction(NamedTuple):
     "Tokens with the targets filled in, and how each target token was chosen."
     tokens: dict      # {token_key: Long[B, N_key]}: inputs unchanged, targets decoded
     present: dict     # {token_key: Bool[B]}: presence after prediction (targets present in every sample)
-    confidence: dict  # {target key: Float[B, N_key]}: model probability of each decoded token when committed (NaN: kept)
-    step: dict        # {target key: Long[B, N_key]}: step at which each token was committed (-1: kept, not predicted)
+    # {target key: Float[B, N_key]}: model probability of each decoded token when committed (NaN: kept)
+    confidence: dict
+    # {target key: Long[B, N_key]}: step at which each token was committed (-1: kept, not predicted)
+    step: dict
 
+# %% ../nbs/13_predict.ipynb #s003
 class DecodeStep(NamedTuple):
     "One forward pass of the decoding loop, as passed to `on_step` (for plots and tests)."
     keys: list        # target keys decoded together in this stage
     step: int         # step within the stage (0-based)
-    logits: dict      # {token_key: Float[B, N_key, V_key]}: logits at the still-masked targets (NaN elsewhere)
+    logits: dict  # {token_key: Float[B, N_key, V_key]}: logits at the still-masked targets (NaN elsewhere)
     is_input: dict    # {token_key: Bool[B, N_key]}: the inputs of this pass
     committed: dict   # {token_key: Bool[B, N_key]}: the tokens committed by this pass
 
 # %% ../nbs/13_predict.ipynb #c023
 def _decode_group(model, tokens, is_input, present, masked, steps, schedule, temperature, top_k,
                   choice_temperature, generator, confidence, committed_at, on_step):
-    "Iteratively decode the `masked` tokens of one group of keys; update `tokens`, `is_input`, `confidence`, `committed_at`."
+    """Iteratively decode the `masked` tokens of one group of keys; update `tokens`, `is_input`,
+    `confidence`, `committed_at`."""
     keys = list(masked)
     plan = commit_schedule(sum(masked[k].sum(1) for k in keys), steps, schedule)     # [B, steps]
     for t in range(steps):
@@ -131,8 +144,11 @@ def _decode_group(model, tokens, is_input, present, masked, steps, schedule, tem
         for k in keys:
             drawn[k] = torch.zeros_like(tokens[k])
             prob[k] = torch.zeros(tokens[k].shape, device=tokens[k].device)
-            if masked[k].any(): drawn[k][masked[k]], prob[k][masked[k]] = sample_logits(logits[k][masked[k]], temperature, top_k, generator)
-        score = torch.cat([torch.where(masked[k], prob[k].clamp(min=1e-30).log(), -math.inf) for k in keys], 1)
+            if masked[k].any():
+                drawn[k][masked[k]], prob[k][masked[k]] = sample_logits(
+                    logits[k][masked[k]], temperature, top_k, generator)
+        score = torch.cat([torch.where(masked[k], prob[k].clamp(min=1e-30).log(), -math.inf) for k in keys],
+                          1)
         if choice_temperature > 0:
             u = torch.rand(score.shape, generator=generator, device=score.device).clamp(1e-20, 1 - 1e-7)
             score = score + choice_temperature * (1 - (t + 1) / steps) * -torch.log(-torch.log(u))
@@ -151,12 +167,15 @@ def _chain_groups(chain, targets: list[str]) -> list[list[str]]:
     if chain is False or chain is None: return [list(targets)]
     if chain is True: return [[k] for k in targets]
     order = list(chain)
-    if sorted(order) != sorted(targets): raise PredictionError(f"chain order {order} must list each target once: {targets}")
+    if sorted(order) != sorted(targets):
+        raise PredictionError(f"chain order {order} must list each target once: {targets}")
     return [[k] for k in order]
 
+# %% ../nbs/13_predict.ipynb #s004
 def _names(rows: Tensor, ids) -> list:
     return [ids[i] if ids is not None else i for i in rows.nonzero().flatten().tolist()]
 
+# %% ../nbs/13_predict.ipynb #s005
 def predict_tokens(model,                                  # a MultimodalTransformer
                    tokens: Mapping[str, Tensor],           # {token_key: Long[B, N_key]}
                    present: Mapping[str, Tensor] | None,   # {token_key: Bool[B]}; None: all present
@@ -165,9 +184,12 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                    schedule: str = "cosine",               # how many to commit per step: "cosine" or "linear"
                    temperature: float = 0.0,               # 0: argmax; > 0: sample
                    top_k: int | None = None,               # sample among the k most likely tokens
-                   choice_temperature: float = 0.0,        # MaskGIT's annealed Gumbel noise on the confidences (0: none)
-                   chain: bool | Sequence[str] = False,    # False: targets jointly; True (or an order): one after another
-                   keep_present: bool = False,             # samples that have a target keep its tokens; False: predict all
+                   # MaskGIT's annealed Gumbel noise on the confidences (0: none)
+                   choice_temperature: float = 0.0,
+                   # False: targets jointly; True (or an order): one after another
+                   chain: bool | Sequence[str] = False,
+                   # samples that have a target keep its tokens; False: predict all
+                   keep_present: bool = False,
                    generator: torch.Generator | None = None,  # source of randomness for sampling
                    ids: Sequence[str] | None = None,       # sample ids, for error messages
                    on_step: Callable[[DecodeStep], None] | None = None,  # called after every forward pass
@@ -177,10 +199,11 @@ def predict_tokens(model,                                  # a MultimodalTransfo
     if not targets: raise PredictionError("no targets given")
     present = check_tokens(tokens, present)
     unknown = [k for k in list(tokens) + targets if k not in model.token_keys]
-    if unknown: raise PredictionError(f"keys {sorted(set(unknown))} are not ones the model was built for ({model.token_keys})")
+    if unknown: raise PredictionError(f"keys {sorted(set(unknown))} are not ones the model was built for "
+                                      f"({model.token_keys})")
     if len(set(targets)) != len(targets): raise PredictionError(f"targets {targets} name a key twice")
     groups = _chain_groups(chain, targets)
-    commit_schedule(1, steps, schedule)                                             # validates steps and schedule
+    commit_schedule(1, steps, schedule)  # validates steps and schedule
     dev = next(model.parameters()).device
     B = next(iter(tokens.values())).shape[0]
     tokens = {k: t.to(dev).long().clone() for k, t in tokens.items()}
@@ -189,16 +212,19 @@ def predict_tokens(model,                                  # a MultimodalTransfo
         if k not in tokens:
             tokens[k] = torch.zeros(B, model.num_tokens[k], dtype=torch.long, device=dev)
             present[k] = torch.zeros(B, dtype=torch.bool, device=dev)
-    predict_rows = {k: ~present[k] if keep_present else torch.ones(B, dtype=torch.bool, device=dev) for k in targets}
-    is_input = {k: (present[k] & ~predict_rows.get(k, torch.zeros_like(present[k])))[:, None].expand_as(t).clone()
+    predict_rows = {k: ~present[k] if keep_present else torch.ones(B, dtype=torch.bool, device=dev)
+                    for k in targets}
+    is_input = {k: (present[k] & ~predict_rows.get(k,
+                                                   torch.zeros_like(present[k])))[:, None].expand_as(t).clone()
                 for k, t in tokens.items()}
-    for k in targets: tokens[k][predict_rows[k]] = 0                               # the answer never reaches the model
+    for k in targets: tokens[k][predict_rows[k]] = 0  # the answer never reaches the model
     needs = torch.stack([predict_rows[k] for k in targets]).any(0)
     stranded = needs & ~torch.stack([m.any(1) for m in is_input.values()]).any(0)
     if stranded.any():
-        raise PredictionError(f"samples {_names(stranded, ids)} have nothing to predict {targets} from: no other modality is "
-                              "present" + ("" if keep_present else " (targets present in a sample are removed from its input; "
-                                                                      "keep_present=True keeps them)"))
+        why = "" if keep_present else (" (targets present in a sample are removed from its input; "
+                                       "keep_present=True keeps them)")
+        raise PredictionError(f"samples {_names(stranded, ids)} have nothing to predict {targets} from: no "
+                              "other modality is present" + why)
     fwd_present = {k: present[k] | predict_rows[k] if k in predict_rows else present[k] for k in tokens}
     confidence = {k: torch.full(tokens[k].shape, math.nan, device=dev) for k in targets}
     committed_at = {k: torch.full(tokens[k].shape, -1, dtype=torch.long, device=dev) for k in targets}
@@ -208,7 +234,8 @@ def predict_tokens(model,                                  # a MultimodalTransfo
         with torch.no_grad():
             for group in groups:
                 masked = {k: predict_rows[k][:, None].expand_as(tokens[k]).clone() for k in group}
-                _decode_group(model, tokens, is_input, fwd_present, masked, steps, schedule, temperature, top_k,
+                _decode_group(model, tokens, is_input, fwd_present, masked, steps, schedule, temperature,
+                              top_k,
                               choice_temperature, generator, confidence, committed_at, on_step)
     finally: model.train(was_training)
     return TokenPrediction(tokens, fwd_present, confidence, committed_at)
@@ -223,8 +250,10 @@ def predict(model,                         # a trained MultimodalTransformer
             temperature: float = 0.0,       # 0: most likely tokens; > 0: sample
             top_k: int | None = None,       # sample among the k most likely tokens
             seed: int | None = 0,           # seed of the sampling generator; None: torch's global RNG
-            chain: bool | Sequence = False, # False: targets jointly; True (or an order of targets): one after another
-            keep_present: bool = False,     # samples that have a target keep it; False: every sample's target is predicted
+            # False: targets jointly; True (or an order of targets): one after another
+            chain: bool | Sequence = False,
+            # samples that have a target keep it; False: every sample's target is predicted
+            keep_present: bool = False,
             choice_temperature: float = 0.0,  # MaskGIT's annealed noise on the confidences
             metadata: Mapping | None = None,  # {target: keyword arguments for its codec's decode}
             return_tokens: bool = False,    # also return the TokenPrediction
@@ -232,11 +261,14 @@ def predict(model,                         # a trained MultimodalTransformer
     "Predict the `targets` modalities of `sample` and decode them: `{ModalityClass: modality of batch B}`."
     tb = as_token_batch(sample, manager)
     keys = resolve_targets(targets, model, manager)
-    if chain is not False and chain is not True and chain is not None: chain = resolve_targets(chain, model, manager)
+    if chain is not False and chain is not True and chain is not None:
+        chain = resolve_targets(chain, model, manager)
     dev = next(model.parameters()).device
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    out = predict_tokens(model, tb.tokens, tb.present, keys, steps=steps, schedule=schedule, temperature=temperature,
-                         top_k=top_k, choice_temperature=choice_temperature, chain=chain, keep_present=keep_present,
+    out = predict_tokens(model, tb.tokens, tb.present, keys, steps=steps, schedule=schedule,
+                         temperature=temperature,
+                         top_k=top_k, choice_temperature=choice_temperature, chain=chain,
+                         keep_present=keep_present,
                          generator=generator, ids=tb.ids)
     meta = {resolve_targets(t, model)[0]: dict(kw) for t, kw in (metadata or {}).items()}
     mods = {}
@@ -248,12 +280,15 @@ def predict(model,                         # a trained MultimodalTransformer
 # %% ../nbs/13_predict.ipynb #c047
 def build_parser() -> argparse.ArgumentParser:
     "The options of `mmfm predict`."
-    p = argparse.ArgumentParser(prog="mmfm predict", description="Predict target modalities of a token dataset with "
+    p = argparse.ArgumentParser(prog="mmfm predict",
+                                description="Predict target modalities of a token dataset with "
                                 "a trained model; write the predicted tokens and their decoded values.")
-    p.add_argument("--model", required=True, help="model directory (MultimodalTransformer.save, `mmfm train --out`/model)")
+    p.add_argument("--model", required=True,
+                   help="model directory (MultimodalTransformer.save, `mmfm train --out`/model)")
     p.add_argument("--codecs", required=True, help="CodecManager directory (CodecManager.save)")
     p.add_argument("--data", required=True, help="TokenDataset file (TokenDataset.save)")
-    p.add_argument("--targets", required=True, nargs="+", help="token keys or modality class names to predict")
+    p.add_argument("--targets", required=True, nargs="+",
+                   help="token keys or modality class names to predict")
     p.add_argument("--given", nargs="+", help="token keys shown to the model (default: every other key)")
     p.add_argument("--split", help="only the samples of this split")
     p.add_argument("--steps", type=int, default=1, help="decoding steps (1: one step; e.g. 8: MaskGIT)")
@@ -262,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/13_predict.ipynb #c048
-def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list, steps: int, batch_size: int) -> dict:
+def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list, steps: int,
+                     batch_size: int) -> dict:
     "Predicted tokens of `keys` from the `given` keys only, batch by batch: `{key: Long[n, N]}`."
     out = {k: [] for k in keys}
     for rows in torch.arange(len(data)).split(batch_size):
@@ -272,6 +308,7 @@ def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list,
         for k in keys: out[k].append(pred.tokens[k])
     return {k: torch.cat(v) for k, v in out.items()}
 
+# %% ../nbs/13_predict.ipynb #s006
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm predict`; returns the exit status."
     a = build_parser().parse_args(argv)
@@ -281,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = TokenDataset.load(a.data)
         if a.split: data = data.split(a.split)
         keys = resolve_targets(a.targets, model, codecs)
-        given = resolve_targets(a.given, model, role="input") if a.given else [k for k in data.tokens if k not in keys]
+        given = resolve_targets(a.given, model,
+                                role="input") if a.given else [k for k in data.tokens if k not in keys]
         tensors = {}
         for k, t in _predict_dataset(model, codecs, data, keys, given, a.steps, a.batch_size).items():
             decoded, tensors[f"tokens/{k}"] = codecs.codec_for(k).decode(t), t

@@ -26,22 +26,26 @@ from .progress import progress as show_progress
 # %% ../nbs/14_probes.ipynb #c007
 _POOLINGS = ("mean", "per_key")
 
+# %% ../nbs/14_probes.ipynb #s001
 def pool_states(enc,                                 # EncoderOutput of MultimodalTransformer.embed
                 pooling: str = "mean",               # "mean" over all states, or "per_key" means side by side
-                keys: Sequence[str] | None = None,   # token keys for "per_key" (in this order); None: the model's keys
-                fill: float = math.nan,              # value of a per-key block whose modality has no state in a sample
+                # token keys for "per_key" (in this order); None: the model's keys
+                keys: Sequence[str] | None = None,
+                fill: float = math.nan,  # value of a per-key block whose modality has no state in a sample
                 ) -> Float[Tensor, "batch dim"]:
     "One vector per sample from packed encoder states; padding never contributes."
     if pooling not in _POOLINGS: raise ValueError(f"unknown pooling {pooling!r}; choose from {_POOLINGS}")
     valid = enc.valid[..., None].to(enc.states.dtype)
     if pooling == "mean":
         count = valid.sum(1)
-        return torch.where(count > 0, (enc.states * valid).sum(1) / count.clamp(min=1), torch.full_like(count, fill))
+        return torch.where(count > 0, (enc.states * valid).sum(1) / count.clamp(min=1),
+                           torch.full_like(count, fill))
     blocks = []
     for k in (enc.token_keys if keys is None else keys):
         sel = (enc.valid & (enc.key_index == enc.token_keys.index(k)))[..., None].to(enc.states.dtype)
         count = sel.sum(1)
-        blocks.append(torch.where(count > 0, (enc.states * sel).sum(1) / count.clamp(min=1), torch.full_like(count, fill)))
+        blocks.append(torch.where(count > 0, (enc.states * sel).sum(1) / count.clamp(min=1),
+                                  torch.full_like(count, fill)))
     return torch.cat(blocks, -1)
 
 # %% ../nbs/14_probes.ipynb #c010
@@ -49,14 +53,16 @@ def pool_states(enc,                                 # EncoderOutput of Multimod
 def embed_batch(model,                            # a MultimodalTransformer
                 batch,                            # a TokenBatch, a Batch, modalities or a token dict
                 pooling: str = "mean",            # "mean" or "per_key" (see pool_states)
-                keys: Sequence | None = None,     # modalities (classes or token keys) whose tokens are encoded; None: all
+                # modalities (classes or token keys) whose tokens are encoded; None: all
+                keys: Sequence | None = None,
                 fill: float = math.nan,           # per-key block of an absent modality
                 manager=None,                     # CodecManager, to encode modalities and Batches
                 ) -> Float[Tensor, "batch dim"]:
     "Embeddings of one batch: encoder states of its present tokens, pooled per sample."
     tb = as_token_batch(batch, manager)
     unknown = [k for k in tb.tokens if k not in model.token_keys]
-    if unknown: raise PredictionError(f"keys {unknown} are not ones the model was built for ({model.token_keys})")
+    if unknown: raise PredictionError(f"keys {unknown} are not ones the model was built for "
+                                      f"({model.token_keys})")
     keys = model.token_keys if keys is None else resolve_targets(keys, model, role="key")
     dev = next(model.parameters()).device
     tokens = {k: t.to(dev) for k, t in tb.tokens.items()}
@@ -64,8 +70,8 @@ def embed_batch(model,                            # a MultimodalTransformer
     is_input = {k: (present[k] & (k in keys))[:, None].expand_as(t).contiguous() for k, t in tokens.items()}
     empty = ~torch.stack([m.any(1) for m in is_input.values()]).any(0)
     if empty.any():
-        raise PredictionError(f"samples {[tb.ids[i] for i in empty.nonzero().flatten().tolist()]} have no present "
-                              f"tokens among {list(keys)} to embed")
+        raise PredictionError(f"samples {[tb.ids[i] for i in empty.nonzero().flatten().tolist()]} have no "
+                              f"present tokens among {list(keys)} to embed")
     was_training = model.training
     model.eval()
     try: enc = model.embed(tokens, present, is_input)
@@ -74,7 +80,7 @@ def embed_batch(model,                            # a MultimodalTransformer
 
 # %% ../nbs/14_probes.ipynb #c014
 def embed_samples(model,                          # a MultimodalTransformer
-                  data,                           # one batch, or an iterable of batches (TokenBatch, Batch, token dicts)
+                  data,  # one batch, or an iterable of batches (TokenBatch, Batch, token dicts)
                   pooling: str = "mean",          # "mean" or "per_key"
                   keys: Sequence | None = None,   # modalities to encode; None: all
                   fill: float = math.nan,         # per-key block of an absent modality
@@ -99,12 +105,16 @@ def regression_metrics(y_true: Tensor,  # [N] or [N, T] targets
                        ) -> dict:
     "R² (averaged over outputs), RMSE and MAE."
     y_true, y_pred = torch.as_tensor(y_true).double(), torch.as_tensor(y_pred).double()
-    if y_true.shape != y_pred.shape: raise ValueError(f"y_true {tuple(y_true.shape)} and y_pred {tuple(y_pred.shape)} differ")
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {tuple(y_true.shape)} and y_pred {tuple(y_pred.shape)} differ")
     t, p = y_true.reshape(len(y_true), -1), y_pred.reshape(len(y_pred), -1)
     ss_res, ss_tot = ((t - p) ** 2).sum(0), ((t - t.mean(0)) ** 2).sum(0)
-    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp(min=1e-300), torch.where(ss_res > 0, -math.inf, 1.0))
-    return {"r2": r2.mean().item(), "rmse": ((t - p) ** 2).mean().sqrt().item(), "mae": (t - p).abs().mean().item(), "n": len(t)}
+    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp(min=1e-300),
+                     torch.where(ss_res > 0, -math.inf, 1.0))
+    return {"r2": r2.mean().item(), "rmse": ((t - p) ** 2).mean().sqrt().item(),
+            "mae": (t - p).abs().mean().item(), "n": len(t)}
 
+# %% ../nbs/14_probes.ipynb #s002
 def classification_metrics(y_true: Sequence,  # true labels
                            y_pred: Sequence,  # predicted labels
                            ) -> dict:
@@ -126,12 +136,16 @@ class ProbeConfig:
     val_fraction: float = 0.2    # share of (X, y) held out for early stopping when no X_val is given
     seed: int = 0                # seed of the split, the initialisation and the shuffling
 
+# %% ../nbs/14_probes.ipynb #s003
 class Probe(nn.Module):
     "A linear or one-hidden-layer MLP head on standardised features, with its standardisation and labels."
-    def __init__(self, n_features: int, n_outputs: int, kind: str = "linear", task: str = "regression", hidden: int = 64):
+    def __init__(self, n_features: int, n_outputs: int, kind: str = "linear", task: str = "regression",
+                 hidden: int = 64):
         super().__init__()
-        if kind not in ("linear", "mlp"): raise ValueError(f"unknown probe kind {kind!r}; choose 'linear' or 'mlp'")
-        if task not in ("regression", "classification"): raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"unknown probe kind {kind!r}; choose 'linear' or 'mlp'")
+        if task not in ("regression", "classification"):
+            raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
         self.kind, self.task = kind, task
         self.net = nn.Linear(n_features, n_outputs) if kind == "linear" else \
                    nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, n_outputs))
@@ -146,20 +160,27 @@ class Probe(nn.Module):
 # %% ../nbs/14_probes.ipynb #c021
 def _features(X, what: str = "X") -> Tensor:
     X = torch.as_tensor(np.asarray(X) if not isinstance(X, Tensor) else X).float().cpu()
-    if X.dim() != 2: raise ValueError(f"{what} must be a [samples, features] matrix, got shape {tuple(X.shape)}")
+    if X.dim() != 2: raise ValueError(f"{what} must be a [samples, features] matrix, got shape "
+                                      f"{tuple(X.shape)}")
     bad = ~torch.isfinite(X)
     if bad.any():
         rows, cols = bad.any(1).nonzero().flatten().tolist(), bad.any(0).nonzero().flatten().tolist()
-        raise ValueError(f"{what} has {int(bad.sum())} non-finite values in rows {rows[:10]} and columns {cols[:10]} "
-                         "(per-key embeddings of absent modalities are NaN; choose a fill value or drop those rows)")
+        raise ValueError(f"{what} has {int(bad.sum())} non-finite values in rows {rows[:10]} and columns "
+                         f"{cols[:10]} "
+                         "(per-key embeddings of absent modalities are NaN; choose a fill value or drop "
+                         "those rows)")
     return X
 
+# %% ../nbs/14_probes.ipynb #s004
 def _targets(y, task: str, n: int, what: str = "y"):
     "Targets as a float tensor (regression) or an array of labels (classification)."
     if task == "regression":
         y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y).double().cpu()
-        if y.dim() not in (1, 2): raise ValueError(f"{what} must be [samples] or [samples, outputs], got shape {tuple(y.shape)}")
-        if not torch.isfinite(y).all(): raise ValueError(f"{what} has non-finite values in rows {(~torch.isfinite(y)).reshape(len(y), -1).any(1).nonzero().flatten().tolist()[:10]}")
+        if y.dim() not in (1, 2):
+            raise ValueError(f"{what} must be [samples] or [samples, outputs], got shape {tuple(y.shape)}")
+        if not torch.isfinite(y).all():
+            raise ValueError(f"{what} has non-finite values in rows "
+                             f"{(~torch.isfinite(y)).reshape(len(y), -1).any(1).nonzero().flatten().tolist()[:10]}")
     else:
         y = y.cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
         if y.ndim != 1: raise ValueError(f"{what} must be one label per sample, got shape {y.shape}")
@@ -168,21 +189,26 @@ def _targets(y, task: str, n: int, what: str = "y"):
 
 # %% ../nbs/14_probes.ipynb #c023
 def _split(n: int, cfg: ProbeConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    if not 0 < cfg.val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
     n_val = max(1, round(cfg.val_fraction * n))
-    if n - n_val < 2: raise ValueError(f"{n} samples are too few to hold out {n_val} for validation and train on the rest")
+    if n - n_val < 2: raise ValueError(f"{n} samples are too few to hold out {n_val} for validation and "
+                                       "train on the rest")
     perm = torch.randperm(n, generator=g)
     return perm[n_val:], perm[:n_val]
 
+# %% ../nbs/14_probes.ipynb #s005
 def _loss(probe: Probe, X: Tensor, y: Tensor) -> Tensor:
     out = probe(X)
     return F.mse_loss(out, y) if probe.task == "regression" else F.cross_entropy(out, y)
 
+# %% ../nbs/14_probes.ipynb #s006
 def _train(probe: Probe, X, y, Xv, yv, cfg: ProbeConfig, g: torch.Generator) -> Probe:
     "AdamW with early stopping on the validation loss; the best epoch's weights are kept."
     decay = [p for n, p in probe.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in probe.named_parameters() if not n.endswith("weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
     best, best_state, waited = math.inf, copy.deepcopy(probe.state_dict()), 0
     for epoch in range(cfg.max_epochs):
         probe.train()
@@ -192,7 +218,8 @@ def _train(probe: Probe, X, y, Xv, yv, cfg: ProbeConfig, g: torch.Generator) -> 
         probe.eval()
         with torch.no_grad(): val = _loss(probe, Xv, yv).item()
         probe.history.append({"epoch": epoch, "train_loss": loss.item(), "val_loss": val})
-        if val < best * (1 - 1e-6) - 1e-12: best, best_state, waited, probe.best_epoch = val, copy.deepcopy(probe.state_dict()), 0, epoch
+        if val < best * (1 - 1e-6) - 1e-12:
+            best, best_state, waited, probe.best_epoch = val, copy.deepcopy(probe.state_dict()), 0, epoch
         else:
             waited += 1
             if waited >= cfg.patience: break
@@ -201,7 +228,7 @@ def _train(probe: Probe, X, y, Xv, yv, cfg: ProbeConfig, g: torch.Generator) -> 
 
 # %% ../nbs/14_probes.ipynb #c024
 def fit_probe(X,                                   # features [N, D] (e.g. embed_samples' output)
-              y,                                   # targets [N] or [N, T] (regression) or labels [N] (classification)
+              y,  # targets [N] or [N, T] (regression) or labels [N] (classification)
               kind: str = "linear",                # "linear" or "mlp"
               task: str = "regression",            # "regression" or "classification"
               config: ProbeConfig | None = None,   # training settings; None: ProbeConfig()
@@ -209,12 +236,17 @@ def fit_probe(X,                                   # features [N, D] (e.g. embed
               y_val=None,                          # validation targets
               **overrides,                         # ProbeConfig fields to change, e.g. seed=1, hidden=32
               ) -> Probe:
-    "Train a linear or MLP probe on frozen features, with early stopping; `probe.metrics` holds train and val metrics."
+    """Train a linear or MLP probe on frozen features, with early stopping; `probe.metrics` holds train and
+    val metrics."""
     known = {f.name for f in fields(ProbeConfig)}
-    if set(overrides) - known: raise TypeError(f"unknown probe settings {sorted(set(overrides) - known)}; ProbeConfig has {sorted(known)}")
+    if set(overrides) - known:
+        raise TypeError(f"unknown probe settings {sorted(set(overrides) - known)}; ProbeConfig has "
+                        f"{sorted(known)}")
     cfg = ProbeConfig(**{**asdict(config or ProbeConfig()), **overrides})
-    if kind not in ("linear", "mlp"): raise ValueError(f"unknown probe kind {kind!r}; choose 'linear' or 'mlp'")
-    if task not in ("regression", "classification"): raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
+    if kind not in ("linear", "mlp"):
+        raise ValueError(f"unknown probe kind {kind!r}; choose 'linear' or 'mlp'")
+    if task not in ("regression", "classification"):
+        raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
     X = _features(X); y = _targets(y, task, len(X))
     g = torch.Generator().manual_seed(cfg.seed)
     if X_val is None:
@@ -223,11 +255,14 @@ def fit_probe(X,                                   # features [N, D] (e.g. embed
         yt, yv = (y[tr], y[va]) if task == "regression" else (y[tr.numpy()], y[va.numpy()])
     else:
         Xv = _features(X_val, "X_val"); yv = _targets(y_val, task, len(Xv), "y_val"); Xt, yt = X, y
-        if Xv.shape[1] != X.shape[1]: raise ValueError(f"X_val has {Xv.shape[1]} features, X has {X.shape[1]}")
+        if Xv.shape[1] != X.shape[1]:
+            raise ValueError(f"X_val has {Xv.shape[1]} features, X has {X.shape[1]}")
     if task == "classification":
         classes = np.unique(np.concatenate([yt, yv]))
-        if len(classes) < 2: raise ValueError(f"classification needs at least two classes, got {classes.tolist()}")
-        n_out, ct, cv = len(classes), torch.as_tensor(np.searchsorted(classes, yt)), torch.as_tensor(np.searchsorted(classes, yv))
+        if len(classes) < 2: raise ValueError("classification needs at least two classes, got "
+                                              f"{classes.tolist()}")
+        n_out = len(classes)
+        ct, cv = torch.as_tensor(np.searchsorted(classes, yt)), torch.as_tensor(np.searchsorted(classes, yv))
     else: n_out = 1 if yt.dim() == 1 else yt.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -254,10 +289,12 @@ def predict(self: Probe, X) -> Tensor | np.ndarray:
     out = self(_features(X))
     if self.task == "classification":
         labels = self.classes[out.argmax(-1).numpy()]
-        return torch.as_tensor(labels) if np.issubdtype(labels.dtype, np.number) or labels.dtype == bool else labels
+        return torch.as_tensor(labels) if np.issubdtype(labels.dtype,
+                                                        np.number) or labels.dtype == bool else labels
     y = out * self.y_std + self.y_mean
     return y[:, 0] if self.y_ndim == 1 else y
 
+# %% ../nbs/14_probes.ipynb #s007
 @patch
 @torch.no_grad()
 def predict_proba(self: Probe, X) -> Tensor:
@@ -265,6 +302,7 @@ def predict_proba(self: Probe, X) -> Tensor:
     if self.task != "classification": raise ValueError("predict_proba is for classification probes")
     return self(_features(X)).softmax(-1)
 
+# %% ../nbs/14_probes.ipynb #s008
 @patch
 def evaluate(self: Probe, X, y) -> dict:
     "Metrics of the probe on `(X, y)`: R², RMSE, MAE (regression) or accuracy (classification)."

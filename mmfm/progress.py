@@ -10,6 +10,7 @@ import sys, time
 from contextlib import contextmanager
 from typing import Iterable
 from tqdm.auto import tqdm
+from fastcore.basics import patch
 
 # %% ../nbs/01b_progress.ipynb #p005
 def in_notebook() -> bool:
@@ -17,35 +18,53 @@ def in_notebook() -> bool:
     shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
     return type(shell).__name__ == "ZMQInteractiveShell"
 
+# %% ../nbs/01b_progress.ipynb #s001
 def _interactive(file) -> bool:
     return in_notebook() or bool(getattr(file, "isatty", lambda: False)())
 
 # %% ../nbs/01b_progress.ipynb #p006
 class LineProgress:
-    "A tqdm-like counter that prints one line every `every` seconds and a last one on `close` (for log files)."
+    """A tqdm-like counter that prints one line every `every` seconds and a last one on `close` (for log
+    files)."""
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  initial: int = 0, file=None, every: float = 30.0):
         self.iterable, self.desc, self.n, self.file, self.every = iterable, desc, initial, file, every
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.postfix, self.start, self.last, self.closed = "", time.monotonic(), time.monotonic(), False
-    def set_postfix(self, **kwargs): self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    def _line(self) -> str:
-        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
-        pct = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
-        return f"{self.desc}: {done}{pct} in {time.monotonic() - self.start:.1f} s" + (f", {self.postfix}" if self.postfix else "")
-    def update(self, n: int = 1):
-        self.n += n
-        if time.monotonic() - self.last >= self.every:
-            print(self._line(), file=self.file or sys.stderr, flush=True); self.last = time.monotonic()
-    def close(self):
-        if not self.closed: print(self._line(), file=self.file or sys.stderr, flush=True)
-        self.closed = True
-    def __iter__(self):
-        try:
-            for x in self.iterable: yield x; self.update(1)
-        finally: self.close()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+# %% ../nbs/01b_progress.ipynb #s004
+@patch
+def set_postfix(self: LineProgress, **kwargs): self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+# %% ../nbs/01b_progress.ipynb #s005
+@patch
+def _line(self: LineProgress) -> str:
+    done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+    pct = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+    return f"{self.desc}: {done}{pct} in {time.monotonic() - self.start:.1f} s" + (
+        f", {self.postfix}" if self.postfix else "")
+
+# %% ../nbs/01b_progress.ipynb #s007
+@patch
+def update(self: LineProgress, n: int = 1):
+    self.n += n
+    if time.monotonic() - self.last >= self.every:
+        print(self._line(), file=self.file or sys.stderr, flush=True); self.last = time.monotonic()
+
+# %% ../nbs/01b_progress.ipynb #s008
+@patch
+def close(self: LineProgress):
+    if not self.closed: print(self._line(), file=self.file or sys.stderr, flush=True)
+    self.closed = True
+
+# %% ../nbs/01b_progress.ipynb #s010
+@patch
+def __iter__(self: LineProgress):
+    try:
+        for x in self.iterable: yield x; self.update(1)
+    finally: self.close()
 
 # %% ../nbs/01b_progress.ipynb #p007
 def progress(iterable: Iterable | None = None,  # what to iterate over (or None and call `update`)

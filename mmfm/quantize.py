@@ -20,27 +20,31 @@ from fastcore.basics import patch
 
 # %% ../nbs/01_quantize.ipynb #c006
 def _no_autocast(t: Tensor):
-    "A context where autocast is off for `t`'s device: quantizers compute in fp32 even inside a bf16 autocast region."
-    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cpu", "cuda", "xpu", "mps") else nullcontext()
+    """A context where autocast is off for `t`'s device: quantizers compute in fp32 even inside a bf16
+    autocast region."""
+    if t.device.type not in ("cpu", "cuda", "xpu", "mps"): return nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
 
+# %% ../nbs/01_quantize.ipynb #s001
 def _fp32(t: Tensor) -> Tensor:
     "`t` in float32, or unchanged if it is already float32 or float64."
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 # %% ../nbs/01_quantize.ipynb #c007
 class Quantizer(nn.Module):
-    "Base of every quantizer: `encode` z `[..., code_dim]` to Long indices `[...]`, `decode` back, `forward` straight-through."
+    """Base of every quantizer: `encode` z `[..., code_dim]` to Long indices `[...]`, `decode` back,
+    `forward` straight-through."""
     codebook_size: int  # number of codes; indices lie in [0, codebook_size)
     code_dim: int       # size of the last dimension of z and of the codes
 
-    def _encode(self, z): raise NotImplementedError
+    def _indices(self, z): raise NotImplementedError
     def _decode(self, indices): raise NotImplementedError
     def _check_ready(self, where: str): pass  # e.g. "not fitted yet"
 
     def encode(self, z: Float[Tensor, "... code_dim"]) -> Int[Tensor, "..."]:
         "Indices of the codes of `z`."
         self._check_ready("encode"); self._check_input(z, "encode")
-        return self._encode(z)
+        return self._indices(z)
 
     def decode(self, indices: Int[Tensor, "..."]) -> Float[Tensor, "... code_dim"]:
         "The codes of `indices`."
@@ -48,9 +52,10 @@ class Quantizer(nn.Module):
         return self._decode(indices)
 
     def forward(self, z: Float[Tensor, "... code_dim"]):
-        "`(z_q, indices, aux_loss)`: `z_q` holds the codes' values and passes the gradient straight through to `z`."
+        """`(z_q, indices, aux_loss)`: `z_q` holds the codes' values and passes the gradient straight
+        through to `z`."""
         self._check_ready("forward"); self._check_input(z, "forward")
-        indices = self._encode(z)
+        indices = self._indices(z)
         codes = self._decode(indices).to(z.dtype)
         return codes + (z - z.detach()), indices, torch.zeros((), device=z.device)
 
@@ -60,78 +65,101 @@ def _check_input(self: Quantizer, z: Tensor, where: str, allow_nan: bool = False
     "Raise unless `z` is a floating tensor `[..., code_dim]` of finite values (NaN allowed with `allow_nan`)."
     name = f"{type(self).__name__}.{where}"
     if not isinstance(z, Tensor) or not z.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+        raise TypeError(f"{name}: expected a floating-point tensor, got "
+                        f"{getattr(z, 'dtype', type(z).__name__)}")
     if z.ndim == 0 or z.shape[-1] != self.code_dim:
-        raise ValueError(f"{name}: expected z of shape [..., {self.code_dim}] (code_dim last), got {tuple(z.shape)}")
+        raise ValueError(f"{name}: expected z of shape [..., {self.code_dim}] (code_dim last), got "
+                         f"{tuple(z.shape)}")
     bad = torch.isinf(z) if allow_nan else ~torch.isfinite(z)
     if bad.any():
         n_nan, n_inf = int(torch.isnan(z).sum()), int(torch.isinf(z).sum())
         raise ValueError(f"{name}: {int(bad.sum())} of {z.numel()} values are not finite "
                          f"({0 if allow_nan else n_nan} NaN, {n_inf} infinite)")
 
+# %% ../nbs/01_quantize.ipynb #s002
 @patch
 def _check_indices(self: Quantizer, indices: Tensor, where: str = "decode"):
     "Raise unless `indices` is an integer tensor with values in `[0, codebook_size)`."
     name = f"{type(self).__name__}.{where}"
-    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor of indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if not isinstance(indices,
+                      Tensor) or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of indices, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
     bad = (indices < 0) | (indices >= self.codebook_size)
     if bad.any():
-        raise ValueError(f"{name}: {int(bad.sum())} of {indices.numel()} indices lie outside [0, {self.codebook_size}) "
+        raise ValueError(f"{name}: {int(bad.sum())} of {indices.numel()} indices lie outside [0, "
+                         f"{self.codebook_size}) "
                          f"(min {int(indices.min())}, max {int(indices.max())})")
 
 # %% ../nbs/01_quantize.ipynb #c015
 def _expect(ok: bool, message: str):
     if not ok: raise AssertionError(message)
 
+# %% ../nbs/01_quantize.ipynb #s003
 def _expect_raises(f, exc_type, contains: str, what: str):
     try: f()
-    except exc_type as e: _expect(contains in str(e), f"{what}: error message {str(e)!r} lacks {contains!r}"); return
+    except exc_type as e: _expect(contains in str(e),
+                                  f"{what}: error message {str(e)!r} lacks {contains!r}"); return
     raise AssertionError(f"{what}: no {exc_type.__name__} raised")
 
 # %% ../nbs/01_quantize.ipynb #c016
 def check_quantizer(quantizer: Quantizer,  # any quantizer (fitted, if it needs fitting)
                     z: Float[Tensor, "batch ... code_dim"],  # a sample input with at least 2 rows
                     ):
-    "Check the quantizer interface on `z`: shapes, dtypes, index range, straight-through gradient, batch size 1, bad input."
+    """Check the quantizer interface on `z`: shapes, dtypes, index range, straight-through gradient, batch
+    size 1, bad input."""
     q, name, was_training = quantizer, type(quantizer).__name__, quantizer.training
-    _expect(isinstance(q.codebook_size, int) and q.codebook_size > 0 and isinstance(q.code_dim, int), f"{name}: codebook_size and code_dim must be ints")
+    _expect(isinstance(q.codebook_size, int) and q.codebook_size > 0 and isinstance(q.code_dim, int),
+            f"{name}: codebook_size and code_dim must be ints")
     q.eval()
     z_before = z.detach().clone()
     try:
         idx = q.encode(z)
-        _expect(idx.dtype == torch.long and idx.shape == z.shape[:-1], f"{name}.encode: got {idx.dtype} {tuple(idx.shape)}, expected torch.int64 {tuple(z.shape[:-1])}")
-        _expect(0 <= int(idx.min()) and int(idx.max()) < q.codebook_size, f"{name}.encode: indices outside [0, {q.codebook_size})")
+        _expect(idx.dtype == torch.long and idx.shape == z.shape[:-1],
+                f"{name}.encode: got {idx.dtype} {tuple(idx.shape)}, expected torch.int64 "
+                f"{tuple(z.shape[:-1])}")
+        _expect(0 <= int(idx.min()) and int(idx.max()) < q.codebook_size,
+                f"{name}.encode: indices outside [0, {q.codebook_size})")
         codes = q.decode(idx)
-        _expect(codes.shape == z.shape and codes.is_floating_point(), f"{name}.decode: got {tuple(codes.shape)}, expected {tuple(z.shape)}")
-        _expect(torch.equal(q.encode(z[:1]), idx[:1]), f"{name}: batch size 1 gives other indices than the full batch")
+        _expect(codes.shape == z.shape and codes.is_floating_point(),
+                f"{name}.decode: got {tuple(codes.shape)}, expected {tuple(z.shape)}")
+        _expect(torch.equal(q.encode(z[:1]), idx[:1]),
+                f"{name}: batch size 1 gives other indices than the full batch")
         zg = z.detach().clone().requires_grad_(True)
         z_q, idx_f, aux = q(zg)
         _expect(torch.equal(idx_f, idx), f"{name}.forward: indices differ from encode")
-        _expect(z_q.shape == z.shape and z_q.dtype == z.dtype, f"{name}.forward: z_q is {z_q.dtype} {tuple(z_q.shape)}")
-        _expect(torch.allclose(z_q.detach().float(), codes.float(), atol=1e-6), f"{name}.forward: z_q differs from decode(encode(z))")
-        _expect(aux.ndim == 0 and bool(torch.isfinite(aux)), f"{name}.forward: aux loss must be a finite scalar")
+        _expect(z_q.shape == z.shape and z_q.dtype == z.dtype,
+                f"{name}.forward: z_q is {z_q.dtype} {tuple(z_q.shape)}")
+        _expect(torch.allclose(z_q.detach().float(), codes.float(), atol=1e-6),
+                f"{name}.forward: z_q differs from decode(encode(z))")
+        _expect(aux.ndim == 0 and bool(torch.isfinite(aux)),
+                f"{name}.forward: aux loss must be a finite scalar")
         weights = torch.linspace(1, 2, z_q.numel(), device=z.device).reshape(z_q.shape)
         (z_q.float() * weights).sum().backward()
-        _expect(zg.grad is not None and bool(zg.grad.abs().sum() > 0), f"{name}.forward: no gradient reaches z")
+        _expect(zg.grad is not None and bool(zg.grad.abs().sum() > 0),
+                f"{name}.forward: no gradient reaches z")
         bad = z.detach().reshape(-1).clone(); bad[0] = float("nan"); bad = bad.reshape(z.shape)
         _expect_raises(lambda: q.encode(bad), ValueError, f"{name}.encode: 1 of", "NaN input to encode")
         _expect_raises(lambda: q(bad), ValueError, f"{name}.forward: 1 of", "NaN input to forward")
         for wrong in (-1, q.codebook_size):
             bad_idx = idx.reshape(-1).clone(); bad_idx[0] = wrong; bad_idx = bad_idx.reshape(idx.shape)
-            _expect_raises(lambda: q.decode(bad_idx), ValueError, f"[0, {q.codebook_size})", f"index {wrong} given to decode")
+            _expect_raises(lambda: q.decode(bad_idx), ValueError, f"[0, {q.codebook_size})",
+                           f"index {wrong} given to decode")
         _expect(torch.equal(z.detach(), z_before), f"{name}: the caller's tensor was modified in place")
     finally: q.train(was_training)
 
 # %% ../nbs/01_quantize.ipynb #c019
 def usage_from_counts(counts: Int[Tensor, "codebook_size"]) -> dict:
-    "`{'vectors', 'fraction_used', 'perplexity'}` of a histogram of code counts (0 and 0 when nothing was counted)."
+    """`{'vectors', 'fraction_used', 'perplexity'}` of a histogram of code counts (0 and 0 when nothing was
+    counted)."""
     total = int(counts.sum())
     if total == 0: return dict(vectors=0, fraction_used=0.0, perplexity=0.0)
     p = counts.double() / total
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return dict(vectors=total, fraction_used=float((counts > 0).double().mean()), perplexity=float(entropy.exp()))
+    return dict(vectors=total, fraction_used=float((counts > 0).double().mean()),
+                perplexity=float(entropy.exp()))
 
+# %% ../nbs/01_quantize.ipynb #s004
 def codebook_usage(indices: Int[Tensor, "..."],  # token indices from any quantizer
                    codebook_size: int,  # the quantizer's codebook_size
                    ) -> dict:
@@ -140,10 +168,13 @@ def codebook_usage(indices: Int[Tensor, "..."],  # token indices from any quanti
 
 # %% ../nbs/01_quantize.ipynb #c022
 class FiniteScalarQuantizer(Quantizer):
-    "Finite Scalar Quantization (Mentzer et al. 2023): dimension i of z is bounded and rounded to one of `levels[i]` values."
+    """Finite Scalar Quantization (Mentzer et al. 2023): dimension i of z is bounded and rounded to one of
+    `levels[i]` values."""
     def __init__(self,
-                 levels: Sequence[int] = (8, 5, 5, 5),  # values per code dimension; codebook_size = prod(levels)
-                 eps: float = 1e-3,  # bound slack, so that the extreme values are reachable (the paper's 1e-3)
+                 # values per code dimension; codebook_size = prod(levels)
+                 levels: Sequence[int] = (8, 5, 5, 5),
+                 # bound slack, so that the extreme values are reachable (the paper's 1e-3)
+                 eps: float = 1e-3,
                  ):
         super().__init__()
         levels = [int(l) for l in levels]
@@ -153,7 +184,8 @@ class FiniteScalarQuantizer(Quantizer):
         self.levels, self.eps = levels, float(eps)
         self.code_dim, self.codebook_size = len(levels), math.prod(levels)
         lv = torch.tensor(levels, dtype=torch.int32)
-        self.register_buffer("_levels", lv, persistent=False)  # integer buffers: untouched by .half()/.double()
+        # integer buffers: untouched by .half()/.double()
+        self.register_buffer("_levels", lv, persistent=False)
         self.register_buffer("_half_width", lv // 2, persistent=False)
         self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0), persistent=False)
 
@@ -162,7 +194,8 @@ class FiniteScalarQuantizer(Quantizer):
 # %% ../nbs/01_quantize.ipynb #c025
 @patch
 def bound(self: FiniteScalarQuantizer, z: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-    "Squash z so that rounding gives `levels[i]` integers in dimension i: `tanh(z + shift) * half_l - offset`."
+    """Squash z so that rounding gives `levels[i]` integers in dimension i: `tanh(z + shift) * half_l -
+    offset`."""
     lv = self._levels
     half_l = (lv - 1) * (1 + self.eps) / 2
     offset = torch.where(lv % 2 == 0, 0.5, 0.0)
@@ -175,6 +208,7 @@ def _levels_to_indices(self: FiniteScalarQuantizer, level: Tensor) -> Tensor:
     "Mixed-radix index of per-dimension level numbers (floats holding 0 … L-1): round, then cast."
     return (level.round().long() * self._basis).sum(-1)
 
+# %% ../nbs/01_quantize.ipynb #s005
 @patch
 def indices_to_codes(self: FiniteScalarQuantizer, indices: Int[Tensor, "..."]) -> Float[Tensor, "... d"]:
     "The grid point of each index: level numbers `(i // basis) % L`, centred and scaled to [-1, 1]."
@@ -182,25 +216,29 @@ def indices_to_codes(self: FiniteScalarQuantizer, indices: Int[Tensor, "..."]) -
     level = (indices.unsqueeze(-1) // self._basis) % self._levels
     return (level - self._half_width) / self._half_width
 
+# %% ../nbs/01_quantize.ipynb #s006
 @patch
 def codes_to_indices(self: FiniteScalarQuantizer, codes: Float[Tensor, "... d"]) -> Int[Tensor, "..."]:
     "The index of each grid point `codes` (as given by `indices_to_codes` or `decode`); off-grid codes raise."
     self._check_input(codes, "codes_to_indices")
     level = _fp32(codes) * self._half_width + self._half_width
     off = ((level - level.round()).abs() > 1e-3) | (level.round() < 0) | (level.round() > self._levels - 1)
-    if off.any(): raise ValueError(f"FiniteScalarQuantizer.codes_to_indices: {int(off.any(-1).sum())} codes are not on the grid of levels {self.levels}")
+    if off.any(): raise ValueError(f"FiniteScalarQuantizer.codes_to_indices: {int(off.any(-1).sum())} codes "
+                                   f"are not on the grid of levels {self.levels}")
     return self._levels_to_indices(level)
 
 # %% ../nbs/01_quantize.ipynb #c033
 @patch
-def _encode(self: FiniteScalarQuantizer, z):
+def _indices(self: FiniteScalarQuantizer, z):
     with _no_autocast(z):
         return self._levels_to_indices(self.bound(_fp32(z)).round() + self._half_width)
 
+# %% ../nbs/01_quantize.ipynb #s007
 @patch
 def _decode(self: FiniteScalarQuantizer, indices):
     return self.indices_to_codes(indices)
 
+# %% ../nbs/01_quantize.ipynb #s008
 @patch
 def forward(self: FiniteScalarQuantizer, z: Float[Tensor, "... d"]):
     "`(z_q, indices, aux_loss=0)`: z_q on the grid, with the straight-through gradient of the bound."
@@ -208,26 +246,34 @@ def forward(self: FiniteScalarQuantizer, z: Float[Tensor, "... d"]):
     with _no_autocast(z):
         b = self.bound(_fp32(z))
         level = b.round()
-        if b.requires_grad: level = level + (b - b.detach())   # straight through (skipped when no gradient is wanted)
+        # straight through (skipped when no gradient is wanted)
+        if b.requires_grad: level = level + (b - b.detach())
         indices = self._levels_to_indices(level.detach() + self._half_width)
         z_q = (level / self._half_width).to(z.dtype)
     return z_q, indices, torch.zeros((), device=z.device)
 
 # %% ../nbs/01_quantize.ipynb #c040
 class VectorQuantizer(Quantizer):
-    "Vector quantizer (van den Oord et al. 2017): nearest of `num_embeddings` codes; EMA codebook (Razavi et al. 2019)."
+    """Vector quantizer (van den Oord et al. 2017): nearest of `num_embeddings` codes; EMA codebook (Razavi
+    et al. 2019)."""
     def __init__(self,
                  num_embeddings: int = 512,        # codebook size K
                  embedding_dim: int = 64,          # code dimension D
                  commitment_weight: float = 0.25,  # β, weight of the commitment loss ||z - sg(e)||²
-                 decay: float = 0.99,              # EMA decay of the cluster sizes and code sums (and of the usage tracker)
+                 # EMA decay of the cluster sizes and code sums (and of the usage tracker)
+                 decay: float = 0.99,
                  eps: float = 1e-5,                # Laplace smoothing of the cluster sizes
-                 use_ema: bool = True,             # EMA codebook updates; False: the codebook is a Parameter (codebook loss)
-                 dead_code_threshold: float = 0.03,  # restart codes whose EMA usage < this × the mean usage; 0 disables
-                 init_from_data: bool = True,      # set the codebook from the first training batch (else: random normal)
+                 # EMA codebook updates; False: the codebook is a Parameter (codebook loss)
+                 use_ema: bool = True,
+                 # restart codes whose EMA usage < this × the mean usage; 0 disables
+                 dead_code_threshold: float = 0.03,
+                 # set the codebook from the first training batch (else: random normal)
+                 init_from_data: bool = True,
                  ):
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1: raise ValueError(f"VectorQuantizer: num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, {embedding_dim}")
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError("VectorQuantizer: num_embeddings and embedding_dim must be >= 1, got "
+                             f"{num_embeddings}, {embedding_dim}")
         if not 0.0 <= decay < 1.0: raise ValueError(f"VectorQuantizer: decay must lie in [0, 1), got {decay}")
         self.codebook_size, self.code_dim = int(num_embeddings), int(embedding_dim)
         self.commitment_weight, self.decay, self.eps = float(commitment_weight), float(decay), float(eps)
@@ -239,7 +285,8 @@ class VectorQuantizer(Quantizer):
         if use_ema: self.register_buffer("ema_embed_sum", codebook.clone())      # m_i
         self.register_buffer("usage_counts", torch.zeros(num_embeddings, dtype=torch.long), persistent=False)
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("initialized", torch.tensor(not init_from_data))   # saved: a loaded codebook is not re-initialised
+        # saved: a loaded codebook is not re-initialised
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
 
     def extra_repr(self): return f"{self.codebook_size}, {self.code_dim}, use_ema={self.use_ema}"
 
@@ -254,11 +301,13 @@ def _nearest(self: VectorQuantizer, flat: Float[Tensor, "n d"]) -> Int[Tensor, "
         self.usage_counts += torch.bincount(indices, minlength=self.codebook_size)
     return indices
 
+# %% ../nbs/01_quantize.ipynb #s009
 @patch
-def _encode(self: VectorQuantizer, z):
+def _indices(self: VectorQuantizer, z):
     with _no_autocast(z):
         return self._nearest(z.detach().float().reshape(-1, self.code_dim)).reshape(z.shape[:-1])
 
+# %% ../nbs/01_quantize.ipynb #s010
 @patch
 def _decode(self: VectorQuantizer, indices):
     return self.codebook.detach()[indices]
@@ -271,7 +320,8 @@ def _restart_dead_codes(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
     mean_usage = self.ema_cluster_size.mean()
     dead = (self.ema_cluster_size < self.dead_code_threshold * mean_usage).nonzero().squeeze(-1)
     if dead.numel() == 0: return
-    dead = dead[torch.randperm(dead.numel(), device=dead.device)[:flat.shape[0]]]   # at most one per vector; rest later
+    # at most one per vector; rest later
+    dead = dead[torch.randperm(dead.numel(), device=dead.device)[:flat.shape[0]]]
     samples = flat[torch.randperm(flat.shape[0], device=flat.device)[:dead.numel()]]
     self.codebook.data[dead] = samples.to(self.codebook.dtype)
     self.ema_cluster_size[dead] = mean_usage          # a fresh start: as used as the average code
@@ -281,12 +331,14 @@ def _restart_dead_codes(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
 # %% ../nbs/01_quantize.ipynb #c049
 @patch
 def _update(self: VectorQuantizer, flat: Float[Tensor, "n d"], indices: Int[Tensor, "n"]):
-    "One training step of the codebook: EMA of cluster sizes (and, with use_ema, of code sums), then dead-code restarts."
+    """One training step of the codebook: EMA of cluster sizes (and, with use_ema, of code sums), then
+    dead-code restarts."""
     with torch.no_grad():
         counts = torch.bincount(indices, minlength=self.codebook_size).to(self.ema_cluster_size.dtype)
         self.ema_cluster_size.lerp_(counts, 1 - self.decay)
         if self.use_ema:
-            sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat.to(self.ema_embed_sum.dtype))
+            sums = torch.zeros_like(self.ema_embed_sum)
+            sums = sums.index_add_(0, indices, flat.to(self.ema_embed_sum.dtype))
             self.ema_embed_sum.lerp_(sums, 1 - self.decay)
             n = self.ema_cluster_size.sum()
             smoothed = (self.ema_cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
@@ -311,13 +363,14 @@ def _init_from_data(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
 # %% ../nbs/01_quantize.ipynb #c055
 @patch
 def forward(self: VectorQuantizer, z: Float[Tensor, "... d"]):
-    "`(z_q, indices, aux_loss)`: nearest codes with straight-through gradient; trains the codebook in training mode."
+    """`(z_q, indices, aux_loss)`: nearest codes with straight-through gradient; trains the codebook in
+    training mode."""
     self._check_input(z, "forward")
     with _no_autocast(z):
         flat = z.float().reshape(-1, self.code_dim)
         if self.training and not bool(self.initialized): self._init_from_data(flat.detach())
         indices = self._nearest(flat.detach())
-        e = self.codebook[indices].float()                      # differentiable w.r.t. the codebook when it is a Parameter
+        e = self.codebook[indices].float()  # differentiable w.r.t. the codebook when it is a Parameter
         aux = self.commitment_weight * F.mse_loss(flat, e.detach())
         if not self.use_ema: aux = aux + F.mse_loss(e, flat.detach())
         if self.training: self._update(flat.detach(), indices)
@@ -330,6 +383,7 @@ def usage(self: VectorQuantizer) -> dict:
     "Codes picked since the last `reset_usage`: `{'vectors', 'fraction_used', 'perplexity', 'restarts'}`."
     return dict(usage_from_counts(self.usage_counts), restarts=int(self.restarts))
 
+# %% ../nbs/01_quantize.ipynb #s011
 @patch
 def reset_usage(self: VectorQuantizer):
     "Start counting code usage (and restarts) afresh."
@@ -337,23 +391,31 @@ def reset_usage(self: VectorQuantizer):
 
 # %% ../nbs/01_quantize.ipynb #c070
 class OutOfRangeWarning(UserWarning):
-    "Values given to a scalar quantizer lie outside its fixed or fitted range (they go to the end bins, and are counted)."
+    """Values given to a scalar quantizer lie outside its fixed or fitted range (they go to the end bins,
+    and are counted)."""
 
+# %% ../nbs/01_quantize.ipynb #s012
 class ScalarQuantizer(Quantizer):
-    "Base of the scalar quantizers: `num_bins` sorted centres per feature; encode to the nearest, count values out of range."
+    """Base of the scalar quantizers: `num_bins` sorted centres per feature; encode to the nearest, count
+    values out of range."""
     code_dim = 1
-    _persist_bins = True  # bins fitted from data are saved in the state_dict; bins fixed by the arguments are not
+    # bins fitted from data are saved in the state_dict; bins fixed by the arguments are not
+    _persist_bins = True
 
     def __init__(self,
                  num_bins: int,  # number of bins (codebook_size)
-                 num_features: int | None = None,  # None: z is [..., 1]; F: z is [..., F, 1] with bins per feature
-                 on_out_of_range: Literal["warn", "raise"] = "warn",  # values outside the range: count + warn once, or raise
+                 # None: z is [..., 1]; F: z is [..., F, 1] with bins per feature
+                 num_features: int | None = None,
+                 # values outside the range: count + warn once, or raise
+                 on_out_of_range: Literal["warn", "raise"] = "warn",
                  ):
         super().__init__()
         name = type(self).__name__
         if int(num_bins) < 2: raise ValueError(f"{name}: num_bins must be >= 2, got {num_bins}")
-        if num_features is not None and int(num_features) < 1: raise ValueError(f"{name}: num_features must be >= 1 or None, got {num_features}")
-        if on_out_of_range not in ("warn", "raise"): raise ValueError(f"{name}: on_out_of_range must be 'warn' or 'raise', got {on_out_of_range!r}")
+        if num_features is not None and int(num_features) < 1:
+            raise ValueError(f"{name}: num_features must be >= 1 or None, got {num_features}")
+        if on_out_of_range not in ("warn", "raise"):
+            raise ValueError(f"{name}: on_out_of_range must be 'warn' or 'raise', got {on_out_of_range!r}")
         self.codebook_size = self.num_bins = int(num_bins)
         self.num_features, self.on_out_of_range = num_features, on_out_of_range
         nf, keep = num_features or 1, self._persist_bins
@@ -373,7 +435,8 @@ def _check_input(self: ScalarQuantizer, z: Tensor, where: str, allow_nan: bool =
     Quantizer._check_input(self, z, where, allow_nan)
     nf = self.num_features
     if nf is not None and (z.ndim < 2 or z.shape[-2] != nf):
-        raise ValueError(f"{type(self).__name__}.{where}: expected z of shape [..., {nf}, 1] (one value per feature), got {tuple(z.shape)}")
+        raise ValueError(f"{type(self).__name__}.{where}: expected z of shape [..., {nf}, 1] (one value per "
+                         f"feature), got {tuple(z.shape)}")
 
 # %% ../nbs/01_quantize.ipynb #c074
 @patch
@@ -389,14 +452,17 @@ def _count_out_of_range(self: ScalarQuantizer, x: Float[Tensor, "f n"]):
     where = "" if self.num_features is None else f" in feature(s) {feats}"
     lo, hi = self.range_low[feats].tolist(), self.range_high[feats].tolist()
     message = (f"{type(self).__name__}: {n_out} of {x.numel()} values lie outside the range{where} "
-               f"[{lo[0] if len(lo) == 1 else lo}, {hi[0] if len(hi) == 1 else hi}] ({int(below.sum())} below, {int(above.sum())} above)")
+               f"[{lo[0] if len(lo) == 1 else lo}, {hi[0] if len(hi) == 1 else hi}] ({int(below.sum())} "
+               f"below, {int(above.sum())} above)")
     if self.on_out_of_range == "raise": raise ValueError(message)
     if not self._warned:
-        warnings.warn(message + "; they are encoded to the end bins and counted, see .out_of_range()", OutOfRangeWarning, stacklevel=4)
+        warnings.warn(message + "; they are encoded to the end bins and counted, see .out_of_range()",
+                      OutOfRangeWarning, stacklevel=4)
         self._warned = True
 
+# %% ../nbs/01_quantize.ipynb #s013
 @patch
-def _encode(self: ScalarQuantizer, z):
+def _indices(self: ScalarQuantizer, z):
     with _no_autocast(z):
         x = z.detach().float()[..., 0]                     # [...] or [..., F]
         nf = self.centres.shape[0]
@@ -406,6 +472,7 @@ def _encode(self: ScalarQuantizer, z):
         midpoints = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
         return torch.searchsorted(midpoints, self._metric(flat)).t().contiguous().reshape(x.shape)
 
+# %% ../nbs/01_quantize.ipynb #s014
 @patch
 def _decode(self: ScalarQuantizer, indices):
     if self.num_features is None: return self.centres[0][indices].unsqueeze(-1)
@@ -414,12 +481,15 @@ def _decode(self: ScalarQuantizer, indices):
 # %% ../nbs/01_quantize.ipynb #c076
 @patch
 def out_of_range(self: ScalarQuantizer) -> dict:
-    "Values seen by encode/forward since the last reset, and how many lay below/above the range (lists when per feature)."
-    out = dict(seen=self.n_seen, below=self.n_below, above=self.n_above, low=self.range_low, high=self.range_high)
+    """Values seen by encode/forward since the last reset, and how many lay below/above the range (lists
+    when per feature)."""
+    out = dict(seen=self.n_seen, below=self.n_below, above=self.n_above, low=self.range_low,
+               high=self.range_high)
     out = {k: v.tolist() if self.num_features is not None else v[0].item() for k, v in out.items()}
     seen, n_out = self.n_seen.sum().item(), (self.n_below + self.n_above).sum().item()
     return dict(out, fraction=n_out / seen if seen else 0.0)
 
+# %% ../nbs/01_quantize.ipynb #s015
 @patch
 def reset_out_of_range(self: ScalarQuantizer):
     "Zero the out-of-range counters (and warn again the next time)."
@@ -433,7 +503,8 @@ class LinearScalarQuantizer(ScalarQuantizer):
                  num_bins: int,  # number of bins
                  low: float,     # lower end of the range
                  high: float,    # upper end of the range
-                 on_out_of_range: Literal["warn", "raise"] = "warn",  # values outside [low, high]: count + warn once, or raise
+                 # values outside [low, high]: count + warn once, or raise
+                 on_out_of_range: Literal["warn", "raise"] = "warn",
                  ):
         super().__init__(num_bins, None, on_out_of_range)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
@@ -447,19 +518,22 @@ class LinearScalarQuantizer(ScalarQuantizer):
 
 # %% ../nbs/01_quantize.ipynb #c083
 class LogScalarQuantizer(ScalarQuantizer):
-    "`num_bins` bins equal in log(value) over [low, high], 0 < low < high; decodes to the geometric bin centres."
+    """`num_bins` bins equal in log(value) over [low, high], 0 < low < high; decodes to the geometric bin
+    centres."""
     _persist_bins = False
     def __init__(self,
                  num_bins: int,  # number of bins
                  low: float,     # lower end of the range (> 0)
                  high: float,    # upper end of the range
-                 on_out_of_range: Literal["warn", "raise"] = "warn",  # values outside [low, high]: count + warn once, or raise
+                 # values outside [low, high]: count + warn once, or raise
+                 on_out_of_range: Literal["warn", "raise"] = "warn",
                  ):
         super().__init__(num_bins, None, on_out_of_range)
         if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
             raise ValueError(f"LogScalarQuantizer: need finite 0 < low < high, got low={low}, high={high}")
         self.low, self.high = float(low), float(high)
-        log_edges = torch.linspace(math.log(self.low), math.log(self.high), self.num_bins + 1, dtype=torch.float64)
+        log_edges = torch.linspace(math.log(self.low), math.log(self.high), self.num_bins + 1,
+                                   dtype=torch.float64)
         self.centres[0] = ((log_edges[1:] + log_edges[:-1]) / 2).exp()
         self.range_low.fill_(self.low); self.range_high.fill_(self.high)
 
@@ -468,11 +542,14 @@ class LogScalarQuantizer(ScalarQuantizer):
 
 # %% ../nbs/01_quantize.ipynb #c086
 class QuantileScalarQuantizer(ScalarQuantizer):
-    "`num_bins` equal-count bins fitted from data with `fit`; decodes to the median training value of each bin."
+    """`num_bins` equal-count bins fitted from data with `fit`; decodes to the median training value of
+    each bin."""
     def __init__(self,
                  num_bins: int,  # number of bins
-                 num_features: int | None = None,  # None: z is [..., 1]; F: z is [..., F, 1], bins fitted per feature
-                 on_out_of_range: Literal["warn", "raise"] = "warn",  # values outside the fitted range: count + warn once, or raise
+                 # None: z is [..., 1]; F: z is [..., F, 1], bins fitted per feature
+                 num_features: int | None = None,
+                 # values outside the fitted range: count + warn once, or raise
+                 on_out_of_range: Literal["warn", "raise"] = "warn",
                  ):
         super().__init__(num_bins, num_features, on_out_of_range)
         self.register_buffer("edges", torch.zeros(self.centres.shape[0], self.num_bins + 1))
@@ -488,7 +565,7 @@ class QuantileScalarQuantizer(ScalarQuantizer):
 # %% ../nbs/01_quantize.ipynb #c088
 def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
     "Edges `[num_bins + 1]` and centres `[num_bins]` of equal-count bins of the sorted values `v`."
-    pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)   # on the CPU: exact, any device
+    pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)  # on the CPU: exact, any device
     lo, hi = pos.floor().long(), pos.ceil().long()
     edges = torch.lerp(v[lo.to(v.device)], v[hi.to(v.device)], (pos - lo).to(device=v.device, dtype=v.dtype))
     counts = torch.bincount(torch.bucketize(v, edges[1:-1]), minlength=num_bins)
@@ -500,7 +577,8 @@ def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
 @patch
 def fit(self: QuantileScalarQuantizer,
         values: Float[Tensor, "... 1"],  # training values, [..., 1] (or [..., num_features, 1])
-        skip_nan: bool = False,  # NaN marks a missing value, left out of the fit (infinite values still raise)
+        # NaN marks a missing value, left out of the fit (infinite values still raise)
+        skip_nan: bool = False,
         ) -> QuantileScalarQuantizer:
     "Fit the bin edges (quantiles) and centres (median per bin) of each feature from `values`; returns self."
     self._check_input(values, "fit", allow_nan=skip_nan)
@@ -509,7 +587,8 @@ def fit(self: QuantileScalarQuantizer,
     with torch.no_grad():
         for f in range(nf):
             v = x[f][~x[f].isnan()]
-            if v.numel() == 0: raise ValueError(f"QuantileScalarQuantizer.fit: feature {f} has no values to fit")
+            if v.numel() == 0:
+                raise ValueError(f"QuantileScalarQuantizer.fit: feature {f} has no values to fit")
             self.edges[f], self.centres[f] = _quantile_bins(v.sort().values, self.num_bins)
         self.range_low.copy_(self.edges[:, 0]); self.range_high.copy_(self.edges[:, -1])
         self.fitted.fill_(True)

@@ -23,22 +23,31 @@ class ResBlock1d(nn.Module):
     "x + conv(gelu(conv(gelu(x)))), with 3-tap convolutions."
     def __init__(self, channels: int):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv1d(channels, channels, 3, padding=1), nn.Conv1d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, padding=1)
     def forward(self, x): return x + self.conv2(F.gelu(self.conv1(F.gelu(x))))
 
-def series_encoder(in_channels: int, channels: Sequence[int], latent: int, res_blocks: int = 1) -> nn.Sequential:
+# %% ../nbs/06_series_codecs.ipynb #s001
+def series_encoder(in_channels: int, channels: Sequence[int], latent: int,
+                   res_blocks: int = 1) -> nn.Sequential:
     "Convolutional encoder: halves the length `len(channels) - 1` times, ends with `latent` channels."
     layers = [nn.Conv1d(in_channels, channels[0], 7, padding=3)]
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        layers += [ResBlock1d(c_in) for _ in range(res_blocks)] + [nn.Conv1d(c_in, c_out, 4, stride=2, padding=1)]
-    layers += [ResBlock1d(channels[-1]) for _ in range(res_blocks)] + [nn.GELU(), nn.Conv1d(channels[-1], latent, 1)]
+        layers += [ResBlock1d(c_in) for _ in range(res_blocks)]
+        layers += [nn.Conv1d(c_in, c_out, 4, stride=2, padding=1)]
+    layers += [ResBlock1d(channels[-1]) for _ in range(res_blocks)]
+    layers += [nn.GELU(), nn.Conv1d(channels[-1], latent, 1)]
     return nn.Sequential(*layers)
 
-def series_decoder(out_channels: int, channels: Sequence[int], latent: int, res_blocks: int = 1) -> nn.Sequential:
+# %% ../nbs/06_series_codecs.ipynb #s002
+def series_decoder(out_channels: int, channels: Sequence[int], latent: int,
+                   res_blocks: int = 1) -> nn.Sequential:
     "The mirror of `series_encoder`: doubles the length `len(channels) - 1` times."
-    layers = [nn.Conv1d(latent, channels[-1], 3, padding=1)] + [ResBlock1d(channels[-1]) for _ in range(res_blocks)]
+    layers = [nn.Conv1d(latent, channels[-1], 3,
+                        padding=1)] + [ResBlock1d(channels[-1]) for _ in range(res_blocks)]
     for c_in, c_out in zip(channels[::-1][:-1], channels[::-1][1:]):
-        layers += [nn.ConvTranspose1d(c_in, c_out, 4, stride=2, padding=1)] + [ResBlock1d(c_out) for _ in range(res_blocks)]
+        layers += [nn.ConvTranspose1d(c_in, c_out, 4, stride=2,
+                                      padding=1)] + [ResBlock1d(c_out) for _ in range(res_blocks)]
     layers += [nn.GELU(), nn.Conv1d(channels[0], out_channels, 7, padding=3)]
     return nn.Sequential(*layers)
 
@@ -47,42 +56,56 @@ class SeriesCodec(Codec):
     "Any fixed-length `SeriesModality` → `length // downsample` FSQ tokens (1-D conv encoder/decoder)."
     default_modality: ClassVar[type | None] = None  # set by `series_codec_class` subclasses
     def __init__(self,
-                 modality: str | type | None = None,       # the SeriesModality (class, "module:Class" or name); None: the class default
-                 levels: Sequence[int] = (8, 8, 8),         # FSQ levels per latent channel; vocabulary = their product (512)
+                 # the SeriesModality (class, "module:Class" or name); None: the class default
+                 modality: str | type | None = None,
+                 # FSQ levels per latent channel; vocabulary = their product (512)
+                 levels: Sequence[int] = (8, 8, 8),
                  downsample: int = 8,                       # samples per token (a power of 2)
-                 channels: Sequence[int] | None = None,     # widths per resolution (1 + log2(downsample)); None: 32, 32, 64, 64, ... (at most 128)
+                 # widths per resolution (1 + log2(downsample)); None: 32, 32, 64, 64, ... (at most 128)
+                 channels: Sequence[int] | None = None,
                  res_blocks: int = 1,                       # residual blocks per resolution
                  ):
         super().__init__()
         spec = modality if modality is not None else self.default_modality
-        if spec is None: raise CodecError(f"{type(self).__name__} needs a modality: SeriesCodec(modality=MySeries) or a series_codec_class subclass")
+        if spec is None: raise CodecError(f"{type(self).__name__} needs a modality: "
+                                          "SeriesCodec(modality=MySeries) or a series_codec_class subclass")
         self._modality = resolve_modality(spec, SeriesModality)
         if modality is not None: self._config['modality'] = modality_path(self._modality)
         mod, n_down = self._modality, int(round(math.log2(downsample))) if downsample >= 1 else -1
-        if downsample < 1 or 2 ** n_down != downsample: raise CodecError(f"{type(self).__name__}: downsample must be a power of 2, got {downsample}")
+        if downsample < 1 or 2 ** n_down != downsample:
+            raise CodecError(f"{type(self).__name__}: downsample must be a power of 2, got {downsample}")
         if mod.length is None or mod.length % downsample:
-            raise CodecError(f"{type(self).__name__}: {mod.__name__} must have a fixed length divisible by downsample={downsample}, got length {mod.length}")
-        channels = list(channels) if channels is not None else [min(32 * 2 ** (i // 2), 128) for i in range(n_down + 1)]
-        if len(channels) != n_down + 1: raise CodecError(f"{type(self).__name__}: need {n_down + 1} channel widths for downsample={downsample}, got {channels}")
+            raise CodecError(f"{type(self).__name__}: {mod.__name__} must have a fixed length divisible by "
+                             f"downsample={downsample}, got length {mod.length}")
+        if channels is None: channels = [min(32 * 2 ** (i // 2), 128) for i in range(n_down + 1)]
+        channels = list(channels)
+        if len(channels) != n_down + 1:
+            raise CodecError(f"{type(self).__name__}: need {n_down + 1} channel widths for "
+                             f"downsample={downsample}, got {channels}")
         self.downsample = downsample
         self._quantizer = FiniteScalarQuantizer(levels)
         self.encoder = series_encoder(mod.channels, channels, len(levels), res_blocks)
         self.decoder = series_decoder(mod.channels, channels, len(levels), res_blocks)
-        self.register_buffer('mean', torch.zeros(mod.channels, 1)); self.register_buffer('std', torch.ones(mod.channels, 1))
+        self.register_buffer('mean', torch.zeros(mod.channels, 1))
+        self.register_buffer('std', torch.ones(mod.channels, 1))
         self.register_buffer('prepared', torch.tensor(False))
 
     modality = property(lambda self: self._modality)
     quantizer = property(lambda self: self._quantizer)
-    @property
-    def token_grid(self) -> tuple[int, ...]: return (self._modality.length // self.downsample,)
+
+# %% ../nbs/06_series_codecs.ipynb #s007
+@patch(as_prop=True)
+def token_grid(self: SeriesCodec) -> tuple[int, ...]: return (self._modality.length // self.downsample,)
 
 # %% ../nbs/06_series_codecs.ipynb #c011
 def _finite_values(x: SeriesModality, where: str) -> Tensor:
     v = x.values
     bad = ~torch.isfinite(v).flatten(1).all(1)
-    if bad.any(): raise CodecError(f"{where}{type(x).__name__}: NaN or infinite samples in rows {bad.nonzero().flatten().tolist()[:10]}")
+    if bad.any(): raise CodecError(f"{where}{type(x).__name__}: NaN or infinite samples in rows "
+                                   f"{bad.nonzero().flatten().tolist()[:10]}")
     return v
 
+# %% ../nbs/06_series_codecs.ipynb #s003
 @patch
 @torch.no_grad()
 def prepare(self: SeriesCodec, train: SeriesModality) -> SeriesCodec:
@@ -94,14 +117,18 @@ def prepare(self: SeriesCodec, train: SeriesModality) -> SeriesCodec:
     self.prepared.fill_(True)
     return self
 
+# %% ../nbs/06_series_codecs.ipynb #s004
 @patch
 def _encode(self: SeriesCodec, x: SeriesModality) -> Tensor:
     return self.encoder((_finite_values(x, f"{type(self).__name__}: ") - self.mean) / self.std)
 
+# %% ../nbs/06_series_codecs.ipynb #s005
 @patch
 def _decode(self: SeriesCodec, z: Tensor, **metadata) -> SeriesModality:
-    return self._modality(**{self._modality.signal_field: self.decoder(z) * self.std + self.mean}, metadata=metadata or None)
+    return self._modality(**{self._modality.signal_field: self.decoder(z) * self.std + self.mean},
+                          metadata=metadata or None)
 
+# %% ../nbs/06_series_codecs.ipynb #s006
 @patch
 def reconstruction_loss(self: SeriesCodec, x: SeriesModality, x_hat: SeriesModality) -> Tensor:
     "Mean squared error in standard deviations of the training series."
@@ -122,7 +149,11 @@ def series_codec_class(modality: type[SeriesModality],  # the series it encodes 
                        ) -> type[SeriesCodec]:
     "A `SeriesCodec` subclass whose default modality is `modality` (defined in the caller's module)."
     name = name or f"{modality.__name__}Codec"
-    if not (isinstance(modality, type) and issubclass(modality, SeriesModality)): raise CodecError(f"{modality!r} is not a SeriesModality class")
+    if not (isinstance(modality, type) and issubclass(modality, SeriesModality)):
+        raise CodecError(f"{modality!r} is not a SeriesModality class")
     module = sys._getframe(1).f_globals.get('__name__', '__main__')
-    return type(name, (SeriesCodec,), {'default_modality': modality, '__module__': module, '__qualname__': name,
-                                       '__doc__': f"`SeriesCodec` of `{modality.__name__}` ({modality.channels} channel(s), {modality.length} samples)."})
+    return type(name, (SeriesCodec,), {'default_modality': modality, '__module__': module,
+                                       '__qualname__': name,
+                                       '__doc__': f"`SeriesCodec` of `{modality.__name__}` "
+                                                  f"({modality.channels} channel(s), {modality.length} "
+                                                  "samples)."})

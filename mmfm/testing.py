@@ -21,6 +21,7 @@ from .quantize import LinearScalarQuantizer, FiniteScalarQuantizer
 ToyTable = table_modality("ToyTable", ["age", "sex", "bmi"], "tok_toy_table",
                           units={"age": "yr", "bmi": "kg/m^2"}, doc="A three-column patient table for tests.")
 
+# %% ../nbs/03_testing.ipynb #s001
 @dataclass(frozen=True, eq=False)
 class ToyImage(BaseModality):
     "A 4-band image for tests."
@@ -29,8 +30,10 @@ class ToyImage(BaseModality):
     bands: tuple[str, ...] = ("g", "r", "i", "z")
 
     def validate(self):
-        if len(self.bands) != self.flux.shape[1]: raise ModalityError(f"ToyImage.bands: {len(self.bands)} names for {self.flux.shape[1]} bands")
+        if len(self.bands) != self.flux.shape[1]:
+            raise ModalityError(f"ToyImage.bands: {len(self.bands)} names for {self.flux.shape[1]} bands")
 
+# %% ../nbs/03_testing.ipynb #s002
 ToySeries = series_modality("ToySeries", "tok_toy_series", channels=1, length=64, sampling_rate_hz=32.0,
                             field="signal", doc="A one-channel series of 64 samples for tests.")
 
@@ -45,6 +48,7 @@ def toy_table(n: int = 5,     # rows
     bmi = 18 + 17 * torch.rand(n, 1, generator=g)
     return ToyTable(age=age, sex=sex, bmi=bmi)
 
+# %% ../nbs/03_testing.ipynb #s003
 def toy_image(n: int = 2, size: int = 16, seed: int = 0) -> ToyImage:
     "An `n`×4×`size`×`size` batch: a round Gaussian blob per band with band-dependent brightness, plus noise."
     g = torch.Generator().manual_seed(seed)
@@ -56,6 +60,7 @@ def toy_image(n: int = 2, size: int = 16, seed: int = 0) -> ToyImage:
     flux = amp * torch.exp(-r2 / (2 * width ** 2)) + 0.05 * torch.randn(n, 4, size, size, generator=g)
     return ToyImage(flux=flux)
 
+# %% ../nbs/03_testing.ipynb #s004
 def toy_series(n: int = 3, seed: int = 0) -> "ToySeries":
     "`n` noisy sine waves of 64 samples with random frequency and phase."
     g = torch.Generator().manual_seed(seed)
@@ -70,13 +75,18 @@ class ToyTableCodec(Codec):
     def __init__(self, num_bins: int = 64):
         super().__init__()
         self._quantizer = LinearScalarQuantizer(num_bins, 0.0, 1.0)
-        self.register_buffer('low', torch.tensor([0.0, 0.0, 10.0])); self.register_buffer('high', torch.tensor([100.0, 1.0, 50.0]))
+        self.register_buffer('low', torch.tensor([0.0, 0.0, 10.0]))
+        self.register_buffer('high', torch.tensor([100.0, 1.0, 50.0]))
     modality = property(lambda self: ToyTable)
     quantizer = property(lambda self: self._quantizer)
     token_grid = property(lambda self: (3,))
-    def _encode(self, x): return ((x.as_matrix() - self.low) / (self.high - self.low)).unsqueeze(1)       # [B, 1, 3]
-    def _decode(self, z, **metadata): return ToyTable.from_matrix(z.squeeze(1) * (self.high - self.low) + self.low, metadata=metadata or None)
+    # [B, 1, 3]
+    def _encode(self, x): return ((x.as_matrix() - self.low) / (self.high - self.low)).unsqueeze(1)
+    def _decode(self, z, **metadata):
+        return ToyTable.from_matrix(z.squeeze(1) * (self.high - self.low) + self.low,
+                                    metadata=metadata or None)
 
+# %% ../nbs/03_testing.ipynb #s005
 class ToyImageCodec(Codec):
     "4×4-pixel average pooling of a `ToyImage`, then FSQ over the 4 bands (levels [5,5,5,5])."
     def __init__(self, size: int = 16, patch: int = 4):
@@ -86,9 +96,11 @@ class ToyImageCodec(Codec):
     modality = property(lambda self: ToyImage)
     quantizer = property(lambda self: self._quantizer)
     token_grid = property(lambda self: (self.size // self.patch, self.size // self.patch))
-    def _encode(self, x): return F.avg_pool2d(x.flux, self.patch)                                       # [B, 4, h, w]
-    def _decode(self, z, **metadata): return ToyImage(flux=F.interpolate(z, scale_factor=self.patch), metadata=metadata or None)
+    def _encode(self, x): return F.avg_pool2d(x.flux, self.patch)  # [B, 4, h, w]
+    def _decode(self, z, **metadata):
+        return ToyImage(flux=F.interpolate(z, scale_factor=self.patch), metadata=metadata or None)
 
+# %% ../nbs/03_testing.ipynb #s006
 class ToySeriesCodec(Codec):
     "Average pooling of a `ToySeries` by 8, then 32 linear bins over [-1.5, 1.5]: 8 tokens."
     def __init__(self, pool: int = 8, num_bins: int = 32):
@@ -98,9 +110,11 @@ class ToySeriesCodec(Codec):
     modality = property(lambda self: ToySeries)
     quantizer = property(lambda self: self._quantizer)
     token_grid = property(lambda self: (64 // self.pool,))
-    def _encode(self, x): return F.avg_pool1d(x.signal, self.pool)                                       # [B, 1, 8]
-    def _decode(self, z, **metadata): return ToySeries(signal=z.repeat_interleave(self.pool, dim=-1), metadata=metadata or None)
+    def _encode(self, x): return F.avg_pool1d(x.signal, self.pool)  # [B, 1, 8]
+    def _decode(self, z, **metadata):
+        return ToySeries(signal=z.repeat_interleave(self.pool, dim=-1), metadata=metadata or None)
 
+# %% ../nbs/03_testing.ipynb #s007
 def toy_manager() -> CodecManager:
     "A `CodecManager` with the three toy codecs."
     return CodecManager([ToyTableCodec(), ToyImageCodec(), ToySeriesCodec()])

@@ -23,7 +23,8 @@ from .progress import progress
 
 # %% ../nbs/08_tokens.ipynb #t005
 def check_tokens(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
-                 present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B]}; None: every modality present
+                 # {token_key: Bool[B]}; None: every modality present
+                 present: Mapping[str, Tensor] | None = None,
                  ) -> dict[str, Tensor]:
     "Validate a token dict and its presence flags; return the presence dict (all True where omitted)."
     if not tokens: raise ValueError("tokens is empty: give at least one {token_key: Long[B, N]} entry")
@@ -31,11 +32,13 @@ def check_tokens(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
     for k, t in tokens.items():
         if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"tokens[{k!r}] must be an integer tensor [batch, n_tokens], got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+                            f"{getattr(t, 'dtype', type(t).__name__)} of shape "
+                            f"{tuple(getattr(t, 'shape', ()))}")
         if batch is None: batch, first = t.shape[0], k
         elif t.shape[0] != batch:
             raise ValueError(f"tokens[{k!r}] has batch size {t.shape[0]} but tokens[{first!r}] has {batch}")
-    if present is None: return {k: torch.ones(batch, dtype=torch.bool, device=t.device) for k, t in tokens.items()}
+    if present is None: return {k: torch.ones(batch, dtype=torch.bool, device=t.device) for k,
+                                t in tokens.items()}
     extra = set(present) - set(tokens)
     if extra: raise KeyError(f"present has keys with no tokens: {sorted(extra)}")
     out = {}
@@ -50,8 +53,10 @@ def check_tokens(tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
 
 # %% ../nbs/08_tokens.ipynb #t008
 class TokenError(ValueError):
-    "Input that cannot be read as tokens: empty, of the wrong kind, or modalities without the codecs to encode them."
+    """Input that cannot be read as tokens: empty, of the wrong kind, or modalities without the codecs to
+    encode them."""
 
+# %% ../nbs/08_tokens.ipynb #s001
 @dataclass
 class TokenBatch:
     "Tokens per token key for a whole batch, with a presence mask per key."
@@ -68,12 +73,14 @@ def to(self: TokenBatch, device) -> TokenBatch:
     return TokenBatch(self.ids, {k: t.to(device) for k, t in self.tokens.items()},
                       {k: p.to(device) for k, p in self.present.items()}, self.index)
 
+# %% ../nbs/08_tokens.ipynb #s002
 @patch
 def select(self: TokenBatch, rows) -> TokenBatch:
     "Rows `rows` (indices into this batch), in that order."
     idx = torch.as_tensor(rows).long()
     return TokenBatch([self.ids[i] for i in idx.tolist()], {k: t[idx] for k, t in self.tokens.items()},
-                      {k: p[idx] for k, p in self.present.items()}, None if self.index is None else self.index[idx])
+                      {k: p[idx] for k, p in self.present.items()},
+                      None if self.index is None else self.index[idx])
 
 # %% ../nbs/08_tokens.ipynb #t012
 def encode_batch(codecs,        # the CodecManager: one codec per modality of the batch
@@ -96,25 +103,29 @@ def encode_batch(codecs,        # the CodecManager: one codec per modality of th
 def _from_modalities(mods: list, codecs) -> TokenBatch:
     if not mods: raise TokenError("empty input: no modalities given")
     for i, m in enumerate(mods):
-        if not isinstance(m, BaseModality): raise TokenError(f"input {i} is a {type(m).__name__}, not a modality")
+        if not isinstance(m, BaseModality):
+            raise TokenError(f"input {i} is a {type(m).__name__}, not a modality")
     sizes = {type(m).__name__: m.batch_size for m in mods}
     if len(set(sizes.values())) > 1:
-        raise TokenError(f"modalities with different batch sizes {sizes}: row b must be the same sample in each")
+        raise TokenError(f"modalities with different batch sizes {sizes}: row b must be the same sample in "
+                         "each")
     tokens = codecs.encode(*mods)
     return TokenBatch([str(i) for i in range(mods[0].batch_size)], tokens, check_tokens(tokens))
 
 # %% ../nbs/08_tokens.ipynb #t017
-def as_token_batch(sample,         # TokenBatch, token dict, {"tokens", "present"[, "ids"]}, (tokens, present),
+def as_token_batch(sample,  # TokenBatch, token dict, {"tokens", "present"[, "ids"]}, (tokens, present),
                                    # Batch, modality or list of modalities
                    codecs=None,    # the CodecManager, needed for a Batch or modalities
                    ) -> TokenBatch:
     "`sample` as a `TokenBatch` (ids are row numbers where the input has none)."
     if isinstance(sample, TokenBatch):
-        if len(sample) == 0 or not sample.tokens: raise TokenError("empty input: the TokenBatch holds no samples or no tokens")
+        if len(sample) == 0 or not sample.tokens:
+            raise TokenError("empty input: the TokenBatch holds no samples or no tokens")
         return sample
     if isinstance(sample, Mapping):
         if not sample: raise TokenError("empty input: the token dict has no keys")
-        tokens, present, ids = ((sample["tokens"], sample.get("present"), sample.get("ids")) if "tokens" in sample
+        tokens, present, ids = ((sample["tokens"], sample.get("present"),
+                                 sample.get("ids")) if "tokens" in sample
                                 else (sample, None, None))
     elif isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], Mapping):
         (tokens, present), ids = sample, None
@@ -124,14 +135,16 @@ def as_token_batch(sample,         # TokenBatch, token dict, {"tokens", "present
             if len(sample) == 0: raise TokenError("empty input: the Batch holds no samples")
             return encode_batch(codecs, sample)
         return _from_modalities([sample] if isinstance(sample, BaseModality) else list(sample), codecs)
-    else: raise TokenError(f"cannot read tokens from a {type(sample).__name__}: give a TokenBatch, a token dict, "
-                           "a (tokens, present) pair, a Batch or modalities")
+    else: raise TokenError(f"cannot read tokens from a {type(sample).__name__}: give a TokenBatch, a token "
+                           "dict, a (tokens, present) pair, a Batch or modalities")
     present = check_tokens(tokens, present)
     n = len(next(iter(present.values())))
-    return TokenBatch([str(i) for i in range(n)] if ids is None else [str(i) for i in ids], dict(tokens), present)
+    return TokenBatch([str(i) for i in range(n)] if ids is None else [str(i) for i in ids], dict(tokens),
+                      present)
 
 # %% ../nbs/08_tokens.ipynb #t020
-def collate_tokens(items: Sequence[Mapping],  # one sample's {"tokens": {key: Long[N]}, "present": {key: bool}} each
+# one sample's {"tokens": {key: Long[N]}, "present": {key: bool}} each
+def collate_tokens(items: Sequence[Mapping],
                    index: Sequence[int],      # their positions in the dataset
                    ) -> TokenBatch:
     "Stack single-sample token items into a `TokenBatch`."
@@ -139,43 +152,59 @@ def collate_tokens(items: Sequence[Mapping],  # one sample's {"tokens": {key: Lo
     keys = list(items[0]["tokens"])
     tokens = {k: torch.stack([torch.as_tensor(it["tokens"][k]) for it in items]) for k in keys}
     present = {k: torch.tensor([bool(it["present"][k]) for it in items]) for k in keys}
-    return TokenBatch([str(i) for i in index], tokens, present, torch.as_tensor(list(index), dtype=torch.long))
+    return TokenBatch([str(i) for i in index], tokens, present,
+                      torch.as_tensor(list(index), dtype=torch.long))
 
 # %% ../nbs/08_tokens.ipynb #t022
 class TokenDataset(Dataset):
-    "Every sample's tokens in memory, with the codecs' vocabularies and grids, the ids and (optionally) the splits."
+    """Every sample's tokens in memory, with the codecs' vocabularies and grids, the ids and (optionally)
+    the splits."""
     def __init__(self, tokens: Mapping[str, Tensor],  # {token_key: Long[n_samples, N_key]}
-                 present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[n_samples]}; None: all present
-                 vocab_sizes: Mapping[str, int] | None = None,  # from the codecs; None: max token + 1 (not recommended)
+                 # {token_key: Bool[n_samples]}; None: all present
+                 present: Mapping[str, Tensor] | None = None,
+                 # from the codecs; None: max token + 1 (not recommended)
+                 vocab_sizes: Mapping[str, int] | None = None,
                  token_grids: Mapping[str, tuple] | None = None,  # from the codecs; None: 1-D
                  ids: Sequence[str] | None = None,  # sample ids (default: "0", "1", ...)
-                 splits: Sequence[str] | None = None,  # each sample's split ("train", "val", "test"), if known
+                 # each sample's split ("train", "val", "test"), if known
+                 splits: Sequence[str] | None = None,
                  ):
         present = check_tokens(tokens, present)
         n = len(next(iter(present.values())))
         self.ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
         if len(self.ids) != n: raise ValueError(f"{len(self.ids)} ids for {n} samples")
         self.splits = None if splits is None else [str(s) for s in splits]
-        if self.splits is not None and len(self.splits) != n: raise ValueError(f"{len(self.splits)} splits for {n} samples")
+        if self.splits is not None and len(self.splits) != n:
+            raise ValueError(f"{len(self.splits)} splits for {n} samples")
         self.present = {k: p.clone() for k, p in present.items()}
         self.tokens = {k: t.long().masked_fill(~self.present[k][:, None], 0) for k, t in tokens.items()}
         vocab = vocab_sizes or {k: int(t.max()) + 1 for k, t in self.tokens.items()}
         self.vocab_sizes = {k: int(v) for k, v in vocab.items()}
-        self.token_grids = {k: as_grid((token_grids or {}).get(k, (t.shape[1],))) for k, t in self.tokens.items()}
+        self.token_grids = {k: as_grid((token_grids or {}).get(k, (t.shape[1],)))
+                            for k, t in self.tokens.items()}
         self.validate()
 
-    def __len__(self): return len(self.ids)
-    def __getitem__(self, i: int) -> dict:
-        return {"tokens": {k: t[i] for k, t in self.tokens.items()}, "present": {k: p[i] for k, p in self.present.items()}}
-    @property
-    def num_tokens(self) -> dict: return {k: t.shape[1] for k, t in self.tokens.items()}
+# %% ../nbs/08_tokens.ipynb #s006
+@patch
+def __len__(self: TokenDataset): return len(self.ids)
+
+# %% ../nbs/08_tokens.ipynb #s007
+@patch
+def __getitem__(self: TokenDataset, i: int) -> dict:
+    return {"tokens": {k: t[i] for k, t in self.tokens.items()},
+            "present": {k: p[i] for k, p in self.present.items()}}
+
+# %% ../nbs/08_tokens.ipynb #s008
+@patch(as_prop=True)
+def num_tokens(self: TokenDataset) -> dict: return {k: t.shape[1] for k, t in self.tokens.items()}
 
 # %% ../nbs/08_tokens.ipynb #t023
 @patch
 def validate(self: TokenDataset):
     "Raise, naming sample id and key, on an empty sample or a token outside its vocabulary."
     if set(self.vocab_sizes) != set(self.tokens):
-        raise ValueError(f"vocab_sizes keys {sorted(self.vocab_sizes)} differ from token keys {sorted(self.tokens)}")
+        raise ValueError(f"vocab_sizes keys {sorted(self.vocab_sizes)} differ from token keys "
+                         f"{sorted(self.tokens)}")
     none = ~torch.stack(list(self.present.values()), 1).any(1)
     if none.any(): raise ValueError(f"sample {self.ids[int(none.nonzero()[0])]!r}: every modality is absent")
     for k, t in self.tokens.items():
@@ -195,6 +224,7 @@ def batch(self: TokenDataset, index) -> TokenBatch:
     return TokenBatch([self.ids[i] for i in index.tolist()], {k: t[index] for k, t in self.tokens.items()},
                       {k: p[index] for k, p in self.present.items()}, index)
 
+# %% ../nbs/08_tokens.ipynb #s003
 @patch
 def subset(self: TokenDataset, rows) -> TokenDataset:
     "A new dataset of rows `rows` (indices or a boolean mask), with the same vocabularies and grids."
@@ -202,29 +232,36 @@ def subset(self: TokenDataset, rows) -> TokenDataset:
     rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
     if len(rows) == 0: raise ValueError("subset: no rows selected")
     r = rows.tolist()
-    return TokenDataset({k: t[rows] for k, t in self.tokens.items()}, {k: p[rows] for k, p in self.present.items()},
+    return TokenDataset({k: t[rows] for k, t in self.tokens.items()},
+                        {k: p[rows] for k, p in self.present.items()},
                         self.vocab_sizes, self.token_grids, [self.ids[i] for i in r],
                         None if self.splits is None else [self.splits[i] for i in r])
 
+# %% ../nbs/08_tokens.ipynb #s004
 @patch
 def split(self: TokenDataset, name: str) -> TokenDataset:
     "The samples of split `name`."
     if self.splits is None: raise ValueError("this TokenDataset records no splits")
-    if name not in self.splits: raise ValueError(f"no sample is in split {name!r}; splits: {sorted(set(self.splits))}")
+    if name not in self.splits:
+        raise ValueError(f"no sample is in split {name!r}; splits: {sorted(set(self.splits))}")
     return self.subset(torch.tensor([s == name for s in self.splits]))
 
 # %% ../nbs/08_tokens.ipynb #t026
 def synthetic_token_dataset(n: int = 64,  # samples
-                            vocab_sizes: Mapping[str, int] | None = None,  # {key: V}; default: image, table, series
+                            # {key: V}; default: image, table, series
+                            vocab_sizes: Mapping[str, int] | None = None,
                             num_tokens: Mapping[str, int] | None = None,  # {key: N}
                             token_grids: Mapping[str, tuple] | None = None,  # {key: grid}
                             n_classes: int = 8,  # hidden classes
-                            p_absent: float = 0.2,  # probability that a modality (other than the first) is absent
+                            # probability that a modality (other than the first) is absent
+                            p_absent: float = 0.2,
                             noise: float = 0.05,  # probability that a token is replaced by a random one
                             seed: int = 0,  # random seed of the samples
-                            structure_seed: int = 0,  # seed of the class -> tokens tables (share it between splits)
+                            # seed of the class -> tokens tables (share it between splits)
+                            structure_seed: int = 0,
                             ) -> TokenDataset:
-    "A small learnable token dataset: tokens are a fixed function of a hidden class, plus noise; modalities go missing."
+    """A small learnable token dataset: tokens are a fixed function of a hidden class, plus noise;
+    modalities go missing."""
     if vocab_sizes is None:
         vocab_sizes = {"tok_image": 256, "tok_table": 32, "tok_series": 64}
         num_tokens = {"tok_image": 16, "tok_table": 3, "tok_series": 8}
@@ -237,7 +274,8 @@ def synthetic_token_dataset(n: int = 64,  # samples
         t = table[cls]
         noisy = torch.rand(t.shape, generator=g) < noise
         tokens[k] = torch.where(noisy, torch.randint(0, V, t.shape, generator=g), t)
-        present[k] = (torch.rand(n, generator=g) >= p_absent) | (not present)   # the first key is always present
+        # the first key is always present
+        present[k] = (torch.rand(n, generator=g) >= p_absent) | (not present)
     return TokenDataset(tokens, present, vocab_sizes, token_grids, ids=[f"syn{i:05d}" for i in range(n)])
 
 # %% ../nbs/08_tokens.ipynb #t031
@@ -247,9 +285,11 @@ def save(self: TokenDataset, path: str | Path) -> Path:
     tensors = {**{f"tokens/{k}": t.int() for k, t in self.tokens.items()},
                **{f"present/{k}": p for k, p in self.present.items()}}
     meta = {"vocab_sizes": json.dumps(self.vocab_sizes), "token_grids": json.dumps(self.token_grids),
-            "ids": json.dumps(self.ids), "keys": json.dumps(list(self.tokens)), "splits": json.dumps(self.splits)}
+            "ids": json.dumps(self.ids), "keys": json.dumps(list(self.tokens)),
+            "splits": json.dumps(self.splits)}
     return save_safetensors(path, tensors, meta)
 
+# %% ../nbs/08_tokens.ipynb #s005
 @patch(cls_method=True)
 def load(cls: TokenDataset, path: str | Path) -> TokenDataset:
     "Read a dataset written by `TokenDataset.save` (its checksum verified)."
@@ -263,7 +303,7 @@ def load(cls: TokenDataset, path: str | Path) -> TokenDataset:
 # %% ../nbs/08_tokens.ipynb #t034
 @patch(cls_method=True)
 def from_batches(cls: TokenDataset, batches: Iterable[TokenBatch],  # token batches with the same keys
-                 codecs=None,                        # the CodecManager that made them (vocabularies and grids)
+                 codecs=None,  # the CodecManager that made them (vocabularies and grids)
                  splits: Sequence[str] | None = None,  # each sample's split, in batch order
                  ) -> TokenDataset:
     "Concatenate token batches into one dataset."
@@ -292,4 +332,5 @@ def encode(cls: TokenDataset, dataset,  # a MultiSourceDataset (anything with __
     parts = [encode_batch(codecs, dataset.collate([dataset[i] for i in range(s, min(s + batch_size, n))]))
              for s in progress(starts, desc=f"encoding {n} samples", enable=progress_bar, leave=False)]
     splits = [s.get("split") for s in getattr(dataset, "samples", [])]
-    return cls.from_batches(parts, codecs, splits if splits and all(isinstance(s, str) for s in splits) else None)
+    return cls.from_batches(parts, codecs,
+                            splits if splits and all(isinstance(s, str) for s in splits) else None)

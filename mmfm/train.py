@@ -33,13 +33,14 @@ class TrainConfig:
     lr: float = 3e-4               # peak learning rate
     min_lr: float = 3e-5           # learning rate at the end of the cosine decay
     warmup_steps: int = 100        # linear warmup from lr/warmup_steps to lr
-    weight_decay: float = 0.05     # AdamW decoupled weight decay, on matrices only (not biases, norms, mask embedding)
+    # AdamW decoupled weight decay, on matrices only (not biases, norms, mask embedding)
+    weight_decay: float = 0.05
     beta1: float = 0.9             # AdamW beta1
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # max global gradient norm (0: no clipping)
     bf16: bool = False             # bfloat16 autocast for the forward pass (loss in float32)
     seed: int = 0                  # seeds model init, data order, masks and dropout
-    eval_every: int = 100          # validate every n steps (0: never; also at the end when validation data is given)
+    eval_every: int = 100  # validate every n steps (0: never; also at the end when validation data is given)
     checkpoint_every: int = 100    # checkpoint every n steps (0: only at the end)
     keep_checkpoints: int = 2      # how many recent checkpoints to keep on disk
     progress: bool = True          # progress bar with live loss (rank 0)
@@ -59,10 +60,13 @@ def lr_at(step: int,  # optimizer steps already taken (0 for the first step)
 # %% ../nbs/12_train.ipynb #c022
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
 
+# %% ../nbs/12_train.ipynb #s001
 def sample_seed(seed: int, stream: int, epoch: int, index: int) -> int:
-    "A 32-bit seed for one sample's masks, from the run seed, the stream (train/val), the epoch and the sample index."
+    """A 32-bit seed for one sample's masks, from the run seed, the stream (train/val), the epoch and the
+    sample index."""
     return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
 
+# %% ../nbs/12_train.ipynb #s002
 def per_sample_masks(batch: TokenBatch,  # the batch (with `index`)
                      masking: MaskingConfig,  # how to mask
                      seeds: list[int],  # one seed per row
@@ -91,8 +95,10 @@ class DistInfo:
     @property
     def is_main(self) -> bool: return self.rank == 0
 
+# %% ../nbs/12_train.ipynb #s003
 def init_distributed() -> DistInfo:
-    "Join the process group `torchrun` describes (gloo on CPU, NCCL on GPU); a plain single process otherwise."
+    """Join the process group `torchrun` describes (gloo on CPU, NCCL on GPU); a plain single process
+    otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -102,6 +108,7 @@ def init_distributed() -> DistInfo:
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank, dist.get_world_size() if dist.is_initialized() else 1, local, device)
 
+# %% ../nbs/12_train.ipynb #s004
 def epoch_batches(n: int,  # dataset size
                   batch_size: int,  # global batch size
                   dinfo: DistInfo,  # this process
@@ -109,14 +116,16 @@ def epoch_batches(n: int,  # dataset size
                   epoch: int,  # epoch number
                   shuffle: bool = True,  # False for validation
                   ) -> list[list[int]]:
-    "This process's index batches for one epoch: shuffled by a `DistributedSampler` (drop-last), or in order (validation)."
+    """This process's index batches for one epoch: shuffled by a `DistributedSampler` (drop-last), or in
+    order (validation)."""
     if batch_size % dinfo.world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {dinfo.world_size} processes")
     local = batch_size // dinfo.world_size
-    if not shuffle:                                    # every sample exactly once over all processes (no padding)
+    if not shuffle:  # every sample exactly once over all processes (no padding)
         idx = list(range(dinfo.rank, n, dinfo.world_size))
         return [idx[i:i + local] for i in range(0, len(idx), local)]
-    sampler = DistributedSampler(range(n), dinfo.world_size, dinfo.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(range(n), dinfo.world_size, dinfo.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
     sampler.set_epoch(epoch)
     idx = list(sampler)
     return [idx[i:i + local] for i in range(0, len(idx) - local + 1, local)]
@@ -125,12 +134,14 @@ def epoch_batches(n: int,  # dataset size
 def global_loss(terms, dinfo: DistInfo) -> tuple[Tensor, dict]:
     "This process's loss share (for backward) and the global per-key metrics (for logging)."
     keys = list(terms.ce_sum)
-    local = torch.stack([torch.stack([terms.ce_sum[k].detach().float(), terms.n_correct[k].float(), terms.n_targets[k].float()])
-                         for k in keys])                                           # [K, 3]: ce, correct, count
+    local = torch.stack([torch.stack([terms.ce_sum[k].detach().float(), terms.n_correct[k].float(),
+                                      terms.n_targets[k].float()])
+                         for k in keys])  # [K, 3]: ce, correct, count
     if dinfo.world_size > 1: dist.all_reduce(local)
     counts = local[:, 2]
     with_targets = counts > 0
-    if not with_targets.any(): raise ValueError("no target tokens in this batch (on any process): the loss is undefined")
+    if not with_targets.any():
+        raise ValueError("no target tokens in this batch (on any process): the loss is undefined")
     share = average_over_modalities(terms.ce_sum, dict(zip(keys, counts))) * dinfo.world_size
     per_key = {k: (float(local[i, 0] / counts[i]), float(local[i, 1] / counts[i]), int(counts[i]))
                for i, k in enumerate(keys) if counts[i] > 0}
@@ -150,6 +161,7 @@ def rng_state(masking_generator: torch.Generator) -> tuple[dict, dict]:
             "python": [py_state[0], list(py_state[1]), py_state[2]]}
     return tensors, meta
 
+# %% ../nbs/12_train.ipynb #s005
 def set_rng_state(tensors: dict, meta: dict, masking_generator: torch.Generator):
     "Restore what `rng_state` captured."
     torch.set_rng_state(tensors["torch"]); masking_generator.set_state(tensors["masking"])
@@ -164,13 +176,16 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict) -> tuple[dict, di
     "Flatten an optimizer's state into named tensors (`optim/<param>/<field>`) plus JSON for its groups."
     tensors, groups = {}, []
     for g in opt.param_groups:
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]})
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": [names[id(p)] for p in g["params"]]})
         for p in g["params"]:
             for key, v in opt.state.get(p, {}).items():
-                if not torch.is_tensor(v): raise TypeError(f"optimizer state {key!r} of {names[id(p)]} is not a tensor")
+                if not torch.is_tensor(v):
+                    raise TypeError(f"optimizer state {key!r} of {names[id(p)]} is not a tensor")
                 tensors[f"optim/{names[id(p)]}/{key}"] = v.detach().cpu().contiguous()
     return tensors, {"param_groups": groups}
 
+# %% ../nbs/12_train.ipynb #s006
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict, names: dict):
     "Restore what `optimizer_tensors` flattened."
     groups, state, i = [], {}, 0
@@ -189,10 +204,12 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict
 class MetricsLog:
     "Per-step, per-validation and per-epoch metrics as JSON lines and CSV (written by rank 0 only)."
     KINDS = {"step": "steps.csv", "val": "val.csv", "epoch": "epochs.csv"}
-    def __init__(self, directory: str | Path, token_keys: list[str], enabled: bool = True, keep_until: int | None = None):
+    def __init__(self, directory: str | Path, token_keys: list[str], enabled: bool = True,
+                 keep_until: int | None = None):
         self.dir, self.enabled = Path(directory), enabled
         per_key = [f"{m}/{k}" for m in ("loss", "acc") for k in token_keys]
-        self.columns = {"step": ["step", "epoch", "lr", "loss", "grad_norm", "targets", "tokens_per_s", "step_s", *per_key],
+        self.columns = {"step": ["step", "epoch", "lr", "loss", "grad_norm", "targets", "tokens_per_s",
+                                 "step_s", *per_key],
                         "val": ["step", "epoch", "loss", "targets", *per_key],
                         "epoch": ["step", "epoch", "loss", *per_key]}
         if enabled: self._rewrite(keep_until)
@@ -200,7 +217,8 @@ class MetricsLog:
     def _rewrite(self, keep_until):
         "Start the files afresh, keeping the rows up to step `keep_until` (None: keep nothing)."
         path = self.dir / "metrics.jsonl"
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() and keep_until is not None else []
+        rows = [json.loads(l) for l in path.read_text().splitlines()
+                if l.strip()] if path.exists() and keep_until is not None else []
         rows = [r for r in rows if r["step"] <= keep_until] if keep_until is not None else []
         write = lambda p, text: atomic_write(p, lambda tmp: Path(tmp).write_text(text))
         write(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -209,26 +227,34 @@ class MetricsLog:
             for r in rows:
                 if r["kind"] == kind: self._csv(kind, r)
 
-    def _csv(self, kind, row):
-        with open(self.dir / self.KINDS[kind], "a", newline="") as f:
-            csv.DictWriter(f, self.columns[kind], extrasaction="ignore").writerow({k: row.get(k, "") for k in self.columns[kind]})
+# %% ../nbs/12_train.ipynb #s016
+@patch
+def _csv(self: MetricsLog, kind, row):
+    with open(self.dir / self.KINDS[kind], "a", newline="") as f:
+        csv.DictWriter(f, self.columns[kind],
+                       extrasaction="ignore").writerow({k: row.get(k, "") for k in self.columns[kind]})
 
-    def write(self, kind: str, **row):
-        "Append one row of `kind` (step, val or epoch)."
-        if not self.enabled: return
-        row = {"kind": kind, **row}
-        with open(self.dir / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
-        self._csv(kind, row)
+# %% ../nbs/12_train.ipynb #s017
+@patch
+def write(self: MetricsLog, kind: str, **row):
+    "Append one row of `kind` (step, val or epoch)."
+    if not self.enabled: return
+    row = {"kind": kind, **row}
+    with open(self.dir / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
+    self._csv(kind, row)
 
-    def rows(self, kind: str | None = None) -> list[dict]:
-        "The rows written so far (of one kind)."
-        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
+# %% ../nbs/12_train.ipynb #s018
+@patch
+def rows(self: MetricsLog, kind: str | None = None) -> list[dict]:
+    "The rows written so far (of one kind)."
+    lines = (self.dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
 
 # %% ../nbs/12_train.ipynb #c042
 class NonFiniteLossError(RuntimeError):
     "Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."
 
+# %% ../nbs/12_train.ipynb #s007
 class Trainer:
     "One training run of a `MultimodalTransformer` on token data (single process or one `torchrun` process)."
     def __init__(self, model: MultimodalTransformer,  # the model (same initial weights on every process)
@@ -253,15 +279,17 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.epoch_sums: dict = {}
         self.masking_generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.dinfo.rank)
-        torch.manual_seed(self.cfg.seed + self.dinfo.rank); np.random.seed(self.cfg.seed); random.seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed + self.dinfo.rank)
+        np.random.seed(self.cfg.seed); random.seed(self.cfg.seed)
         self.ckpt_dir = self.out_dir / "checkpoints"
         if self.dinfo.is_main: self.out_dir.mkdir(parents=True, exist_ok=True)
         found = (self.ckpt_dir / "latest.json").exists()
         if found and not resume:
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True (--resume) to continue it, "
-                                  f"or choose another output directory")
+            raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True (--resume) to "
+                                  f"continue it, or choose another output directory")
         if found: self.restore()
-        self.log = MetricsLog(self.out_dir, model.token_keys, self.dinfo.is_main, keep_until=self.step if found else None)
+        self.log = MetricsLog(self.out_dir, model.token_keys, self.dinfo.is_main,
+                              keep_until=self.step if found else None)
         self.ddp = self.model
         if self.dinfo.world_size > 1:
             ids = [self.dinfo.device.index] if self.dinfo.device.type == "cuda" else None
@@ -273,31 +301,39 @@ def _epoch(self: Trainer, data, epoch: int, shuffle: bool = True) -> list:
     "This process's batches of one epoch: index lists for map-style data, the iterable's batches otherwise."
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         out = epoch_batches(len(data), self.cfg.batch_size, self.dinfo, self.cfg.seed, epoch, shuffle)
-        if not out: raise ValueError(f"the dataset has {len(data)} samples, fewer than one batch of {self.cfg.batch_size}")
+        if not out: raise ValueError(f"the dataset has {len(data)} samples, fewer than one batch of "
+                                     f"{self.cfg.batch_size}")
         return out
     return None                                              # an iterable: consumed lazily
 
+# %% ../nbs/12_train.ipynb #s008
 @patch
 def _load(self: Trainer, data, index) -> TokenBatch:
     "Fetch one batch of indices from a map-style dataset."
     if isinstance(data, TokenDataset): return data.batch(index)
     return collate_tokens([data[i] for i in index], list(index))
 
+# %% ../nbs/12_train.ipynb #s009
 @patch
 def _masks(self: Trainer, batch: TokenBatch, stream: int, epoch: int) -> Masks:
     "Masks for a batch: per-sample seeds when rows have dataset indices, the trainer's generator otherwise."
     if batch.index is None: return self.masking(batch.tokens, batch.present, self.masking_generator)
-    return per_sample_masks(batch, self.masking, [sample_seed(self.cfg.seed, stream, epoch, int(i)) for i in batch.index])
+    return per_sample_masks(batch, self.masking,
+                            [sample_seed(self.cfg.seed, stream, epoch, int(i)) for i in batch.index])
 
+# %% ../nbs/12_train.ipynb #s010
 @patch
 def batches(self: Trainer):
-    "Yield `(epoch, batch_in_epoch, batch, masks, last_of_epoch)` from the current position, epoch after epoch."
+    """Yield `(epoch, batch_in_epoch, batch, masks, last_of_epoch)` from the current position, epoch after
+    epoch."""
     W, r = self.dinfo.world_size, self.dinfo.rank
     while True:
         plan, start = self._epoch(self.data, self.epoch), self.batch_in_epoch
-        if plan is not None: items = ((i, self._load(self.data, idx)) for i, idx in enumerate(plan) if i >= start)
-        else: items = ((i // W, as_token_batch(b)) for i, b in enumerate(self.data) if i % W == r and i // W >= start)
-        ahead = next(items, None)                     # look one batch ahead to know which batch ends the epoch
+        if plan is not None: items = ((i, self._load(self.data, idx)) for i,
+                                      idx in enumerate(plan) if i >= start)
+        else: items = ((i // W, as_token_batch(b)) for i,
+                       b in enumerate(self.data) if i % W == r and i // W >= start)
+        ahead = next(items, None)  # look one batch ahead to know which batch ends the epoch
         if ahead is None: raise ValueError("the training data yielded no batch (a one-shot generator?)")
         epoch = self.epoch
         while ahead is not None:
@@ -315,21 +351,25 @@ def train_step(self: Trainer, batch: TokenBatch, masks: Masks) -> dict:
     dev = self.dinfo.device
     tokens = {k: v.to(dev) for k, v in batch.tokens.items()}
     present = {k: v.to(dev) for k, v in batch.present.items()}
-    masks = Masks({k: v.to(dev) for k, v in masks.is_input.items()}, {k: v.to(dev) for k, v in masks.is_target.items()})
+    masks = Masks({k: v.to(dev) for k, v in masks.is_input.items()},
+                  {k: v.to(dev) for k, v in masks.is_target.items()})
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
         terms = self.ddp(tokens, *masks, present, loss_terms=True)
     share, metrics = global_loss(terms, self.dinfo)
     if not math.isfinite(metrics["loss"]): self._stop("loss", metrics["loss"])
     self.optimizer.zero_grad(set_to_none=True)
     share.backward()
-    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                          self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
     if not torch.isfinite(norm): self._stop("gradient norm", float(norm))
     self.optimizer.step()
     self.step += 1
     n_tokens = metrics["targets"] + sum(int(m.sum()) for m in masks.is_input.values()) * self.dinfo.world_size
     dt = time.perf_counter() - t0
-    return {"step": self.step, "lr": lr, **metrics, "grad_norm": float(norm), "tokens_per_s": n_tokens / dt, "step_s": dt}
+    return {"step": self.step, "lr": lr, **metrics, "grad_norm": float(norm), "tokens_per_s": n_tokens / dt,
+            "step_s": dt}
 
+# %% ../nbs/12_train.ipynb #s011
 @patch
 def _stop(self: Trainer, what: str, value: float):
     last = self.ckpt_dir / "latest.json"
@@ -354,7 +394,8 @@ def evaluate(self: Trainer, data=None) -> dict:
         masks = self._masks(batch, _VAL_STREAM, 0)
         with torch.autocast(self.dinfo.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             t = self.model(batch.tokens, *masks, batch.present, loss_terms=True)
-        sums += torch.tensor([[float(t.ce_sum[k]), float(t.n_correct[k]), float(t.n_targets[k])] for k in keys], dtype=torch.float64)
+        sums += torch.tensor([[float(t.ce_sum[k]), float(t.n_correct[k]),
+                               float(t.n_targets[k])] for k in keys], dtype=torch.float64)
     if self.dinfo.world_size > 1: dist.all_reduce(sums)
     have = [i for i in range(len(keys)) if sums[i, 2] > 0]
     out = {"loss": float(np.mean([float(sums[i, 0] / sums[i, 2]) for i in have])) if have else float("nan"),
@@ -365,8 +406,10 @@ def evaluate(self: Trainer, data=None) -> dict:
 # %% ../nbs/12_train.ipynb #c050
 @patch
 def _run_meta(self: Trainer) -> dict:
-    return {"model_spec": self.model.spec(), "train_config": asdict(self.cfg), "masking": asdict(self.masking)}
+    return {"model_spec": self.model.spec(), "train_config": asdict(self.cfg),
+            "masking": asdict(self.masking)}
 
+# %% ../nbs/12_train.ipynb #s012
 @patch
 def save_checkpoint(self: Trainer) -> Path | None:
     "Write a checkpoint of the current state (rank 0 writes; every process must call this)."
@@ -387,7 +430,8 @@ def save_checkpoint(self: Trainer) -> Path | None:
             "rng": [m for _, m in gathered], **self._run_meta()}
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
-    write_json(self.ckpt_dir / f"step-{self.step:07d}.json", {**meta, "file": name, "sha256": sha256_file(path)})
+    write_json(self.ckpt_dir / f"step-{self.step:07d}.json",
+               {**meta, "file": name, "sha256": sha256_file(path)})
     write_json(self.ckpt_dir / "latest.json", {"step": self.step, "file": name})
     for old in sorted(self.ckpt_dir.glob("step-*.safetensors"))[:-max(1, self.cfg.keep_checkpoints)]:
         old.unlink(); old.with_suffix(".json").unlink(missing_ok=True)
@@ -395,18 +439,22 @@ def save_checkpoint(self: Trainer) -> Path | None:
 
 # %% ../nbs/12_train.ipynb #c051
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    "Tensors and metadata of a checkpoint file (or of the latest one in a run or checkpoints directory), verified."
+    """Tensors and metadata of a checkpoint file (or of the latest one in a run or checkpoints directory),
+    verified."""
     path = Path(path)
     for d in (path, path / "checkpoints"):
-        if (d / "latest.json").exists(): path = d / read_json(d / "latest.json", "checkpoint index")["file"]; break
+        if (d / "latest.json").exists(): path = d / read_json(d / "latest.json",
+                                                              "checkpoint index")["file"]; break
     if not path.exists(): raise FileNotFoundError(f"no checkpoint at {path}")
     sidecar = path.with_suffix(".json")
     if sidecar.exists() and sha256_file(path) != read_json(sidecar, "checkpoint record")["sha256"]:
-        raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one recorded in {sidecar.name}")
+        raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one recorded in "
+                         f"{sidecar.name}")
     tensors, meta = load_safetensors(path)
     if "mmfm_checkpoint" not in meta: raise ValueError(f"{path} is not an mmfm training checkpoint")
     return tensors, json.loads(meta["mmfm_checkpoint"])
 
+# %% ../nbs/12_train.ipynb #s013
 @patch
 def restore(self: Trainer, path: str | Path | None = None):
     "Load the latest checkpoint (or `path`), after checking it belongs to this model and these settings."
@@ -420,21 +468,25 @@ def restore(self: Trainer, path: str | Path | None = None):
     self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
     self.epoch_sums = meta["epoch_sums"]
     r = self.dinfo.rank if self.dinfo.rank < meta["world_size"] else 0
-    set_rng_state({k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"rng/{r}/")}, meta["rng"][r],
+    set_rng_state({k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"rng/{r}/")},
+                  meta["rng"][r],
                   self.masking_generator)
 
 # %% ../nbs/12_train.ipynb #c053
 @patch
 def _end_epoch(self: Trainer):
     if self.epoch_sums: self.log.write("epoch", step=self.step, epoch=self.epoch,
-                                       **{k: v / self.epoch_sums["_n"] for k, v in self.epoch_sums.items() if k != "_n"})
+                                       **{k: v / self.epoch_sums["_n"] for k,
+                                          v in self.epoch_sums.items() if k != "_n"})
     self.epoch, self.batch_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
 
+# %% ../nbs/12_train.ipynb #s014
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `cfg.steps` optimizer steps; return the last step's metrics (and `val` ones if validated)."
     cfg, last = self.cfg, {}
-    bar = progress(total=cfg.steps, initial=self.step, enable=cfg.progress and self.dinfo.is_main, desc="train")
+    bar = progress(total=cfg.steps, initial=self.step, enable=cfg.progress and self.dinfo.is_main,
+                   desc="train")
     try:
         if self.step >= cfg.steps: return last
         for epoch, i, batch, masks, last_of_epoch in self.batches():
@@ -442,7 +494,8 @@ def fit(self: Trainer) -> dict:
             self.batch_in_epoch = i + 1
             self.log.write("step", epoch=epoch, **m)
             for k, v in m.items():
-                if k == "loss" or k.startswith(("loss/", "acc/")): self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                if k == "loss" or k.startswith(("loss/", "acc/")):
+                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
             self.epoch_sums["_n"] = self.epoch_sums.get("_n", 0) + 1
             if last_of_epoch: self._end_epoch()
             bar.update(1); bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
@@ -459,26 +512,37 @@ def fit(self: Trainer) -> dict:
 # %% ../nbs/12_train.ipynb #c061
 def build_parser() -> argparse.ArgumentParser:
     "The command-line options of `mmfm train`."
-    p = argparse.ArgumentParser(prog="mmfm train", description="Train a MultimodalTransformer on pre-encoded tokens.")
+    p = argparse.ArgumentParser(prog="mmfm train",
+                                description="Train a MultimodalTransformer on pre-encoded tokens.")
     p.add_argument("--data", help="TokenDataset file (safetensors) to train on")
     p.add_argument("--val-data", help="TokenDataset file for validation")
-    p.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic samples instead of --data")
+    p.add_argument("--synthetic", type=int, metavar="N",
+                   help="train on N synthetic samples instead of --data")
     p.add_argument("--codecs", help="CodecManager directory to check the data's vocabularies against")
     p.add_argument("--out", default="runs/mmfm", help="run directory: logs, checkpoints, final model")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "base"], help="model size")
     for f in fields(TransformerConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"override {f.name}")
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                       help=f"override {f.name}")
     for f in fields(TrainConfig):
-        if f.type in ("bool", bool): p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
-        else: p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"(default {f.default})")
-    p.add_argument("--input-budget", type=float, default=64, help="input tokens per sample (<1: fraction of present tokens)")
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                           default=f.default)
+        else: p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                             help=f"(default {f.default})")
+    p.add_argument("--input-budget", type=float, default=64,
+                   help="input tokens per sample (<1: fraction of present tokens)")
     p.add_argument("--target-budget", type=float, default=64, help="target tokens per sample (<1: fraction)")
     p.add_argument("--mask-ratio", type=float, default=None, help="plain ratio masking instead of budgets")
-    p.add_argument("--concentration", type=float, default=1.0, help="Dirichlet concentration of the budget split")
-    p.add_argument("--one-to-all", type=float, default=0.0, help="probability of the one-modality-to-all strategy")
+    p.add_argument("--concentration", type=float, default=1.0,
+                   help="Dirichlet concentration of the budget split")
+    p.add_argument("--one-to-all", type=float, default=0.0,
+                   help="probability of the one-modality-to-all strategy")
     return p
 
+# %% ../nbs/12_train.ipynb #s015
 def _budget(x: float): return int(x) if x >= 1 else x
 
 # %% ../nbs/12_train.ipynb #c063
@@ -488,26 +552,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dinfo = init_distributed()
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-        masking = MaskingConfig(_budget(args.input_budget), _budget(args.target_budget), args.mask_ratio, args.concentration,
+        masking = MaskingConfig(_budget(args.input_budget), _budget(args.target_budget), args.mask_ratio,
+                                args.concentration,
                                 mixture={"all-to-all": 1 - args.one_to_all, "one-to-all": args.one_to_all})
-        if args.synthetic: data, val = synthetic_token_dataset(args.synthetic, seed=0), synthetic_token_dataset(max(args.synthetic // 4, cfg.batch_size), seed=1)
+        if args.synthetic: data, val = synthetic_token_dataset(args.synthetic,
+                                                               seed=0), synthetic_token_dataset(max(args.synthetic // 4, cfg.batch_size), seed=1)
         elif args.data: data, val = TokenDataset.load(args.data), TokenDataset.load(args.val_data) if args.val_data else None
         else: raise ValueError("give --data FILE (a TokenDataset) or --synthetic N")
         codecs = None
         if args.codecs:
             from mmfm.codec import CodecManager
             codecs = CodecManager.load(args.codecs)
-        overrides = {f.name: getattr(args, f.name) for f in fields(TransformerConfig) if getattr(args, f.name) is not None}
+        overrides = {f.name: getattr(args, f.name) for f in fields(TransformerConfig)
+                     if getattr(args, f.name) is not None}
         torch.manual_seed(cfg.seed)
-        model = MultimodalTransformer(data.vocab_sizes, data.num_tokens, TransformerConfig.preset(args.preset, **overrides),
+        model = MultimodalTransformer(data.vocab_sizes, data.num_tokens,
+                                      TransformerConfig.preset(args.preset, **overrides),
                                       token_grids=data.token_grids, codecs=codecs)
         trainer = Trainer(model, data, cfg, masking, args.out, val_data=val, resume=args.resume, dinfo=dinfo)
         last = trainer.fit()
         if dinfo.is_main:
             model.save(Path(args.out) / "model")
             print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
-                  + (f", val loss {last['val']['loss']:.4f}" if "val" in last else "") + f"; run in {args.out}")
-        if dist.is_initialized(): dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort
+                  + (f", val loss {last['val']['loss']:.4f}" if "val" in last
+                     else "") + f"; run in {args.out}")
+        if dist.is_initialized():
+            dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort
         return 0
     except (NonFiniteLossError, ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,33 +29,44 @@ class TransformerConfig:
     d_model: int = 256            # width of every token state
     n_heads: int = 4              # attention heads; must divide d_model
     n_encoder_layers: int = 4     # encoder blocks: self-attention over the input tokens
-    n_decoder_layers: int = 4     # decoder blocks: self-attention over target queries, cross-attention to the encoder
+    # decoder blocks: self-attention over target queries, cross-attention to the encoder
+    n_decoder_layers: int = 4
     mlp_ratio: float = 4.0        # hidden width of each MLP, as a multiple of d_model
     dropout: float = 0.0          # dropout on attention and residual branches (0 keeps runs bit-reproducible)
     norm_eps: float = 1e-5        # LayerNorm epsilon
-    embedding_std: float = 0.5    # initial std of the token and modality embeddings (comparable to the unit-size positions)
+    # initial std of the token and modality embeddings (comparable to the unit-size positions)
+    embedding_std: float = 0.5
 
     def __post_init__(self):
         for f in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"TransformerConfig.{f} must be a positive int, got {getattr(self, f)!r}")
-        if self.d_model % self.n_heads: raise ValueError(f"TransformerConfig: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"TransformerConfig: d_model {self.d_model} is not divisible by n_heads "
+                             f"{self.n_heads}")
         if (self.d_model // self.n_heads) % 2 or self.d_model % 4:
-            raise ValueError(f"TransformerConfig: d_model {self.d_model} must be a multiple of 4 (2-D sin-cos positions)")
-        if not 0 <= self.dropout < 1: raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not self.embedding_std > 0: raise ValueError(f"TransformerConfig.embedding_std must be positive, got {self.embedding_std}")
+            raise ValueError(f"TransformerConfig: d_model {self.d_model} must be a multiple of 4 (2-D "
+                             "sin-cos positions)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.embedding_std > 0:
+            raise ValueError(f"TransformerConfig.embedding_std must be positive, got {self.embedding_std}")
 
     presets: ClassVar[dict] = {
         "tiny": dict(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2),     # tests and CPU demos
-        "small": dict(d_model=256, n_heads=4, n_encoder_layers=4, n_decoder_layers=4),   # the benchmark's reference shape
-        "base": dict(d_model=768, n_heads=12, n_encoder_layers=12, n_decoder_layers=12), # 4M-B / AION-1-B sized
+        # the benchmark's reference shape
+        "small": dict(d_model=256, n_heads=4, n_encoder_layers=4, n_decoder_layers=4),
+        # 4M-B / AION-1-B sized
+        "base": dict(d_model=768, n_heads=12, n_encoder_layers=12, n_decoder_layers=12),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TransformerConfig":
-        "A named size (`tiny`, `small`, `base`), optionally with some fields changed."
-        if name not in cls.presets: raise KeyError(f"unknown preset {name!r}; choose from {sorted(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
+# %% ../nbs/11_transformer.ipynb #s016
+@patch(cls_method=True)
+def preset(cls: TransformerConfig, name: str, **overrides) -> "TransformerConfig":
+    "A named size (`tiny`, `small`, `base`), optionally with some fields changed."
+    if name not in cls.presets:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(cls.presets)}")
+    return cls(**{**cls.presets[name], **overrides})
 
 # %% ../nbs/11_transformer.ipynb #c008
 def sincos_1d(n: int,    # number of positions
@@ -66,12 +77,14 @@ def sincos_1d(n: int,    # number of positions
     angle = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
     return torch.cat([angle.sin(), angle.cos()], 1).float()
 
+# %% ../nbs/11_transformer.ipynb #s001
 def position_table(grid: tuple,  # a codec's token_grid: (n,), (h, w), or segments such as ((n,), (h, w))
                    dim: int,     # embedding width
                    ) -> Float[Tensor, "n_tokens dim"]:
-    "Position embeddings for the tokens of one modality, flattened row-major: 1-D for `(n,)`, 2-D for `(h, w)`."
+    """Position embeddings for the tokens of one modality, flattened row-major: 1-D for `(n,)`, 2-D for
+    `(h, w)`."""
     segments = grid_segments(grid)
-    if len(segments) > 1:                     # each segment's own table, plus a 1-D code of the segment's index
+    if len(segments) > 1:  # each segment's own table, plus a 1-D code of the segment's index
         seg = sincos_1d(len(segments), dim)
         return torch.cat([position_table(s, dim) + seg[i] for i, s in enumerate(segments)])
     grid = segments[0]
@@ -85,10 +98,12 @@ def position_table(grid: tuple,  # a codec's token_grid: (n,), (h, w), or segmen
 
 # %% ../nbs/11_transformer.ipynb #c011
 def attention_mask(valid: Bool[Tensor, "batch keys"]) -> Bool[Tensor, "batch 1 1 keys"] | None:
-    "Key padding mask for SDPA (True = attend); rows with no valid key attend to all keys to stay finite; None if no padding."
-    if valid.all(): return None                          # fixed budgets: no padding, let SDPA take its unmasked path
+    """Key padding mask for SDPA (True = attend); rows with no valid key attend to all keys to stay finite;
+    None if no padding."""
+    if valid.all(): return None  # fixed budgets: no padding, let SDPA take its unmasked path
     return (valid | ~valid.any(1, keepdim=True))[:, None, None, :]
 
+# %% ../nbs/11_transformer.ipynb #s002
 class Attention(nn.Module):
     "Multi-head attention via `F.scaled_dot_product_attention`; self-attention when no `context` is given."
     def __init__(self, cfg: TransformerConfig, cross: bool = False):
@@ -105,7 +120,8 @@ class Attention(nn.Module):
         else:
             q = self.q(x).view(B, L, H, d // H).transpose(1, 2)
             k, v = self.kv(context).view(B, context.shape[1], 2, H, d // H).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
 
 # %% ../nbs/11_transformer.ipynb #c014
@@ -117,6 +133,7 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(cfg.d_model, hidden), nn.Linear(hidden, cfg.d_model)
     def forward(self, x): return self.fc2(F.gelu(self.fc1(x)))
 
+# %% ../nbs/11_transformer.ipynb #s003
 class EncoderBlock(nn.Module):
     "Pre-norm self-attention + MLP."
     def __init__(self, cfg: TransformerConfig):
@@ -128,6 +145,7 @@ class EncoderBlock(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
+# %% ../nbs/11_transformer.ipynb #s004
 class DecoderBlock(nn.Module):
     "Pre-norm self-attention over the target queries, cross-attention to the encoder, MLP."
     def __init__(self, cfg: TransformerConfig):
@@ -144,65 +162,85 @@ class DecoderBlock(nn.Module):
 # %% ../nbs/11_transformer.ipynb #c017
 def model_spec(vocab_sizes: Mapping[str, int] | None = None,  # {token_key: vocabulary size}
                num_tokens: Mapping[str, int] | None = None,   # {token_key: tokens per sample}
-               token_grids: Mapping[str, tuple] | None = None,  # {token_key: (n,), (h, w) or segments}; None: 1-D lines
-               codecs=None,  # a CodecManager (anything with vocab_sizes, num_tokens, token_grids); checked against the rest
+               # {token_key: (n,), (h, w) or segments}; None: 1-D lines
+               token_grids: Mapping[str, tuple] | None = None,
+               # a CodecManager (anything with vocab_sizes, num_tokens, token_grids); checked against the rest
+               codecs=None,
                ) -> dict:
-    "The per-key numbers a model is built for, checked for consistency: `{'vocab_sizes', 'num_tokens', 'token_grids'}`."
+    """The per-key numbers a model is built for, checked for consistency: `{'vocab_sizes', 'num_tokens',
+    'token_grids'}`."""
     given = {"vocab_sizes": vocab_sizes, "num_tokens": num_tokens, "token_grids": token_grids}
     if codecs is not None:
         for name, value in given.items():
-            ref = {k: (as_grid(v) if name == "token_grids" else int(v)) for k, v in getattr(codecs, name).items()}
+            ref = {k: (as_grid(v) if name == "token_grids" else int(v)) for k,
+                   v in getattr(codecs, name).items()}
             if value is None: given[name] = ref; continue
             if set(value) != set(ref):
                 raise ValueError(f"{name} keys {sorted(value)} differ from the codecs' keys {sorted(ref)}")
             for k in ref:
                 mine = as_grid(value[k]) if name == "token_grids" else int(value[k])
-                if mine != ref[k]: raise ValueError(f"{name}[{k!r}] = {value[k]} but the codec for {k!r} says {ref[k]}")
+                if mine != ref[k]:
+                    raise ValueError(f"{name}[{k!r}] = {value[k]} but the codec for {k!r} says {ref[k]}")
     vocab_sizes, num_tokens, token_grids = given["vocab_sizes"], given["num_tokens"], given["token_grids"]
     if vocab_sizes is None or num_tokens is None:
         raise ValueError("give codecs=, or both vocab_sizes= and num_tokens=")
     if set(vocab_sizes) != set(num_tokens):
-        raise ValueError(f"vocab_sizes keys {sorted(vocab_sizes)} differ from num_tokens keys {sorted(num_tokens)}")
+        raise ValueError(f"vocab_sizes keys {sorted(vocab_sizes)} differ from num_tokens keys "
+                         f"{sorted(num_tokens)}")
     grids = {k: as_grid((token_grids or {}).get(k, (num_tokens[k],))) for k in vocab_sizes}
     for k in vocab_sizes:
         if "." in k or not k: raise ValueError(f"token key {k!r}: keys must be non-empty and contain no '.'")
         if int(vocab_sizes[k]) < 1 or int(num_tokens[k]) < 1:
-            raise ValueError(f"{k!r}: vocab size {vocab_sizes[k]} and token count {num_tokens[k]} must be >= 1")
+            raise ValueError(f"{k!r}: vocab size {vocab_sizes[k]} and token count {num_tokens[k]} must be >= "
+                             "1")
         if grid_size(grids[k]) != int(num_tokens[k]):
-            raise ValueError(f"token_grids[{k!r}] = {grids[k]} holds {grid_size(grids[k])} tokens, but num_tokens says {num_tokens[k]}")
+            raise ValueError(f"token_grids[{k!r}] = {grids[k]} holds {grid_size(grids[k])} tokens, but "
+                             f"num_tokens says {num_tokens[k]}")
     return {"vocab_sizes": {k: int(v) for k, v in vocab_sizes.items()},
             "num_tokens": {k: int(num_tokens[k]) for k in vocab_sizes}, "token_grids": grids}
 
 # %% ../nbs/11_transformer.ipynb #c021
 class MultimodalTransformer(nn.Module):
-    "4M-style encoder–decoder over the tokens of every modality; vocabularies and token counts come from the codecs."
+    """4M-style encoder–decoder over the tokens of every modality; vocabularies and token counts come from
+    the codecs."""
     def __init__(self,
-                 vocab_sizes: Mapping[str, int] | None = None,  # {token_key: vocabulary size} (or from codecs)
-                 num_tokens: Mapping[str, int] | None = None,   # {token_key: tokens per sample} (or from codecs)
-                 config: TransformerConfig | str | None = None,  # sizes, or a preset name; None: TransformerConfig()
+                 # {token_key: vocabulary size} (or from codecs)
+                 vocab_sizes: Mapping[str, int] | None = None,
+                 # {token_key: tokens per sample} (or from codecs)
+                 num_tokens: Mapping[str, int] | None = None,
+                 # sizes, or a preset name; None: TransformerConfig()
+                 config: TransformerConfig | str | None = None,
                  *,
-                 token_grids: Mapping[str, tuple] | None = None,  # {token_key: (n,) or (h, w)} (or from codecs)
+                 # {token_key: (n,) or (h, w)} (or from codecs)
+                 token_grids: Mapping[str, tuple] | None = None,
                  codecs=None,  # CodecManager to read (and check) the per-key numbers from
-                 d_model: int | None = None,  # the guide's spelling of config.d_model
-                 nhead: int | None = None,    # the guide's spelling of config.n_heads
-                 num_layers: int | None = None,  # the guide's spelling: encoder and decoder layers each
+                 d_model: int | None = None,  # nn.Transformer's spelling of config.d_model
+                 nhead: int | None = None,    # nn.Transformer's spelling of config.n_heads
+                 num_layers: int | None = None,  # one depth for encoder and decoder layers each
                  **overrides,  # other TransformerConfig fields
                  ):
         super().__init__()
         spec = model_spec(vocab_sizes, num_tokens, token_grids, codecs)
-        self.vocab_sizes, self.num_tokens, self.token_grids = spec["vocab_sizes"], spec["num_tokens"], spec["token_grids"]
+        self.vocab_sizes, self.num_tokens = spec["vocab_sizes"], spec["num_tokens"]
+        self.token_grids = spec["token_grids"]
         self.token_keys = list(self.vocab_sizes)
-        guide = {"d_model": d_model, "n_heads": nhead, "n_encoder_layers": num_layers, "n_decoder_layers": num_layers}
-        overrides = {**{k: v for k, v in guide.items() if v is not None}, **overrides}
+        aliases = {"d_model": d_model, "n_heads": nhead, "n_encoder_layers": num_layers,
+                   "n_decoder_layers": num_layers}
+        overrides = {**{k: v for k, v in aliases.items() if v is not None}, **overrides}
         if isinstance(config, str): config = TransformerConfig.preset(config)
         cfg = TransformerConfig(**{**asdict(config or TransformerConfig()), **overrides})
         self.config, d = cfg, cfg.d_model
         self.token_embeddings = nn.ModuleDict({k: nn.Embedding(v, d) for k, v in self.vocab_sizes.items()})
         self.modality_embeddings = nn.Parameter(torch.zeros(len(self.token_keys), d))
         self.mask_embedding = nn.Parameter(torch.zeros(d))
-        self.offsets = dict(zip(self.token_keys, [0] + list(torch.tensor(list(self.num_tokens.values())).cumsum(0)[:-1].tolist())))
-        self.register_buffer("positions", torch.cat([position_table(self.token_grids[k], d) for k in self.token_keys]), persistent=False)
-        self.register_buffer("key_index", torch.cat([torch.full((n,), i) for i, n in enumerate(self.num_tokens.values())]), persistent=False)
+        self.offsets = dict(zip(self.token_keys,
+                                [0] + list(torch.tensor(list(self.num_tokens.values())).cumsum(0)[:-1].tolist())))
+        self.register_buffer("positions",
+                             torch.cat([position_table(self.token_grids[k], d) for k in self.token_keys]),
+                             persistent=False)
+        self.register_buffer("key_index",
+                             torch.cat([torch.full((n,), i) for i, n in enumerate(self.num_tokens.values())]),
+                             persistent=False)
         self.encoder = nn.ModuleList([EncoderBlock(cfg) for _ in range(cfg.n_encoder_layers)])
         self.encoder_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers)])
@@ -210,36 +248,48 @@ class MultimodalTransformer(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in self.vocab_sizes.items()})
         self.reset_parameters()
 
-    @classmethod
-    def from_codecs(cls, codecs, config: TransformerConfig | str | None = None, **overrides) -> "MultimodalTransformer":
-        "Build a model for every token key of a `CodecManager`."
-        return cls(config=config, codecs=codecs, **overrides)
+# %% ../nbs/11_transformer.ipynb #s014
+@patch(cls_method=True)
+def from_codecs(cls: MultimodalTransformer, codecs, config: TransformerConfig | str | None = None,
+                **overrides) -> "MultimodalTransformer":
+    "Build a model for every token key of a `CodecManager`."
+    return cls(config=config, codecs=codecs, **overrides)
 
-    def reset_parameters(self):
-        "GPT-2 initialisation (N(0, 0.02), residual projections scaled by 1/sqrt(2 × layers)); embeddings N(0, embedding_std²)."
-        n_layers = self.config.n_encoder_layers + self.config.n_decoder_layers
-        for name, p in self.named_parameters():
-            if p.dim() < 2 and "norm" in name: continue                      # LayerNorms keep (1, 0)
-            if name.endswith(".bias"): nn.init.zeros_(p)
-            elif name.endswith(("proj.weight", "fc2.weight")): nn.init.normal_(p, 0, 0.02 / math.sqrt(2 * n_layers))
-            elif name.startswith(("token_embeddings.", "modality_embeddings")): nn.init.normal_(p, 0, self.config.embedding_std)
-            else: nn.init.normal_(p, 0, 0.02)
+# %% ../nbs/11_transformer.ipynb #s015
+@patch
+def reset_parameters(self: MultimodalTransformer):
+    """GPT-2 initialisation (N(0, 0.02), residual projections scaled by 1/sqrt(2 × layers)); embeddings
+    N(0, embedding_std²)."""
+    n_layers = self.config.n_encoder_layers + self.config.n_decoder_layers
+    for name, p in self.named_parameters():
+        if p.dim() < 2 and "norm" in name: continue                      # LayerNorms keep (1, 0)
+        if name.endswith(".bias"): nn.init.zeros_(p)
+        elif name.endswith(("proj.weight", "fc2.weight")):
+            nn.init.normal_(p, 0, 0.02 / math.sqrt(2 * n_layers))
+        elif name.startswith(("token_embeddings.", "modality_embeddings")):
+            nn.init.normal_(p, 0, self.config.embedding_std)
+        else: nn.init.normal_(p, 0, 0.02)
 
 # %% ../nbs/11_transformer.ipynb #c024
 def _first(mask: Tensor) -> tuple:
     "Index of the first True entry of a boolean tensor, as ints."
     return tuple(int(i) for i in mask.nonzero()[0])
 
+# %% ../nbs/11_transformer.ipynb #s005
 @patch
 def check_batch(self: MultimodalTransformer,
                 tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
-                is_input: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B, N_key]}; missing keys: no inputs
-                is_target: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B, N_key]}; missing keys: no targets
+                # {token_key: Bool[B, N_key]}; missing keys: no inputs
+                is_input: Mapping[str, Tensor] | None = None,
+                # {token_key: Bool[B, N_key]}; missing keys: no targets
+                is_target: Mapping[str, Tensor] | None = None,
                 present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B]}; None: all present
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    "Validate a batch; return token ids, input flags and target flags flattened over all keys: `[B, N_all]` each."
+    """Validate a batch; return token ids, input flags and target flags flattened over all keys: `[B,
+    N_all]` each."""
     unknown = [k for k in tokens if k not in self.vocab_sizes]
-    if unknown: raise KeyError(f"token keys {unknown} are not ones this model was built for ({self.token_keys})")
+    if unknown: raise KeyError(f"token keys {unknown} are not ones this model was built for "
+                               f"({self.token_keys})")
     present = check_tokens(tokens, present)
     B = next(iter(tokens.values())).shape[0]
     dev = self.positions.device
@@ -250,20 +300,24 @@ def check_batch(self: MultimodalTransformer,
             ids.append(torch.zeros(B, n, dtype=torch.long, device=dev))
             inp.append(torch.zeros(B, n, dtype=torch.bool, device=dev)); tgt.append(inp[-1]); continue
         t, p = tokens[k].to(dev), present[k].to(dev)
-        if t.shape[1] != n: raise ValueError(f"tokens[{k!r}] has {t.shape[1]} tokens per sample; the codec gives {n}")
+        if t.shape[1] != n: raise ValueError(f"tokens[{k!r}] has {t.shape[1]} tokens per sample; the codec "
+                                             f"gives {n}")
         bad = p[:, None] & ((t < 0) | (t >= V))
         if bad.any():
             b, j = _first(bad)
-            raise ValueError(f"tokens[{k!r}] sample {b} position {j} holds {int(t[b, j])}, outside the vocabulary [0, {V})")
+            raise ValueError(f"tokens[{k!r}] sample {b} position {j} holds {int(t[b, j])}, outside the "
+                             f"vocabulary [0, {V})")
         flags = []
         for name, masks in (("is_input", is_input), ("is_target", is_target)):
             m = (masks or {}).get(k)
             if m is None: m = torch.zeros(B, n, dtype=torch.bool, device=dev)
             elif m.dtype != torch.bool or tuple(m.shape) != (B, n):
-                raise TypeError(f"{name}[{k!r}] must be a bool tensor of shape {(B, n)}, got {m.dtype} {tuple(m.shape)}")
+                raise TypeError(f"{name}[{k!r}] must be a bool tensor of shape {(B, n)}, got {m.dtype} "
+                                f"{tuple(m.shape)}")
             m = m.to(dev)
             if (m & ~p[:, None]).any():
-                raise ValueError(f"{name}[{k!r}] marks tokens of sample {_first(m & ~p[:, None])[0]}, where {k!r} is absent")
+                raise ValueError(f"{name}[{k!r}] marks tokens of sample {_first(m & ~p[:, None])[0]}, where "
+                                 f"{k!r} is absent")
             flags.append(m)
         if (flags[0] & flags[1]).any():
             b, j = _first(flags[0] & flags[1])
@@ -281,7 +335,8 @@ def check_batch(self: MultimodalTransformer,
 
 # %% ../nbs/11_transformer.ipynb #c029
 def pack(chosen: Bool[Tensor, "batch n"]) -> tuple[Int[Tensor, "batch l"], Bool[Tensor, "batch l"]]:
-    "Gather order putting each row's chosen positions first (in order), and the validity mask of the packed rows."
+    """Gather order putting each row's chosen positions first (in order), and the validity mask of the
+    packed rows."""
     counts = chosen.sum(1)
     L = int(counts.max()) if chosen.numel() else 0
     order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :L]
@@ -297,19 +352,22 @@ def _embed_tokens(self: MultimodalTransformer, ids: Tensor, key_index: Tensor) -
         out[sel] = self.token_embeddings[k](ids[sel])
     return out
 
+# %% ../nbs/11_transformer.ipynb #s006
 @patch
-def _encode(self: MultimodalTransformer, ids: Tensor, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _encoder_states(self: MultimodalTransformer, ids: Tensor, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     "Encoder states of the packed inputs: `(states [B, L, d], valid [B, L], order [B, L])`."
     order, valid = pack(inp)
     key_index = self.key_index[order]
-    x = self.positions[order] + self.modality_embeddings[key_index] + self._embed_tokens(ids.gather(1, order), key_index)
+    x = (self.positions[order] + self.modality_embeddings[key_index]
+         + self._embed_tokens(ids.gather(1, order), key_index))
     mask = attention_mask(valid)
     for block in self.encoder: x = block(x, mask)
     return self.encoder_norm(x), valid, order
 
 # %% ../nbs/11_transformer.ipynb #c034
 @patch
-def _decode(self: MultimodalTransformer, memory: Tensor, memory_valid: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _decode(self: MultimodalTransformer, memory: Tensor, memory_valid: Tensor,
+            tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     "Decoder states of the packed targets: `(states [B, L, d], valid [B, L], order [B, L])`."
     order, valid = pack(tgt)
     key_index = self.key_index[order]
@@ -325,6 +383,7 @@ class LossTerms(NamedTuple):
     n_correct: dict  # {token_key: number of targets whose argmax is right (Long scalar tensor)}
     n_targets: dict  # {token_key: number of target tokens (Long scalar tensor)}
 
+# %% ../nbs/11_transformer.ipynb #s007
 @patch
 def _targets(self: MultimodalTransformer, h: Tensor, valid: Tensor, order: Tensor):
     "Yield `(key, sel, logits)` per key with targets: packed selection `Bool[B, L]` and logits `[n_sel, V]`."
@@ -333,6 +392,7 @@ def _targets(self: MultimodalTransformer, h: Tensor, valid: Tensor, order: Tenso
         sel = valid & (key_index == i)
         yield k, sel, self.heads[k](h[sel])
 
+# %% ../nbs/11_transformer.ipynb #s008
 @patch
 def forward(self: MultimodalTransformer,
             tokens: Mapping[str, Tensor],     # {token_key: Long[B, N_key]}
@@ -343,7 +403,7 @@ def forward(self: MultimodalTransformer,
             ) -> dict | LossTerms:
     "Logits `{token_key: [B, N_key, V_key]}` at target positions (NaN elsewhere), or the `LossTerms`."
     ids, inp, tgt = self.check_batch(tokens, is_input, is_target, present)
-    memory, memory_valid, _ = self._encode(ids, inp)
+    memory, memory_valid, _ = self._encoder_states(ids, inp)
     h, valid, order = self._decode(memory, memory_valid, tgt)
     B = ids.shape[0]
     if loss_terms:
@@ -372,16 +432,20 @@ class LossOutput(NamedTuple):
     accuracy: dict    # {token_key: fraction of its target tokens predicted right}
     n_targets: dict   # {token_key: number of target tokens}
 
+# %% ../nbs/11_transformer.ipynb #s009
 def average_over_modalities(ce_sum: Mapping[str, Tensor],   # {token_key: summed cross-entropy}
-                            n_targets: Mapping[str, Tensor],  # {token_key: target count} (global counts under DDP)
+                            # {token_key: target count} (global counts under DDP)
+                            n_targets: Mapping[str, Tensor],
                             ) -> Tensor:
     "Mean over keys with at least one target of (summed cross-entropy / target count)."
     counts = {k: torch.as_tensor(n_targets[k], device=ce_sum[k].device).float() for k in ce_sum}
     n_keys = sum(int(c > 0) for c in counts.values())
-    if not n_keys: raise ValueError("no target tokens in this batch: nothing to predict, the loss is undefined")
+    if not n_keys: raise ValueError("no target tokens in this batch: nothing to predict, the loss is "
+                                    "undefined")
     # every key stays in the graph (a key without targets adds 0): DDP expects every head to take part in every step
     return torch.stack([ce_sum[k] / counts[k].clamp(min=1) for k in ce_sum]).sum() / n_keys
 
+# %% ../nbs/11_transformer.ipynb #s010
 @patch
 def loss(self: MultimodalTransformer,
          tokens: Mapping[str, Tensor],     # {token_key: Long[B, N_key]}
@@ -389,7 +453,8 @@ def loss(self: MultimodalTransformer,
          is_target: Mapping[str, Tensor],  # {token_key: Bool[B, N_key]}
          present: Mapping[str, Tensor] | None = None,  # {token_key: Bool[B]}
          ) -> LossOutput:
-    "Masked-token cross-entropy, averaged over the modalities with targets, with per-key losses and accuracies."
+    """Masked-token cross-entropy, averaged over the modalities with targets, with per-key losses and
+    accuracies."""
     t = self(tokens, is_input, is_target, present, loss_terms=True)
     keys = [k for k in t.ce_sum if int(t.n_targets[k]) > 0]
     return LossOutput(average_over_modalities(t.ce_sum, t.n_targets),
@@ -406,6 +471,7 @@ class EncoderOutput(NamedTuple):
     position: Tensor   # Long[B, L]: position within its key's tokens
     token_keys: list   # the model's token keys
 
+# %% ../nbs/11_transformer.ipynb #s011
 @patch
 def embed(self: MultimodalTransformer,
           tokens: Mapping[str, Tensor],  # {token_key: Long[B, N_key]}
@@ -414,9 +480,10 @@ def embed(self: MultimodalTransformer,
           ) -> EncoderOutput:
     "Encoder states of a batch's (input) tokens, packed, with their validity mask, key and position."
     present = check_tokens(tokens, present)
-    if is_input is None: is_input = {k: p[:, None].expand_as(tokens[k]).contiguous() for k, p in present.items()}
+    if is_input is None: is_input = {k: p[:, None].expand_as(tokens[k]).contiguous() for k,
+                                     p in present.items()}
     ids, inp, _ = self.check_batch(tokens, is_input, None, present)
-    states, valid, order = self._encode(ids, inp)
+    states, valid, order = self._encoder_states(ids, inp)
     key_index = self.key_index[order]
     start = torch.tensor(list(self.offsets.values()), device=order.device)[key_index]
     return EncoderOutput(states, valid, key_index, order - start, self.token_keys)
@@ -428,7 +495,8 @@ def spec_differences(expected: Mapping, actual: Mapping, prefix: str = "") -> li
     for k in sorted(set(expected) | set(actual), key=str):
         a, b = expected.get(k, "<missing>"), actual.get(k, "<missing>")
         if isinstance(a, Mapping) and isinstance(b, Mapping): out += spec_differences(a, b, f"{prefix}{k}.")
-        elif (list(a) if isinstance(a, (tuple, list)) else a) != (list(b) if isinstance(b, (tuple, list)) else b):
+        elif ((list(a) if isinstance(a, (tuple, list)) else a)
+              != (list(b) if isinstance(b, (tuple, list)) else b)):
             out.append(f"{prefix}{k}: {b!r} (expected {a!r})")
     return out
 
@@ -439,6 +507,7 @@ def spec(self: MultimodalTransformer) -> dict:
     return {"config": asdict(self.config), "vocab_sizes": self.vocab_sizes, "num_tokens": self.num_tokens,
             "token_grids": {k: list(v) for k, v in self.token_grids.items()}}
 
+# %% ../nbs/11_transformer.ipynb #s012
 @patch
 def save(self: MultimodalTransformer, directory: str | Path) -> Path:
     "Write `model.safetensors` (with a checksum) and `model.json` into `directory`, each atomically."
@@ -449,13 +518,15 @@ def save(self: MultimodalTransformer, directory: str | Path) -> Path:
     write_json(directory / "model.json", spec)
     return directory
 
+# %% ../nbs/11_transformer.ipynb #s013
 @patch(cls_method=True)
 def load(cls: MultimodalTransformer, directory: str | Path, codecs=None) -> MultimodalTransformer:
     "Rebuild a saved model; with `codecs`, check it was built for them."
     directory = Path(directory)
     state, meta = load_safetensors(directory / "model.safetensors")
     spec = json.loads(meta.get("mmfm_spec", "{}"))
-    if not spec: raise ValueError(f"{directory / 'model.safetensors'} carries no model spec: not an mmfm model")
+    if not spec: raise ValueError(f"{directory / 'model.safetensors'} carries no model spec: not an mmfm "
+                                  "model")
     model = cls(spec["vocab_sizes"], spec["num_tokens"], TransformerConfig(**spec["config"]),
                 token_grids=spec["token_grids"], codecs=codecs)
     model.load_state_dict(state)

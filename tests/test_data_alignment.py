@@ -1,4 +1,5 @@
-"""Alignment of multi-source batches (DESIGN.md contract 1), for random patterns of missing sources.
+"""Alignment of multi-source batches (row b is sample b in every stream; "How mmfm works", nbs/design.ipynb),
+for random patterns of missing sources.
 
 Every sample writes its own index into its table row, image and series, so after collate and encode each token row
 can be traced back to the sample it came from: row b of every token tensor must be the tokens of sample ids[b].

@@ -98,7 +98,7 @@ def test_save_load_and_config_mismatch(tmp_path):
 
 
 def test_contract_numbers_come_from_the_codecs():
-    "DESIGN contract 2: token counts and vocabularies are the codecs' (the guide's 128 ECG tokens, 512 codes)."
+    "One source of truth: token counts and vocabularies are the codecs' (the ECG codec's 128 tokens, 512 codes)."
     m = medical_codecs("cohort")
     assert m.num_tokens == {"tok_cohort_demographics": 3, "tok_cohort_labs": 3, "tok_cohort_vitals": 4, "tok_cohort_ecg": 128}
     assert m.vocab_sizes == {"tok_cohort_demographics": 1024, "tok_cohort_labs": 1024, "tok_cohort_vitals": 1024, "tok_cohort_ecg": 512}

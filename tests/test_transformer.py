@@ -67,7 +67,7 @@ def test_loss_equals_hand_computed_cross_entropy(model, seed, how):
 
 
 def test_loss_averages_over_modalities_with_targets(model):
-    "A modality without targets does not dilute the loss (contract 6)."
+    "A modality without targets does not dilute the loss (losses average over what exists)."
     batch = token_batch(3)
     masks = sample_budget_masks(batch.tokens, 6, 5, batch.present, generator=torch.Generator().manual_seed(0))
     only_image = {k: (v if k == "tok_toy_image" else torch.zeros_like(v)) for k, v in masks.is_target.items()}
