@@ -26,12 +26,15 @@ class Aligned(NamedTuple):
     valid: np.ndarray
     wcs: WCS
 
+# %% ../nbs/32_align.ipynb #v2s016
 _METHODS = {'interp': reproject_interp, 'adaptive': reproject_adaptive, 'exact': reproject_exact}
 
+# %% ../nbs/32_align.ipynb #v2s017
 def pixel_area_ratio(wcs_out: WCS, wcs_in: WCS) -> float:
     "Area of an output pixel divided by the area of an input pixel (at the reference points)."
     return float(proj_plane_pixel_area(wcs_out.celestial) / proj_plane_pixel_area(wcs_in.celestial))
 
+# %% ../nbs/32_align.ipynb #v2s018
 def reproject_cube(flux: np.ndarray,             # [band, y, x] (or [y, x]) flux per pixel; NaN = masked
                    wcs_in: WCS,                  # celestial WCS of `flux`
                    wcs_out: WCS,                 # celestial WCS of the target grid
@@ -41,16 +44,19 @@ def reproject_cube(flux: np.ndarray,             # [band, y, x] (or [y, x]) flux
                    min_coverage: float = 0.5,    # an output pixel is valid if at least this fraction of its weight is valid input
                    ) -> Aligned:
     "Resample a cutout cube onto another pixel grid with reproject, with explicit masks."
-    if method not in _METHODS: raise ValueError(f"reproject_cube: unknown method {method!r}; use one of {sorted(_METHODS)}")
+    if method not in _METHODS:
+        raise ValueError(f"reproject_cube: unknown method {method!r}; use one of {sorted(_METHODS)}")
     a = np.asarray(flux, dtype=np.float64)
     squeeze = a.ndim == 2
     if squeeze: a = a[None]
     if a.ndim != 3: raise ValueError(f"reproject_cube: expected [band, y, x], got shape {a.shape}")
     valid_in = ~np.isnan(a)
-    stack = np.concatenate([np.where(valid_in, a, 0.0), valid_in.astype(np.float64)])   # values and mask, one call
+    stack = np.concatenate([np.where(valid_in, a, 0.0),
+                            valid_in.astype(np.float64)])   # values and mask, one call
     kw = dict(shape_out=tuple(shape_out))
     if method == 'exact': kw['parallel'] = False
-    if method == 'adaptive': kw['boundary_mode'] = 'ignore'    # edges: use the in-bounds samples (the mask plane tracks them)
+    if method == 'adaptive':
+        kw['boundary_mode'] = 'ignore'    # edges: use the in-bounds samples (the mask plane tracks them)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         out, footprint = _METHODS[method]((stack, wcs_in.celestial), wcs_out.celestial, **kw)
@@ -76,7 +82,8 @@ class SurveyAligner:
     def __post_init__(self):
         self.info = survey_info(self.target)
         if self.size is None: self.size = self.info.stamp_size
-        if self.method not in _METHODS: raise ValueError(f"SurveyAligner: unknown method {self.method!r}; use one of {sorted(_METHODS)}")
+        if self.method not in _METHODS:
+            raise ValueError(f"SurveyAligner: unknown method {self.method!r}; use one of {sorted(_METHODS)}")
 
     def target_wcs(self, ra: float, dec: float) -> WCS:
         "The target grid centred on (ra, dec) in degrees."
@@ -85,7 +92,8 @@ class SurveyAligner:
     def align(self, flux: np.ndarray, wcs: WCS, target_wcs: WCS | None = None) -> Aligned:
         "Resample one `[band, y, x]` cube with WCS `wcs` onto the target grid (centred like the input by default)."
         if target_wcs is None: target_wcs = self.target_wcs(*wcs.celestial.wcs.crval)
-        return reproject_cube(flux, wcs, target_wcs, (self.size, self.size), self.method, self.flux_conserving, self.min_coverage)
+        return reproject_cube(flux, wcs, target_wcs, (self.size, self.size), self.method,
+                              self.flux_conserving, self.min_coverage)
 
     def __call__(self, cutout: SurveyCutout) -> Aligned:
         "Resample a loaded cutout onto the target grid."
@@ -93,16 +101,17 @@ class SurveyAligner:
 
 # %% ../nbs/32_align.ipynb #c013
 @patch
-def align_batch(self: SurveyAligner,
-                 flux,                                 # [n, band, y, x], numpy or torch (NaN = masked)
+def align_batch(self: SurveyAligner, flux,                                 # [n, band, y, x], numpy or torch (NaN = masked)
                  wcs: "list[WCS]",                     # one WCS per sample
-                 target_wcs: "list[WCS] | None" = None,  # one target WCS per sample (default: centred like the input)
+                 target_wcs: "list[WCS] | "
+                "None" = None,  # one target WCS per sample (default: centred like the input)
                  ) -> tuple:
     "Resample a batch; returns `(flux, valid)` of shape `[n, band, size, size]`, as torch tensors if given torch."
     is_torch = isinstance(flux, Tensor)
     arr = flux.detach().cpu().numpy() if is_torch else np.asarray(flux)
     if arr.ndim != 4 or len(wcs) != len(arr):
-        raise ValueError(f"align_batch: expected [n, band, y, x] with one WCS per sample, got shape {arr.shape} and {len(wcs)} WCS")
+        raise ValueError("align_batch: expected [n, band, y, x] with one WCS per sample, got shape "
+                         f"{arr.shape} and {len(wcs)} WCS")
     targets = target_wcs if target_wcs is not None else [None] * len(arr)
     res = [self.align(a, w, t) for a, w, t in zip(arr, wcs, targets)]
     out, valid = np.stack([r.flux for r in res]), np.stack([r.valid for r in res])

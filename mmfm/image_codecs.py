@@ -24,7 +24,8 @@ from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError
 from .quantize import FiniteScalarQuantizer, codebook_usage
 from .codec import Codec, CodecError
-from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyImage, SurveyPreprocessor, AsinhStretch,
+from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyImage,
+                          SurveyPreprocessor, AsinhStretch,
                           Preprocessed, SurveyDataError, to_nanomaggies, cutout_wcs)
 from .align import SurveyAligner
 
@@ -33,9 +34,11 @@ class ResBlock(nn.Module):
     "Pre-activation residual block of two 3×3 convolutions."
     def __init__(self, channels: int):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3,
+                                           padding=1), nn.Conv2d(channels, channels, 3, padding=1)
     def forward(self, x): return x + self.conv2(F.gelu(self.conv1(F.gelu(x))))
 
+# %% ../nbs/33_image_codecs.ipynb #v3s009
 class ImageEncoder(nn.Module):
     "3×3 stem, patchify convolution (kernel = stride = `patch`), residual blocks at token resolution."
     def __init__(self, in_channels: int, hidden: int = 64, patch: int = 4, depth: int = 2):
@@ -45,6 +48,7 @@ class ImageEncoder(nn.Module):
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(depth)])
     def forward(self, x): return self.blocks(self.patchify(F.gelu(self.stem(x))))
 
+# %% ../nbs/33_image_codecs.ipynb #v3s010
 class ImageDecoder(nn.Module):
     "Residual blocks at token resolution, transposed patch convolution, two 3×3 convolutions at full resolution."
     def __init__(self, out_channels: int, hidden: int = 64, patch: int = 4, depth: int = 2):
@@ -53,7 +57,8 @@ class ImageDecoder(nn.Module):
         self.unpatchify = nn.ConvTranspose2d(hidden, hidden // 2, patch, stride=patch)
         self.refine = nn.Conv2d(hidden // 2, hidden // 2, 3, padding=1)
         self.out = nn.Conv2d(hidden // 2, out_channels, 3, padding=1)
-    def forward(self, z): return self.out(F.gelu(self.refine(F.gelu(self.unpatchify(F.gelu(self.blocks(z)))))))
+    def forward(self, z):
+        return self.out(F.gelu(self.refine(F.gelu(self.unpatchify(F.gelu(self.blocks(z)))))))
 
 # %% ../nbs/33_image_codecs.ipynb #c009
 def _flux_weight(w, who: str) -> float:
@@ -61,19 +66,24 @@ def _flux_weight(w, who: str) -> float:
     if not w >= 0: raise ValueError(f"{who}: flux_weight must be >= 0, got {w}")
     return float(w)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s011
 class ImageCodecBase(Codec):
     "Stretch → encoder → 1×1 projection → FSQ → 1×1 unprojection → decoder → inverse stretch; masked weighted loss."
     def _build(self, n_bands: int, size: int, patch: int, hidden: int, depth: int, levels: Sequence[int],
                stretch: AsinhStretch, bright_weight: float, augment: bool, flux_weight: float = 0.0,
-               flux_pools: Sequence[int] = (4, 8, 16, 32), pixel_scale: float = 1.0, flux_tokens: bool = False,
+               flux_pools: Sequence[int] = (4, 8, 16, 32), pixel_scale: float = 1.0,
+               flux_tokens: bool = False,
                flux_aperture: float = 2.5, flux_snr_range: Sequence[float] = (-100.0, 1e8)):
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
         self.bright_weight, self.augment = float(bright_weight), bool(augment)
         if not flux_pools or any(int(k) < 1 for k in flux_pools):
-            raise ValueError(f"{type(self).__name__}: flux_pools needs block sizes >= 1 pixel, got {flux_pools}")
-        self.flux_weight, self.flux_pools = _flux_weight(flux_weight, type(self).__name__), tuple(int(k) for k in flux_pools)
+            raise ValueError(f"{type(self).__name__}: flux_pools needs block sizes >= 1 pixel, got "
+                             f"{flux_pools}")
+        self.flux_weight, self.flux_pools = _flux_weight(flux_weight,
+                                                         type(self).__name__), tuple(int(k)
+                                                                                     for k in flux_pools)
         self.stretch = stretch
         self.encoder = ImageEncoder(2 * n_bands, hidden, patch, depth)      # stretched bands + their masks
         self.projection = nn.Conv2d(hidden, len(levels), 1)
@@ -85,77 +95,99 @@ class ImageCodecBase(Codec):
     @property
     def quantizer(self) -> FiniteScalarQuantizer: return self._quantizer
     @property
-    def image_grid(self) -> tuple[int, int]:
-        "The grid of image tokens: `size / patch` on a side (after padding)."
-        n = (self.size + sum(self.pad)) // self.patch
-        return (n, n)
-    @property
-    def n_flux_tokens(self) -> int: return self.n_bands if self.flux_tokens else 0
-    @property
     def token_grid(self) -> tuple:
         "`(n, n)` image tokens; with flux tokens, `((bands,), (n, n))`: one flux token per band, then the image."
         return ((self.n_bands,), self.image_grid) if self.flux_tokens else self.image_grid
 
-    def _ids(self, x):
-        md = x.metadata or {}
-        if 'per_sample' in md: return [m.get('id', f'row {i}') for i, m in enumerate(md['per_sample'])]
-        return [md['id']] * x.batch_size if 'id' in md else None
-
-    def _preprocess(self, x: BaseModality) -> Preprocessed:
-        "Stretched image and valid mask of `x`, after checking its size."
-        if tuple(x.flux.shape[-2:]) != (self.size, self.size):
-            raise ValueError(f"{type(self).__name__}: expects {self.size}×{self.size} pixels, got {tuple(x.flux.shape[-2:])}"
-                             + (f" (samples {self._ids(x)[:5]})" if self._ids(x) else ""))
-        return self.stretch(x.flux, self._ids(x))
-
-    def _latent(self, pre: Preprocessed) -> Tensor:
-        x = torch.cat([pre.x, pre.valid.to(pre.x.dtype)], 1)
-        if any(self.pad): x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))   # padding is masked (mask 0)
-        return self.projection(self.encoder(x))
-
     def _encode(self, x: BaseModality) -> Tensor: return self._latent(self._preprocess(x))
-
-    def decode_stretched(self, z: Tensor) -> Tensor:
-        "Decoder output in the stretched space, `[batch, band, size, size]`, from a quantized latent."
-        out = self.decoder(self.unprojection(z))
-        lo = self.pad[0]
-        return out[..., lo:lo + self.size, lo:lo + self.size] if any(self.pad) else out
-
     def _from_stretched(self, out: Tensor, **metadata) -> BaseModality: raise NotImplementedError
-    def _decode(self, z: Tensor, **metadata) -> BaseModality: return self._from_stretched(self.decode_stretched(z), **metadata)
+    def _decode(self, z: Tensor, **metadata) -> BaseModality:
+        return self._from_stretched(self.decode_stretched(z), **metadata)
+
+# %% ../nbs/33_image_codecs.ipynb #v33002
+@patch_to(ImageCodecBase, as_prop=True)
+def image_grid(self) -> tuple[int, int]:
+    "The grid of image tokens: `size / patch` on a side (after padding)."
+    n = (self.size + sum(self.pad)) // self.patch
+    return (n, n)
+
+@patch_to(ImageCodecBase, as_prop=True)
+def n_flux_tokens(self) -> int: return self.n_bands if self.flux_tokens else 0
+
+# %% ../nbs/33_image_codecs.ipynb #v33004
+@patch_to(ImageCodecBase)
+def _ids(self, x):
+    md = x.metadata or {}
+    if 'per_sample' in md: return [m.get('id', f'row {i}') for i, m in enumerate(md['per_sample'])]
+    return [md['id']] * x.batch_size if 'id' in md else None
+
+# %% ../nbs/33_image_codecs.ipynb #v33005
+@patch_to(ImageCodecBase)
+def _preprocess(self, x: BaseModality) -> Preprocessed:
+    "Stretched image and valid mask of `x`, after checking its size."
+    if tuple(x.flux.shape[-2:]) != (self.size, self.size):
+        raise ValueError(f"{type(self).__name__}: expects {self.size}×{self.size} pixels, got "
+                         f"{tuple(x.flux.shape[-2:])}"
+                         + (f" (samples {self._ids(x)[:5]})" if self._ids(x) else ""))
+    return self.stretch(x.flux, self._ids(x))
+
+# %% ../nbs/33_image_codecs.ipynb #v33006
+@patch_to(ImageCodecBase)
+def _latent(self, pre: Preprocessed) -> Tensor:
+    x = torch.cat([pre.x, pre.valid.to(pre.x.dtype)], 1)
+    if any(self.pad):
+        x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))   # padding is masked (mask 0)
+    return self.projection(self.encoder(x))
+
+# %% ../nbs/33_image_codecs.ipynb #v33008
+@patch_to(ImageCodecBase)
+def decode_stretched(self, z: Tensor) -> Tensor:
+    "Decoder output in the stretched space, `[batch, band, size, size]`, from a quantized latent."
+    out = self.decoder(self.unprojection(z))
+    lo = self.pad[0]
+    return out[..., lo:lo + self.size, lo:lo + self.size] if any(self.pad) else out
 
 # %% ../nbs/33_image_codecs.ipynb #c010
 def _dihedral(t: Tensor, k: int, flip: bool) -> Tensor:
     t = torch.rot90(t, k, (-2, -1))
     return t.flip(-1) if flip else t
 
+# %% ../nbs/33_image_codecs.ipynb #v3s012
 @patch_to(ImageCodecBase)
 def _augment(self, x: BaseModality) -> BaseModality:
     "A random rotation by k·90° and flip of the whole batch (training only)."
     k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
     return x.replace(flux=_dihedral(x.flux, k, flip).contiguous())
 
+# %% ../nbs/33_image_codecs.ipynb #v3s013
 def _block_sums(t: Tensor, k: int) -> Tensor:
     "Sums over k × k blocks of the centred part of `t` whose side is a multiple of k, divided by k."
     n = t.shape[-1] // k * k
     lo = (t.shape[-1] - n) // 2
     return F.avg_pool2d(t[..., lo:lo + n, lo:lo + n], k) * k
 
+# %% ../nbs/33_image_codecs.ipynb #v3s014
 @patch_to(ImageCodecBase)
 def flux_loss(self, out: Tensor,          # decoder output, stretched space `[batch, band, h, w]`
               pre: Preprocessed,          # the stretched input and its valid-pixel mask
               ) -> Tensor:
     "Pooled-flux χ²: block sums of decoded and input flux in units of each block's noise, pseudo-Huber, over `flux_pools`."
     valid = pre.valid.to(out.dtype)
-    decoded = self.stretch.unstretch(out) * valid / self.stretch.softening    # flux in units of the pixel noise σ
+    # flux in units of the pixel noise σ
+    decoded = self.stretch.unstretch(out) * valid / self.stretch.softening
     given = self.stretch.unstretch(pre.x) * valid / self.stretch.softening
     terms = []
-    for k in sorted({min(k, out.shape[-1]) for k in self.flux_pools}):    # blocks wider than the stamp: the whole stamp, once
-        a, b = _block_sums(decoded, k), _block_sums(given, k)                 # a block of k² pixels has noise k σ
-        r = (a - b) / torch.sqrt(1 + (0.01 * b) ** 2)                          # a 1 % floor for very bright blocks
-        terms.append((9 * (torch.sqrt(1 + (r / 3) ** 2) - 1)).mean())          # pseudo-Huber: quadratic up to ~3 σ
+    for k in sorted({min(k, out.shape[-1])
+                     for k in self.flux_pools}):    # blocks wider than the stamp: the whole stamp, once
+        # a block of k² pixels has noise k σ
+        a, b = _block_sums(decoded, k), _block_sums(given, k)
+        r = (a - b) / torch.sqrt(1 + (0.01
+                                      * b) ** 2)                          # a 1 % floor for very bright blocks
+        terms.append((9 * (torch.sqrt(1 + (r / 3) ** 2)
+                           - 1)).mean())          # pseudo-Huber: quadratic up to ~3 σ
     return torch.stack(terms).mean()
 
+# %% ../nbs/33_image_codecs.ipynb #v3s015
 @patch_to(ImageCodecBase)
 def loss(self, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
     "Weighted MSE in the stretched space over valid pixels (+ `flux_weight` × `flux_loss`), and its parts for logging."
@@ -181,30 +213,36 @@ def aperture_mask(size: int, pixel_scale_arcsec: float, radius_arcsec: float = 2
     yy, xx = np.mgrid[:size, :size]
     return np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2) * pixel_scale_arcsec < radius_arcsec
 
+# %% ../nbs/33_image_codecs.ipynb #v3s016
 @patch_to(ImageCodecBase)
 def _build_flux_tokens(self, on: bool, pixel_scale: float, aperture: float, snr_range: Sequence[float]):
     "Check and keep the flux-token settings; the aperture is a buffer built from them (not saved: the config rebuilds it)."
     name = type(self).__name__
     lo, hi = (float(v) for v in snr_range)
-    if not lo < 0 < hi: raise ValueError(f"{name}: flux_snr_range must be (negative, positive), got {tuple(snr_range)}")
+    if not lo < 0 < hi:
+        raise ValueError(f"{name}: flux_snr_range must be (negative, positive), got {tuple(snr_range)}")
     if not pixel_scale > 0: raise ValueError(f"{name}: pixel_scale must be > 0 arcsec, got {pixel_scale}")
     if not aperture > 0: raise ValueError(f"{name}: flux_aperture must be > 0 arcsec, got {aperture}")
     mask = aperture_mask(self.size, pixel_scale, aperture)
-    if not mask.any(): raise ValueError(f"{name}: flux_aperture {aperture}″ holds no pixel at {pixel_scale}″ per pixel")
+    if not mask.any():
+        raise ValueError(f"{name}: flux_aperture {aperture}″ holds no pixel at {pixel_scale}″ per pixel")
     self.flux_tokens, self.pixel_scale, self.flux_aperture, self.flux_snr_range = on, pixel_scale, aperture, (lo, hi)
     self.register_buffer('aperture', torch.from_numpy(mask), persistent=False)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s017
 @patch_to(ImageCodecBase)
 def _signal(self, stretched: Tensor) -> Tensor:
     "Stretched values → flux in units of each band's softening (the pixel noise σ of the survey)."
     return torch.sinh(stretched * self.stretch.scale)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s018
 @patch_to(ImageCodecBase)
 def aperture_snr(self, signal: Float[Tensor, "batch band h w"]) -> Float[Tensor, "batch band"]:
     "Each band's flux inside the aperture, in units of the aperture's noise (σ √n_pixels), from `_signal` values."
     ap = self.aperture.to(signal.dtype)
     return (signal * ap).sum((-1, -2)) / math.sqrt(float(ap.sum()))
 
+# %% ../nbs/33_image_codecs.ipynb #v3s019
 @patch_to(ImageCodecBase)
 def flux_to_tokens(self, snr: Tensor, ids=None) -> Tensor:
     "Aperture fluxes `[batch, band]` (units of the aperture noise) → flux tokens; out of `flux_snr_range` is an error."
@@ -214,11 +252,14 @@ def flux_to_tokens(self, snr: Tensor, ids=None) -> Tensor:
         b, k = (int(i) for i in bad.nonzero()[0])
         who = ids[b] if ids else f"row {b}"
         band = getattr(self.modality, 'bands', None)
-        raise CodecError(f"{type(self).__name__}: sample {who!r}, band {band[k] if band else k}: aperture flux {float(snr[b, k]):.4g} σ "
-                         f"is outside flux_snr_range {self.flux_snr_range}; build the codec with a wider range")
+        raise CodecError(f"{type(self).__name__}: sample {who!r}, band {band[k] if band else k}: aperture "
+                         f"flux {float(snr[b, k]):.4g} σ "
+                         f"is outside flux_snr_range {self.flux_snr_range}; build the codec with a wider "
+                         "range")
     a, c = math.asinh(lo), math.asinh(hi)
     return torch.round((torch.asinh(snr.double()) - a) / (c - a) * (V - 1)).long()
 
+# %% ../nbs/33_image_codecs.ipynb #v3s020
 @patch_to(ImageCodecBase)
 def tokens_to_flux(self, tokens: Tensor) -> Tensor:
     "Flux tokens → aperture fluxes in units of the aperture noise (the centre of each level)."
@@ -226,6 +267,7 @@ def tokens_to_flux(self, tokens: Tensor) -> Tensor:
     a, c = math.asinh(lo), math.asinh(hi)
     return torch.sinh(a + tokens.double() * (c - a) / (V - 1)).float()
 
+# %% ../nbs/33_image_codecs.ipynb #v3s021
 @patch_to(ImageCodecBase)
 def calibrate_flux(self, out: Float[Tensor, "batch band h w"],   # decoder output (stretched space)
                    snr: Float[Tensor, "batch band"],             # the aperture flux each band must have (aperture-noise units)
@@ -238,6 +280,7 @@ def calibrate_flux(self, out: Float[Tensor, "batch band h w"],   # decoder outpu
     step = (target - (signal * ap).sum((-1, -2))) / (profile * ap).sum((-1, -2))
     return torch.asinh(signal + step[..., None, None] * profile) / self.stretch.scale
 
+# %% ../nbs/33_image_codecs.ipynb #v3s022
 @patch_to(ImageCodecBase)
 @torch.no_grad()
 def encode(self, x: BaseModality) -> Tensor:
@@ -248,11 +291,13 @@ def encode(self, x: BaseModality) -> Tensor:
     idx = self._flat_indices(self.latent_to_indices(self._latent(pre)), B, self.image_grid)
     if not self.flux_tokens: return idx
     signal = self._signal(pre.x)
-    if (~pre.valid & self.aperture).any():                                 # masked aperture pixels: the decoded value
+    # masked aperture pixels: the decoded value
+    if (~pre.valid & self.aperture).any():
         decoded = self._signal(self.decode_stretched(self.indices_to_latent(idx.view(B, *self.image_grid))))
         signal = torch.where(pre.valid, signal, decoded)
     return torch.cat([self.flux_to_tokens(self.aperture_snr(signal), self._ids(x)), idx], 1)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s023
 @patch_to(ImageCodecBase)
 @torch.no_grad()
 def decode(self, tokens: Tensor, **metadata) -> BaseModality:
@@ -263,19 +308,21 @@ def decode(self, tokens: Tensor, **metadata) -> BaseModality:
     if nf: out = self.calibrate_flux(out, self.tokens_to_flux(tokens[:, :nf]))
     return self._from_stretched(out, **metadata)
 
-
 # %% ../nbs/33_image_codecs.ipynb #c012
 DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
 
+# %% ../nbs/33_image_codecs.ipynb #v3s024
 class SurveyImageCodec(ImageCodecBase):
-    "One survey's image codec (the guide's approach 1): its bands, its pixel grid, FSQ [8,5,5,5] tokens."
+    "One survey's image codec (one codec per survey): its bands, its pixel grid, FSQ [8,5,5,5] tokens."
     survey: ClassVar[str] = ''
     def __init__(self,
                  hidden: int = 64,                        # feature channels at token resolution
                  depth: int = 2,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
-                 patch: int | None = None,                # pixels per token side (default: DEFAULT_PATCH of the survey)
-                 size: int | None = None,                 # cutout side in pixels (default: the survey's stamp size)
+                 patch: int
+                 | None = None,                # pixels per token side (default: DEFAULT_PATCH of the survey)
+                 size: int
+                 | None = None,                 # cutout side in pixels (default: the survey's stamp size)
                  scale: float = 3.0,                      # arcsinh output scale (see SurveyPreprocessor)
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²); 0: plain stretched MSE
                  augment: bool = True,                    # random 90° rotations and flips while training
@@ -286,9 +333,12 @@ class SurveyImageCodec(ImageCodecBase):
                  flux_snr_range: Sequence[float] = (-100.0, 1e8),  # range of the flux tokens, in units of the aperture noise
                  ):
         super().__init__()
-        if not self.survey: raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or GaiaImageCodec")
+        if not self.survey:
+            raise TypeError("SurveyImageCodec is a base class: use LegacySurveyImageCodec, HSCImageCodec or "
+                            "GaiaImageCodec")
         info = survey_info(self.survey)
-        self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name], hidden, depth, levels,
+        self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name],
+                    hidden, depth, levels,
                     SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight, flux_pools,
                     info.pixel_scale_arcsec, flux_tokens, flux_aperture, flux_snr_range)
 
@@ -298,24 +348,31 @@ class SurveyImageCodec(ImageCodecBase):
     def _from_stretched(self, out: Tensor, **metadata) -> SurveyImage:
         return self.modality(flux=self.stretch.inverse(out), metadata=metadata or None)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s025
 class LegacySurveyImageCodec(SurveyImageCodec):
     "Legacy Surveys g, r, i, z cutouts (32² at 0.262″) → 4 flux + 16 × 16 image tokens."
     survey: ClassVar[str] = 'legacy'
 
+# %% ../nbs/33_image_codecs.ipynb #v3s026
 class HSCImageCodec(SurveyImageCodec):
     "HSC g, r, i, z, y cutouts (50² at 0.168″, padded to 51) → 5 flux + 17 × 17 image tokens."
     survey: ClassVar[str] = 'hsc'
 
+# %% ../nbs/33_image_codecs.ipynb #v3s027
 class GaiaImageCodec(SurveyImageCodec):
     "Gaia BP, G, RP stand-in cutouts (12² at 0.7″) → 3 flux + 6 × 6 image tokens."
     survey: ClassVar[str] = 'gaia'
 
-SURVEY_IMAGE_CODECS: dict[str, type[SurveyImageCodec]] = {'legacy': LegacySurveyImageCodec, 'hsc': HSCImageCodec, 'gaia': GaiaImageCodec}
+# %% ../nbs/33_image_codecs.ipynb #v3s028
+SURVEY_IMAGE_CODECS: dict[str, type[SurveyImageCodec]] = {'legacy': LegacySurveyImageCodec,
+                                                          'hsc': HSCImageCodec, 'gaia': GaiaImageCodec}
 
 # %% ../nbs/33_image_codecs.ipynb #c016
-MULTISURVEY_BANDS: tuple[str, ...] = tuple(f"{s}_{b}" for s in ('legacy', 'hsc', 'gaia') for b in SURVEYS[s].bands)
+MULTISURVEY_BANDS: tuple[str,
+                         ...] = tuple(f"{s}_{b}" for s in ('legacy', 'hsc', 'gaia') for b in SURVEYS[s].bands)
 MULTISURVEY_GRID = 'legacy'      # the survey whose pixel grid is the common grid
 
+# %% ../nbs/33_image_codecs.ipynb #v3s029
 def survey_band_slice(survey: str) -> slice:
     "The channels of `survey`'s bands in a `MultiSurveyImage`."
     name = survey_info(survey).name
@@ -323,6 +380,7 @@ def survey_band_slice(survey: str) -> slice:
     if not idx: raise KeyError(f"no bands of survey {survey!r} in MULTISURVEY_BANDS")
     return slice(idx[0], idx[-1] + 1)
 
+# %% ../nbs/33_image_codecs.ipynb #v3s030
 @dataclass(frozen=True, eq=False)
 class MultiSurveyImage(BaseModality):
     "All survey bands of a galaxy on one common grid (Legacy, 0.262″), in nanomaggies; NaN = masked pixel or absent band."
@@ -332,8 +390,10 @@ class MultiSurveyImage(BaseModality):
 
     def validate(self):
         if tuple(self.bands) != MULTISURVEY_BANDS:
-            raise ModalityError(f"MultiSurveyImage.bands: expected {MULTISURVEY_BANDS} in this order, got {tuple(self.bands)}")
-        if torch.isinf(self.flux).any(): raise ModalityError("MultiSurveyImage.flux: infinite values; mark masked pixels with NaN")
+            raise ModalityError(f"MultiSurveyImage.bands: expected {MULTISURVEY_BANDS} in this order, got "
+                                f"{tuple(self.bands)}")
+        if torch.isinf(self.flux).any():
+            raise ModalityError("MultiSurveyImage.flux: infinite values; mark masked pixels with NaN")
 
     @property
     def band_present(self) -> Bool[Tensor, "batch 12"]:
@@ -346,7 +406,8 @@ class MultiSurveyImage(BaseModality):
 
 # %% ../nbs/33_image_codecs.ipynb #c018
 def multisurvey_image(cutouts: dict,                       # {survey: (flux [band, y, x] in the survey's unit, WCS)}
-                      aligner: SurveyAligner | None = None,  # resampler onto the common grid (default: adaptive, flux-conserving)
+                      aligner: SurveyAligner
+                      | None = None,  # resampler onto the common grid (default: adaptive, flux-conserving)
                       target_wcs=None,                     # the common grid's WCS (default: centred like the first cutout)
                       metadata: dict | None = None,
                       ) -> MultiSurveyImage:
@@ -354,7 +415,8 @@ def multisurvey_image(cutouts: dict,                       # {survey: (flux [ban
     if not cutouts: raise ValueError("multisurvey_image needs at least one cutout")
     aligner = aligner or SurveyAligner(MULTISURVEY_GRID, method='adaptive')
     if survey_info(aligner.target).name != MULTISURVEY_GRID:
-        raise ValueError(f"multisurvey_image: the common grid is the {MULTISURVEY_GRID} grid, got an aligner onto {aligner.target}")
+        raise ValueError(f"multisurvey_image: the common grid is the {MULTISURVEY_GRID} grid, got an aligner "
+                         f"onto {aligner.target}")
     out = np.full((len(MULTISURVEY_BANDS), aligner.size, aligner.size), np.nan, np.float32)
     for survey, (flux, wcs) in cutouts.items():
         if target_wcs is None: target_wcs = aligner.target_wcs(*wcs.celestial.wcs.crval)
@@ -366,8 +428,10 @@ def multisurvey_image(cutouts: dict,                       # {survey: (flux [ban
 def multisurvey_softening() -> np.ndarray:
     "Per-band arcsinh softening of the common grid (nanomaggies): each survey's pixel noise scaled to a grid pixel."
     grid = survey_info(MULTISURVEY_GRID).pixel_scale_arcsec
-    return np.concatenate([SURVEYS[s].pixel_noise_nmgy * grid / SURVEYS[s].pixel_scale_arcsec for s in ('legacy', 'hsc', 'gaia')])
+    return np.concatenate([SURVEYS[s].pixel_noise_nmgy * grid / SURVEYS[s].pixel_scale_arcsec
+                           for s in ('legacy', 'hsc', 'gaia')])
 
+# %% ../nbs/33_image_codecs.ipynb #v3s031
 class SharedImageCodec(ImageCodecBase):
     "One band-aware codec for any subset of the Legacy, HSC and Gaia bands on the common Legacy grid (AION's approach)."
     def __init__(self,
@@ -375,7 +439,8 @@ class SharedImageCodec(ImageCodecBase):
                  depth: int = 2,                          # residual blocks in the encoder and in the decoder
                  levels: Sequence[int] = (8, 5, 5, 5),    # FSQ levels (1000 codes)
                  patch: int = 2,                          # pixels per token side (16 × 16 tokens on the 32² grid)
-                 size: int | None = None,                 # grid side in pixels (default: the Legacy stamp size)
+                 size: int
+                 | None = None,                 # grid side in pixels (default: the Legacy stamp size)
                  scale: float = 3.0,                      # arcsinh output scale
                  bright_weight: float = 0.25,              # loss weight exponent on (1 + S/N²)
                  augment: bool = True,                    # random 90° rotations and flips while training
@@ -388,18 +453,22 @@ class SharedImageCodec(ImageCodecBase):
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
-        self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch, hidden, depth, levels,
-                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'), bright_weight, augment,
-                    flux_weight, flux_pools, survey_info(MULTISURVEY_GRID).pixel_scale_arcsec, flux_tokens, flux_aperture,
-                    flux_snr_range)
+        self._build(len(MULTISURVEY_BANDS), size or survey_info(MULTISURVEY_GRID).stamp_size, patch,
+                    hidden, depth, levels,
+                    AsinhStretch(multisurvey_softening(), scale, name='MultiSurveyImage'),
+                    bright_weight, augment,
+                    flux_weight, flux_pools, survey_info(MULTISURVEY_GRID).pixel_scale_arcsec, flux_tokens,
+                    flux_aperture, flux_snr_range)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage
 
-    def _from_stretched(self, out: Tensor, band_present: Tensor | None = None, **metadata) -> MultiSurveyImage:
+    def _from_stretched(self, out: Tensor, band_present: Tensor | None = None,
+                        **metadata) -> MultiSurveyImage:
         flux = self.stretch.inverse(out)
         if band_present is not None:
-            keep = torch.as_tensor(band_present, dtype=torch.bool, device=flux.device).view(flux.shape[0], -1, 1, 1)
+            keep = torch.as_tensor(band_present, dtype=torch.bool,
+                                   device=flux.device).view(flux.shape[0], -1, 1, 1)
             flux = torch.where(keep, flux, torch.full((), float('nan'), dtype=flux.dtype, device=flux.device))
         return MultiSurveyImage(flux=flux, metadata=metadata or None)
 
@@ -414,7 +483,8 @@ def _augment(self, x: MultiSurveyImage) -> MultiSurveyImage:
     present = torch.stack([x.band_present[:, g].any(1) for g in groups], 1)            # [batch, survey]
     drop = (torch.rand(present.shape) < self.survey_dropout) & present
     all_gone = (present & ~drop).sum(1) == 0
-    drop[all_gone] = False                                                             # keep at least one survey
+    # keep at least one survey
+    drop[all_gone] = False
     for j, g in enumerate(groups): flux[drop[:, j], g] = float('nan')
     return x.replace(flux=flux)
 
@@ -444,9 +514,12 @@ def image_metrics(decoded: np.ndarray,        # [n, band, h, w] decoded images
         bright = f_t / sigma_ap > snr_min
         signed, err_in = (f_d - f_t) / f_t, np.abs(f_x - f_t) / f_t
         err = np.abs(signed)
-        part = lambda m: np.abs(d[:, m].sum(-1) - t[:, m].sum(-1))[bright] / f_t[bright]   # share of the aperture flux
-        rows.append(dict(band=name, n=int(has.sum()), rms_over_sigma=float(np.median(rms)) if len(rms) else np.nan,
-                         frac_rms_below_sigma=float((rms < 1).mean()) if len(rms) else np.nan, n_snr20=int(bright.sum()),
+        part = lambda m: np.abs(d[:, m].sum(-1)
+                                - t[:, m].sum(-1))[bright] / f_t[bright]   # share of the aperture flux
+        rows.append(dict(band=name, n=int(has.sum()),
+                         rms_over_sigma=float(np.median(rms)) if len(rms) else np.nan,
+                         frac_rms_below_sigma=float((rms < 1).mean()) if len(rms) else np.nan,
+                         n_snr20=int(bright.sum()),
                          aperture_err=float(np.median(err[bright])) if bright.any() else np.nan,
                          frac_within_5pct=float((err[bright] < 0.05).mean()) if bright.any() else np.nan,
                          aperture_bias=float(np.median(signed[bright])) if bright.any() else np.nan,
@@ -465,7 +538,8 @@ def evaluate_image_codec(codec: ImageCodecBase,       # a trained image codec
                          bands: slice | None = None,  # which bands to report (default: all)
                          aperture_arcsec: float = 2.5, snr_min: float = 20.0,
                          batch_size: int = 256,
-                         flux_tokens: bool | None = None,  # None: as built; False: the image tokens alone (no flux tokens)
+                         flux_tokens: bool
+                         | None = None,  # None: as built; False: the image tokens alone (no flux tokens)
                          ) -> tuple[pd.DataFrame, dict]:
     "Metrics of `codec` on held-out images against the noiseless truth, and its codebook usage."
     was, built = codec.training, codec.flux_tokens
@@ -482,7 +556,8 @@ def evaluate_image_codec(codec: ImageCodecBase,       # a trained image codec
     bands = bands or slice(None)
     names = list(np.asarray(images.bands)[bands])
     grid = survey_info(getattr(images, 'survey', None) or MULTISURVEY_GRID).pixel_scale_arcsec
-    table = image_metrics(np.concatenate(decoded)[:, bands], np.asarray(truth)[:, bands], images.flux.double().cpu().numpy()[:, bands],
+    table = image_metrics(np.concatenate(decoded)[:, bands], np.asarray(truth)[:, bands],
+                          images.flux.double().cpu().numpy()[:, bands],
                           np.asarray(noise_sigma)[bands], grid, names, aperture_arcsec, snr_min)
     use = codebook_usage(torch.cat(tokens)[:, n_flux:], codec.vocab_size)                 # the image tokens
     return table, {'codebook_used': use['fraction_used'], 'perplexity': use['perplexity'], 'tokens': n_tokens}
@@ -493,7 +568,8 @@ def load_multisurvey_images(root: "str | Path",        # data set written by `mm
                             surveys: Sequence[str] = ('legacy', 'hsc', 'gaia'),  # which surveys to include
                             with_truth: bool = False,  # also return the noiseless images on the grid
                             limit: int | None = None,  # at most this many galaxies
-                            aligner: SurveyAligner | None = None,  # default: adaptive, flux-conserving, onto the Legacy grid
+                            aligner: SurveyAligner
+                            | None = None,  # default: adaptive, flux-conserving, onto the Legacy grid
                             ):
     "`(MultiSurveyImage, ids)` of a split — plus `(truth [n, 12, h, w], noise σ [12])` if `with_truth`."
     from astropy.io import fits
@@ -502,7 +578,8 @@ def load_multisurvey_images(root: "str | Path",        # data set written by `mm
     aligner = aligner or SurveyAligner(MULTISURVEY_GRID, method='adaptive')
     ds = astro_dataset(root, images=surveys, tables=(), split=split)
     chosen = [j for j, s in enumerate(ds.samples) if any(f'{v}_image' in s for v in surveys)][:limit]
-    if not chosen: raise ValueError(f"no galaxies with {list(surveys)} images in split {split!r} under {root}")
+    if not chosen:
+        raise ValueError(f"no galaxies with {list(surveys)} images in split {split!r} under {root}")
     if with_truth: truth_table, cfg = load_truth(root); by_id = truth_table.set_index('id', drop=False)
     n, size = len(chosen), aligner.size
     flux = np.full((n, len(MULTISURVEY_BANDS), size, size), np.nan, np.float32)
@@ -518,14 +595,16 @@ def load_multisurvey_images(root: "str | Path",        # data set written by `mm
             if with_truth:
                 truth = render_cutout(by_id.loc[sample.id], v, cfg).astype(np.float64)
                 cube = np.concatenate([cube, to_nanomaggies(truth, v)])
-            out = aligner.align(cube, wcs, target).flux                      # noisy and truth resampled in one call
+            # noisy and truth resampled in one call
+            out = aligner.align(cube, wcs, target).flux
             k = survey_info(v).n_bands
             flux[i, survey_band_slice(v)] = out[:k]
             if with_truth: clean[i, survey_band_slice(v)] = out[k:]
     ids = [ds.samples[j]['id'] for j in chosen]
     images = MultiSurveyImage(flux=torch.from_numpy(flux), metadata={'per_sample': [{'id': i} for i in ids]})
     if not with_truth: return images, ids
-    sigma = np.array([np.nanstd(flux[:, b] - clean[:, b]) if not np.isnan(flux[:, b]).all() else np.nan for b in range(flux.shape[1])])
+    sigma = np.array([np.nanstd(flux[:, b] - clean[:, b]) if not np.isnan(flux[:, b]).all() else np.nan
+                      for b in range(flux.shape[1])])
     return images, ids, clean, sigma
 
 # %% ../nbs/33_image_codecs.ipynb #c033
@@ -534,11 +613,14 @@ def fit_image_codec(codec: ImageCodecBase,              # the codec to train (in
                     val: BaseModality | None = None,    # validation images (early stopping, kept weights)
                     epochs: int = 20,                   # epochs of the first stage; later stages scale it
                     lr: float = 2e-3,                   # learning rate of the first stage
-                    stages: Sequence[tuple[float, float]] = ((1.0, 1.0), (0.2, 1 / 3), (0.04, 1 / 6)),  # (lr factor, epochs factor) per stage
+                    stages: Sequence[tuple[float, float]] = ((1.0, 1.0),
+                                                             (0.2,
+                                                              1 / 3), (0.04, 1 / 6)),  # (lr factor, epochs factor) per stage
                     batch_size: int = 32,               # samples per step
                     patience: int | None = 10,          # early stopping within a stage
                     seed: int = 0,                      # seeds each stage (seed + stage)
-                    flux_weights: Sequence[float] | None = None,  # the codec's flux_weight in each stage (None: as built)
+                    flux_weights: Sequence[float]
+                    | None = None,  # the codec's flux_weight in each stage (None: as built)
                     ) -> pd.DataFrame:
     "Train an image codec with `train_codec` in stages of decreasing learning rate; returns the joined history."
     from mmfm.codec_training import train_codec, CodecTrainConfig
@@ -549,8 +631,12 @@ def fit_image_codec(codec: ImageCodecBase,              # the codec to train (in
     try:
         for i, (lr_factor, epoch_factor) in enumerate(stages):
             if flux_weights is not None: codec.flux_weight = flux_weights[i]
-            cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size, lr=lr * lr_factor,
+            cfg = CodecTrainConfig(epochs=max(1, round(epochs * epoch_factor)), batch_size=batch_size,
+                                   lr=lr * lr_factor,
                                    patience=patience, seed=seed + i, progress=False)
-            history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr, flux_weight=codec.flux_weight))
-    finally: codec.flux_weight = built                   # the codec leaves as it was built (its saved configuration)
+            history.append(train_codec(codec, train, val, cfg).history.assign(stage=i, lr=cfg.lr,
+                                                                              flux_weight=codec.flux_weight))
+    finally:
+        # the codec leaves as it was built (its saved configuration)
+        codec.flux_weight = built
     return pd.concat(history, ignore_index=True)

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import galsim
 import astropy.units as u
-from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header, write_survey_cutout, to_nanomaggies,
+from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header,
+                          write_survey_cutout, to_nanomaggies,
                           image_modality, SurveyImageLoader, CATALOGS)
 from .data import Source, TableLoader, MultiSourceDataset
 from .files import atomic_write, write_json
@@ -30,11 +31,13 @@ GAIA_TOPHATS_NM = {'BP': (330.0, 680.0), 'G': (330.0, 1050.0), 'RP': (630.0, 105
 SED_TEMPLATES = ('E', 'Sbc', 'Scd', 'Im')      # CWW templates shipped with GalSim, from red to blue
 REFERENCE_BAND = ('lsst', 'r')                 # magnitudes are quoted in the (observed) LSST r band
 
+# %% ../nbs/31_simulate.ipynb #v1s001
 @lru_cache(maxsize=None)
 def _lsst_bandpass(band: str) -> galsim.Bandpass:
     path = os.path.join(galsim.meta_data.share_dir, 'bandpasses', f'LSST_{band}.dat')
     return galsim.Bandpass(path, wave_type='nm').withZeropoint('AB')
 
+# %% ../nbs/31_simulate.ipynb #v1s002
 @lru_cache(maxsize=None)
 def survey_bandpass(survey: str,  # survey name
                     band: str,    # band name
@@ -48,6 +51,7 @@ def survey_bandpass(survey: str,  # survey name
         return galsim.Bandpass(table, wave_type='nm').withZeropoint('AB')
     raise KeyError(f"no bandpass for survey {survey!r}")
 
+# %% ../nbs/31_simulate.ipynb #v1s003
 @lru_cache(maxsize=None)
 def load_sed(name: str) -> galsim.SED:
     "A CWW template shipped with GalSim (`E`, `Sbc`, `Scd`, `Im`)."
@@ -58,6 +62,7 @@ def load_sed(name: str) -> galsim.SED:
 # %% ../nbs/31_simulate.ipynb #c008
 Z_GRID = np.round(np.arange(0.0, 3.0 + 1e-9, 0.01), 2)
 
+# %% ../nbs/31_simulate.ipynb #v1s004
 @lru_cache(maxsize=None)
 def _colour_table(survey: str) -> np.ndarray:
     "Flux in each band of `survey` relative to the reference band: `[template, z, band]`."
@@ -68,20 +73,25 @@ def _colour_table(survey: str) -> np.ndarray:
         for j, z in enumerate(Z_GRID):
             sed = load_sed(name).atRedshift(float(z))
             m_ref = sed.calculateMagnitude(ref)
-            out[k, j] = [10 ** (-0.4 * (sed.calculateMagnitude(survey_bandpass(survey, b)) - m_ref)) for b in bands]
+            out[k, j] = [10 ** (-0.4 * (sed.calculateMagnitude(survey_bandpass(survey,
+                                                                               b)) - m_ref)) for b in bands]
     return out
 
+# %% ../nbs/31_simulate.ipynb #v1s005
 def band_flux_ratios(sed_t: np.ndarray,   # spectral type per galaxy, 0 (E) … 3 (Im)
                      z: np.ndarray,       # redshift per galaxy, 0 … 3
                      survey: str,         # survey whose bands to use
                      ) -> np.ndarray:
     "Flux in each band of `survey` divided by the reference-band flux, per galaxy: `[n, band]`."
     sed_t, z = np.atleast_1d(np.asarray(sed_t, float)), np.atleast_1d(np.asarray(z, float))
-    if (z < 0).any() or (z > Z_GRID[-1]).any(): raise ValueError(f"redshift outside [0, {Z_GRID[-1]}]: {z[(z < 0) | (z > Z_GRID[-1])][:5]}")
-    if (sed_t < 0).any() or (sed_t > len(SED_TEMPLATES) - 1).any(): raise ValueError(f"sed_t outside [0, {len(SED_TEMPLATES) - 1}]")
+    if (z < 0).any() or (z > Z_GRID[-1]).any():
+        raise ValueError(f"redshift outside [0, {Z_GRID[-1]}]: {z[(z < 0) | (z > Z_GRID[-1])][:5]}")
+    if (sed_t < 0).any() or (sed_t > len(SED_TEMPLATES) - 1).any():
+        raise ValueError(f"sed_t outside [0, {len(SED_TEMPLATES) - 1}]")
     table = _colour_table(survey)
     zi = np.minimum(z / 0.01, len(Z_GRID) - 1 - 1e-9); j = np.floor(zi).astype(int); fz = (zi - j)[:, None]
-    ti = np.minimum(sed_t, len(SED_TEMPLATES) - 1 - 1e-9); k = np.floor(ti).astype(int); ft = (ti - k)[:, None]
+    ti = np.minimum(sed_t,
+                    len(SED_TEMPLATES) - 1 - 1e-9); k = np.floor(ti).astype(int); ft = (ti - k)[:, None]
     at = lambda kk: table[kk, j] * (1 - fz) + table[kk, np.minimum(j + 1, len(Z_GRID) - 1)] * fz
     return at(k) * (1 - ft) + at(k + 1) * ft
 
@@ -89,13 +99,17 @@ def band_flux_ratios(sed_t: np.ndarray,   # spectral type per galaxy, 0 (E) … 
 @dataclass
 class SimConfig:
     "Parameters of the multi-survey simulation (all defaults documented)."
-    n_galaxies: int = 2000                           # galaxies written; each is seen by at least one imaging survey
+    # galaxies written; each is seen by at least one imaging survey
+    n_galaxies: int = 2000
     seed: int = 0                                    # everything is deterministic from this seed
-    stamp_sizes: dict[str, int] = field(default_factory=dict)  # cutout side per survey (default: the survey's stamp_size)
+    # cutout side per survey (default: the survey's stamp_size)
+    stamp_sizes: dict[str, int] = field(default_factory=dict)
     mag_range: tuple[float, float] = (17.0, 23.5)    # range of the reference (LSST r) AB magnitude
     mag_slope: float = 0.2                           # number counts dN/dm ∝ 10^(slope·m) within the range
-    sersic_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # allowed Sérsic indices (a new n costs GalSim a table build)
-    trunc_hlr: float = 6.0                           # Sérsic profiles are truncated at this many half-light radii
+    # allowed Sérsic indices (a new n costs GalSim a table build)
+    sersic_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    # Sérsic profiles are truncated at this many half-light radii
+    trunc_hlr: float = 6.0
     ra_range: tuple[float, float] = (150.0, 152.0)   # sky patch (deg)
     dec_range: tuple[float, float] = (1.0, 3.0)
     legacy_dec_max: float = 2.5                      # Legacy footprint: dec below this (75 % of the patch)
@@ -123,19 +137,23 @@ def _draw_candidates(rng: np.random.Generator, n: int, cfg: SimConfig) -> pd.Dat
     p_early = np.where(grid >= 3, 0.4, np.where(grid >= 2, 0.15, 0.05)); p_early /= p_early.sum()
     p_late = np.where(grid <= 1.0, 0.35, np.where(grid <= 2.0, 0.2, 0.02)); p_late /= p_late.sum()
     n_idx = np.where(early, rng.choice(len(grid), n, p=p_early), rng.choice(len(grid), n, p=p_late))
-    hlr = 1.4 * 10 ** (-0.115 * (mag - 17)) * np.where(early, 0.8, 1.0) * np.exp(0.25 * rng.standard_normal(n))
+    hlr = 1.4 * 10 ** (-0.115 * (mag - 17)) * np.where(early, 0.8,
+                                                       1.0) * np.exp(0.25 * rng.standard_normal(n))
     e_mod = np.minimum(rng.rayleigh(np.where(early, 0.15, 0.25)), 0.7); angle = rng.uniform(0, np.pi, n)
     off = np.clip(0.2 * rng.standard_normal((n, 2)), -0.6, 0.6)
     return pd.DataFrame(dict(
         ra=rng.uniform(*cfg.ra_range, n), dec=rng.uniform(*cfg.dec_range, n), z=z, sed_t=sed_t, mag_r=mag,
-        sersic_n=grid[n_idx], hlr=np.clip(hlr, 0.15, 2.0), e1=e_mod * np.cos(2 * angle), e2=e_mod * np.sin(2 * angle),
-        dx=off[:, 0], dy=off[:, 1], u_spec=rng.random(n), u_split=rng.random(n), z_noise=rng.standard_normal(n)))
+        sersic_n=grid[n_idx], hlr=np.clip(hlr, 0.15, 2.0), e1=e_mod * np.cos(2 * angle),
+        e2=e_mod * np.sin(2 * angle),
+        dx=off[:, 0], dy=off[:, 1], u_spec=rng.random(n), u_split=rng.random(n),
+        z_noise=rng.standard_normal(n)))
 
 # %% ../nbs/31_simulate.ipynb #c016
 def true_fluxes(galaxies: pd.DataFrame, survey: str) -> np.ndarray:
     "True total flux of each galaxy in each band of `survey`, in nanomaggies: `[n, band]`."
     ref_nmgy = 10 ** (-0.4 * (galaxies['mag_r'].to_numpy() - 22.5))
-    return ref_nmgy[:, None] * band_flux_ratios(galaxies['sed_t'].to_numpy(), galaxies['z'].to_numpy(), survey)
+    return ref_nmgy[:, None] * band_flux_ratios(galaxies['sed_t'].to_numpy(),
+                                                galaxies['z'].to_numpy(), survey)
 
 def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
     "The truth table: parameters, true fluxes, survey membership and split of `cfg.n_galaxies` galaxies."
@@ -144,7 +162,8 @@ def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
     while n_have < cfg.n_galaxies:
         c = _draw_candidates(rng, max(64, 2 * cfg.n_galaxies), cfg)
         c['in_legacy'] = c['dec'] < cfg.legacy_dec_max
-        c['in_hsc'] = np.hypot((c['ra'] - cfg.hsc_centre[0]) * np.cos(np.radians(c['dec'])), c['dec'] - cfg.hsc_centre[1]) < cfg.hsc_radius_deg
+        c['in_hsc'] = np.hypot((c['ra'] - cfg.hsc_centre[0]) * np.cos(np.radians(c['dec'])),
+                               c['dec'] - cfg.hsc_centre[1]) < cfg.hsc_radius_deg
         gaia_g = 22.5 - 2.5 * np.log10(true_fluxes(c, 'gaia')[:, survey_info('gaia').band_index('G')])
         c['in_gaia'] = gaia_g < cfg.gaia_g_limit
         c = c[c['in_legacy'] | c['in_hsc'] | c['in_gaia']]
@@ -153,9 +172,11 @@ def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
     t.insert(0, 'id', [f"gal_{i:06d}" for i in range(len(t))])
     p_spec = np.clip(1.0 - 0.18 * (t['mag_r'] - 17), 0.1, 0.9)
     t['has_spec_z'] = t.pop('u_spec') < p_spec
-    t['z_spec'] = np.where(t['has_spec_z'], t['z'] + cfg.spec_z_error * (1 + t['z']) * t.pop('z_noise'), np.nan)
+    t['z_spec'] = np.where(t['has_spec_z'],
+                           t['z'] + cfg.spec_z_error * (1 + t['z']) * t.pop('z_noise'), np.nan)
     us = t.pop('u_split')
-    t['split'] = np.where(us < cfg.test_fraction, 'test', np.where(us < cfg.test_fraction + cfg.val_fraction, 'val', 'train'))
+    t['split'] = np.where(us < cfg.test_fraction, 'test',
+                          np.where(us < cfg.test_fraction + cfg.val_fraction, 'val', 'train'))
     for s in ('legacy', 'hsc', 'gaia'):
         for b, f in zip(survey_info(s).bands, true_fluxes(t, s).T): t[f'flux_{s}_{b}'] = f
     return t
@@ -168,39 +189,47 @@ def survey_psf(survey: str, band: str) -> galsim.GSObject:
     fwhm = float(info.psf_fwhm[info.band_index(band)].to_value(u.arcsec))
     return galsim.Gaussian(fwhm=fwhm) if info.psf_beta is None else galsim.Moffat(beta=info.psf_beta, fwhm=fwhm)
 
+# %% ../nbs/31_simulate.ipynb #v1s006
 def galaxy_profile(galaxy: Mapping, cfg: SimConfig = SimConfig()) -> galsim.GSObject:
     "The unit-flux intrinsic profile of a galaxy (a row of the truth table), in arcsec on the sky."
     hlr = float(galaxy['hlr'])
     prof = galsim.Sersic(n=float(galaxy['sersic_n']), half_light_radius=hlr, trunc=cfg.trunc_hlr * hlr)
-    return prof.shear(g1=float(galaxy['e1']), g2=float(galaxy['e2'])).shift(-float(galaxy['dx']), float(galaxy['dy']))
+    return prof.shear(g1=float(galaxy['e1']), g2=float(galaxy['e2'])).shift(-float(galaxy['dx']),
+                                                                            float(galaxy['dy']))
 
+# %% ../nbs/31_simulate.ipynb #v1s007
 def render_unit_images(galaxy: Mapping, survey: str, cfg: SimConfig = SimConfig()) -> np.ndarray:
     "Noiseless unit-flux images of a galaxy through each band's PSF on `survey`'s grid: `[band, n, n]`."
     info, n = survey_info(survey), cfg.stamp_size(survey)
     prof, out, drawn = galaxy_profile(galaxy, cfg), np.empty((info.n_bands, n, n), np.float64), {}
     for i, (b, fwhm) in enumerate(zip(info.bands, info.psf_fwhm.to_value(u.arcsec))):
         if fwhm not in drawn:   # bands with the same PSF share one drawing
-            drawn[fwhm] = galsim.Convolve(prof, survey_psf(info.name, b)).drawImage(nx=n, ny=n, scale=info.pixel_scale_arcsec).array
+            drawn[fwhm] = galsim.Convolve(prof, survey_psf(info.name, b)).drawImage(nx=n, ny=n,
+                                                                                    scale=info.pixel_scale_arcsec).array
         out[i] = drawn[fwhm]
     return out
 
 # %% ../nbs/31_simulate.ipynb #c021
 _SURVEY_CODE = {'legacy': 1, 'hsc': 2, 'gaia': 3}
 
+# %% ../nbs/31_simulate.ipynb #v1s008
 def render_cutout(galaxy: Mapping,             # a row of the truth table
                   survey: str,                 # survey to draw into
                   cfg: SimConfig = SimConfig(),
                   noise: bool = False,         # add the survey's noise (exactly the noise of the written cutout)
-                  unit_images: np.ndarray | None = None,  # precomputed `render_unit_images` (saves the drawing)
+                  unit_images: np.ndarray
+                  | None = None,  # precomputed `render_unit_images` (saves the drawing)
                   ) -> np.ndarray:
     "A cutout of `galaxy` in `survey` (float32 `[band, n, n]`, survey flux unit), noiseless unless `noise`."
     info = survey_info(survey)
     unit = render_unit_images(galaxy, info.name, cfg) if unit_images is None else unit_images
-    flux = np.array([galaxy[f'flux_{info.name}_{b}'] for b in info.bands]) / info.nmgy_per_unit   # nmgy → survey unit
+    flux = np.array([galaxy[f'flux_{info.name}_{b}']
+                     for b in info.bands]) / info.nmgy_per_unit   # nmgy → survey unit
     img = unit * flux[:, None, None]
     if noise: img = img + cutout_noise(galaxy, info.name, cfg, img.shape)
     return img.astype(np.float32)
 
+# %% ../nbs/31_simulate.ipynb #v1s009
 def cutout_noise(galaxy: Mapping, survey: str, cfg: SimConfig, shape: tuple) -> np.ndarray:
     "The noise added to a galaxy's cutout in `survey` (deterministic from the seed and the galaxy's index)."
     info = survey_info(survey)
@@ -213,6 +242,7 @@ def flux_errors(unit_images: np.ndarray, survey: str) -> np.ndarray:
     "σ of a matched-profile flux measurement per band, in the survey's unit, for unit-flux images `[band, n, n]`."
     return survey_info(survey).pixel_noise / np.sqrt((unit_images ** 2).sum((1, 2)))
 
+# %% ../nbs/31_simulate.ipynb #v1s010
 def asinh_magnitude(flux_nmgy: np.ndarray,     # flux in nanomaggies (any sign)
                     error_nmgy: np.ndarray,    # its 1σ error
                     softening_nmgy: np.ndarray,  # softening b in nanomaggies
@@ -223,12 +253,15 @@ def asinh_magnitude(flux_nmgy: np.ndarray,     # flux in nanomaggies (any sign)
     mag = -2.5 / math.log(10) * (np.arcsinh(flux_nmgy / f0 / (2 * b)) + np.log(b))
     return mag, 2.5 / math.log(10) * error_nmgy / np.sqrt(flux_nmgy ** 2 + 4 * softening_nmgy ** 2)
 
+# %% ../nbs/31_simulate.ipynb #v1s011
 def catalog_softening(survey: str) -> np.ndarray:
     "Asinh-magnitude softening per band (nanomaggies): the 1σ flux of a point source at the survey's 5σ depth."
     info = survey_info(survey)
     return 10 ** (-0.4 * (info.depth.to_value(u.mag) - 22.5)) / 5
 
-def measure_galaxy(galaxy: Mapping, errors_nmgy: Mapping[str, np.ndarray], cfg: SimConfig = SimConfig()) -> dict:
+# %% ../nbs/31_simulate.ipynb #v1s012
+def measure_galaxy(galaxy: Mapping, errors_nmgy: Mapping[str, np.ndarray],
+                   cfg: SimConfig = SimConfig()) -> dict:
     "Catalog rows of one galaxy for each survey that sees it (`{catalog: {column: value}}`), from the error model."
     rng = np.random.default_rng([cfg.seed, int(str(galaxy['id']).split('_')[-1]), 100])
     rows = {}
@@ -238,19 +271,25 @@ def measure_galaxy(galaxy: Mapping, errors_nmgy: Mapping[str, np.ndarray], cfg: 
         meas = true + err * rng.standard_normal(info.n_bands)
         if s == 'legacy':
             snr = true[info.band_index('r')] / err[info.band_index('r')]
-            e = np.array([galaxy['e1'], galaxy['e2']]) + np.clip(1.5 / snr, 0.01, 0.3) * rng.standard_normal(2)
+            e = np.array([galaxy['e1'], galaxy['e2']]) + np.clip(1.5 / snr, 0.01,
+                                                                 0.3) * rng.standard_normal(2)
             e *= min(1.0, 0.95 / max(np.hypot(*e), 1e-12))
-            rows['legacy_catalog'] = {'id': galaxy['id'], **{f'flux_{b}': m for b, m in zip(info.bands, meas)},
+            rows['legacy_catalog'] = {'id': galaxy['id'],
+                                      **{f'flux_{b}': m for b, m in zip(info.bands, meas)},
                                       **{f'flux_err_{b}': v for b, v in zip(info.bands, err)},
-                                      'shape_r': galaxy['hlr'] * math.exp(float(np.clip(2.0 / snr, 0.02, 0.5)) * rng.standard_normal()),
+                                      'shape_r': galaxy['hlr'] * math.exp(float(np.clip(2.0 / snr, 0.02, 0.5))
+                                                                          * rng.standard_normal()),
                                       'shape_e1': e[0], 'shape_e2': e[1]}
         else:
             mag, mag_err = asinh_magnitude(meas, err, catalog_softening(s))
-            names = [f'mag_{b}' for b in info.bands] if s == 'hsc' else [f'phot_{b.lower()}_mean_mag' for b in info.bands]
-            errs = [f'mag_err_{b}' for b in info.bands] if s == 'hsc' else [f'phot_{b.lower()}_mean_mag_error' for b in info.bands]
+            names = [f'mag_{b}' for b in info.bands] if s == 'hsc' else [f'phot_{b.lower()}_mean_mag'
+                                                                         for b in info.bands]
+            errs = [f'mag_err_{b}' for b in info.bands] if s == 'hsc' else [f'phot_{b.lower()}_mean_mag_error'
+                                                                            for b in info.bands]
             rows[f'{s}_catalog'] = {'id': galaxy['id'], **dict(zip(names, mag)), **dict(zip(errs, mag_err))}
     if galaxy['has_spec_z']:
-        rows['spec_z'] = {'id': galaxy['id'], 'z': galaxy['z_spec'], 'z_err': cfg.spec_z_error * (1 + galaxy['z'])}
+        rows['spec_z'] = {'id': galaxy['id'], 'z': galaxy['z_spec'],
+                          'z_err': cfg.spec_z_error * (1 + galaxy['z'])}
     return rows
 
 # %% ../nbs/31_simulate.ipynb #c029
@@ -264,8 +303,8 @@ def _simulate_chunk(galaxies: list[dict], cfg: SimConfig, out: str) -> list[dict
             info = survey_info(s)
             unit = render_unit_images(g, s, cfg)
             img = render_cutout(g, s, cfg, noise=True, unit_images=unit)
-            write_survey_cutout(out / 'images' / s / f"{g['id']}.fits", img, info, g['ra'], g['dec'], g['id'],
-                                durable=False)
+            write_survey_cutout(out / 'images' / s / f"{g['id']}.fits", img, info, g['ra'], g['dec'],
+                                g['id'], durable=False)
             errors[s] = flux_errors(unit, s) * info.nmgy_per_unit
         result.append(measure_galaxy(g, errors, cfg))
     return result
@@ -275,6 +314,7 @@ IMAGE_SOURCES = ('legacy', 'hsc', 'gaia')
 TABLE_FILES = {'legacy_catalog': 'catalogs/legacy_catalog.csv', 'hsc_catalog': 'catalogs/hsc_catalog.csv',
                'gaia_catalog': 'catalogs/gaia_catalog.csv', 'spec_z': 'catalogs/spec_z.csv'}
 
+# %% ../nbs/31_simulate.ipynb #v1s013
 def simulate_dataset(out: "str | Path",           # data root to write (e.g. data/astro)
                      cfg: SimConfig = SimConfig(),
                      workers: int = 1,            # parallel processes
@@ -304,12 +344,14 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
         samples.append(s)
     for name, path in TABLE_FILES.items():
         atomic_write(out / path, lambda p, t=pd.DataFrame(tables[name]): t.to_csv(p, index=False))
-    manifest = {'name': 'mmfm simulated multi-survey galaxies', 'version': 1, 'tables': TABLE_FILES, 'samples': samples}
+    manifest = {'name': 'mmfm simulated multi-survey galaxies', 'version': 1, 'tables': TABLE_FILES,
+                'samples': samples}
     atomic_write(out / 'truth' / 'truth.csv', lambda p: truth.to_csv(p, index=False))
     write_json(out / 'truth' / 'config.json', asdict(cfg))
     write_json(out / 'manifest.json', manifest)                # last: the manifest commits the data set
     seconds = time.perf_counter() - t0
-    counts = {f'{s}_images': int(truth[f'in_{s}'].sum()) for s in IMAGE_SOURCES} | {name: len(v) for name, v in tables.items()}
+    counts = {f'{s}_images': int(truth[f'in_{s}'].sum()) for s in IMAGE_SOURCES} | {name: len(v) for name,
+                                                                                    v in tables.items()}
     return {'galaxies': len(truth), **counts, 'seconds': seconds, 'galaxies_per_second': len(truth) / seconds}
 
 # %% ../nbs/31_simulate.ipynb #c036
@@ -320,10 +362,12 @@ def astro_sources(images: Sequence[str] = IMAGE_SOURCES,          # surveys whos
     return ([Source(f'{s}_image', image_modality(s), SurveyImageLoader(s)) for s in images]
             + [Source(f'{t}_row', CATALOGS[t], TableLoader(TABLE_FILES[t])) for t in tables])
 
+# %% ../nbs/31_simulate.ipynb #v1s014
 def astro_dataset(root: "str | Path",                              # data set root (holds manifest.json)
                   images: Sequence[str] = IMAGE_SOURCES,          # surveys whose cutouts to load
                   tables: Sequence[str] = tuple(TABLE_FILES),     # catalogs to load
-                  split: str | None = None,                       # keep only this split ('train', 'val', 'test')
+                  split: str
+                  | None = None,                       # keep only this split ('train', 'val', 'test')
                   ) -> MultiSourceDataset:
     "A data set written by `simulate_dataset`, read through `MultiSourceDataset`; galaxies with none of the sources left out."
     unused = ([f'{s}_image' for s in IMAGE_SOURCES if s not in images]
@@ -351,18 +395,21 @@ def load_catalog(root: "str | Path",          # data set root
     "The rows of catalog `name` (in `split`) as its table modality, and their galaxy ids."
     if name not in TABLE_FILES: raise KeyError(f"unknown catalog {name!r}; known: {list(TABLE_FILES)}")
     ds = astro_dataset(root, images=(), tables=(name,), split=split)
-    if not any(f'{name}_row' in s for s in ds.samples): raise ValueError(f"no {name} rows in split {split!r} under {root}")
+    if not any(f'{name}_row' in s for s in ds.samples):
+        raise ValueError(f"no {name} rows in split {split!r} under {root}")
     return ds.stack(name)
 
 # %% ../nbs/31_simulate.ipynb #c043
 def load_truth(root: "str | Path") -> tuple[pd.DataFrame, SimConfig]:
     "The truth table and the simulation config of a data set written by `simulate_dataset`."
     root = Path(root)
-    if not (root / 'truth' / 'truth.csv').is_file(): raise FileNotFoundError(f"no truth table under {root / 'truth'}; run `mmfm simulate --out {root}`")
+    if not (root / 'truth' / 'truth.csv').is_file():
+        raise FileNotFoundError(f"no truth table under {root / 'truth'}; run `mmfm simulate --out {root}`")
     cfg = json.loads((root / 'truth' / 'config.json').read_text())
     cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     return pd.read_csv(root / 'truth' / 'truth.csv'), cfg
 
+# %% ../nbs/31_simulate.ipynb #v1s015
 def noiseless_cutouts(root: "str | Path",   # data set root
                       ids: Sequence[str],   # galaxy ids
                       survey: str,          # survey to render
@@ -386,8 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     sizes = {s: getattr(a, f"{s}_size") for s in IMAGE_SOURCES if getattr(a, f"{s}_size")}
     s = simulate_dataset(a.out, SimConfig(n_galaxies=a.n, seed=a.seed, stamp_sizes=sizes), workers=a.workers)
-    print(f"wrote {s['galaxies']} galaxies to {a.out} in {s['seconds']:.1f} s ({s['galaxies_per_second']:.0f}/s): "
-          + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ('galaxies', 'seconds', 'galaxies_per_second')))
+    print(f"wrote {s['galaxies']} galaxies to {a.out} in {s['seconds']:.1f} s "
+          f"({s['galaxies_per_second']:.0f}/s): "
+          + ", ".join(f"{k} {v}" for k,
+                      v in s.items() if k not in ('galaxies', 'seconds', 'galaxies_per_second')))
     return 0
 
 # %% ../nbs/31_simulate.ipynb #c048

@@ -47,25 +47,34 @@ class SurveyInfo:
         n = len(self.bands)
         for name in ('zeropoint', 'psf_fwhm', 'depth'):
             v = getattr(self, name)
-            if np.shape(v) != (n,): raise ValueError(f"SurveyInfo {self.name!r}.{name}: expected one value per band {self.bands}, got shape {np.shape(v)}")
-        for name, unit in (('pixel_scale', u.arcsec), ('psf_fwhm', u.arcsec), ('zeropoint', u.mag), ('depth', u.mag)):
-            if not getattr(self, name).unit.is_equivalent(unit): raise u.UnitsError(f"SurveyInfo {self.name!r}.{name}: expected a quantity in {unit}, got {getattr(self, name).unit}")
+            if np.shape(v) != (n,):
+                raise ValueError(f"SurveyInfo {self.name!r}.{name}: expected one value per band "
+                                 f"{self.bands}, got shape {np.shape(v)}")
+        for name, unit in (('pixel_scale', u.arcsec), ('psf_fwhm', u.arcsec), ('zeropoint', u.mag),
+                           ('depth', u.mag)):
+            if not getattr(self, name).unit.is_equivalent(unit):
+                raise u.UnitsError(f"SurveyInfo {self.name!r}.{name}: expected a quantity in {unit}, got "
+                                   f"{getattr(self, name).unit}")
 
-    @property
-    def n_bands(self) -> int: return len(self.bands)
+# %% ../nbs/30_surveys.ipynb #v3002
+@patch_to(SurveyInfo, as_prop=True)
+def n_bands(self) -> int: return len(self.bands)
 
-    @property
-    def pixel_scale_arcsec(self) -> float: return float(self.pixel_scale.to_value(u.arcsec))
+@patch_to(SurveyInfo, as_prop=True)
+def pixel_scale_arcsec(self) -> float: return float(self.pixel_scale.to_value(u.arcsec))
 
-    @property
-    def stamp_arcsec(self) -> float:
-        "Side of a default cutout, in arcsec."
-        return self.stamp_size * self.pixel_scale_arcsec
+@patch_to(SurveyInfo, as_prop=True)
+def stamp_arcsec(self) -> float:
+    "Side of a default cutout, in arcsec."
+    return self.stamp_size * self.pixel_scale_arcsec
 
-    def band_index(self, band: str) -> int:
-        "Channel index of `band`."
-        try: return self.bands.index(band)
-        except ValueError: raise KeyError(f"{self.title} has no band {band!r}; its bands are {self.bands}") from None
+# %% ../nbs/30_surveys.ipynb #v3004
+@patch_to(SurveyInfo)
+def band_index(self, band: str) -> int:
+    "Channel index of `band`."
+    try: return self.bands.index(band)
+    except ValueError:
+        raise KeyError(f"{self.title} has no band {band!r}; its bands are {self.bands}") from None
 
 # %% ../nbs/30_surveys.ipynb #c008
 @patch_to(SurveyInfo)
@@ -74,11 +83,13 @@ def unit(self, band: str) -> u.UnitBase:
     zp = self.zeropoint[self.band_index(band)].to_value(u.mag)
     return u.CompositeUnit(10 ** (-0.4 * zp), [u.mgy], [1])
 
+# %% ../nbs/30_surveys.ipynb #v3005
 @patch_to(SurveyInfo, as_prop=True)
 def nmgy_per_unit(self) -> np.ndarray:
     "Nanomaggies per flux unit, per band (multiply a cutout by this to get nanomaggies)."
     return 10 ** (-0.4 * (self.zeropoint.to_value(u.mag) - 22.5))
 
+# %% ../nbs/30_surveys.ipynb #v3007
 @patch_to(SurveyInfo, as_prop=True)
 def psf_effective_area(self) -> u.Quantity:
     "Effective area `1/∫psf²` of the PSF per band (arcsec²): the noise footprint of PSF photometry."
@@ -88,6 +99,7 @@ def psf_effective_area(self) -> u.Quantity:
     alpha = fwhm / (2 * np.sqrt(2 ** (1 / b) - 1))
     return math.pi * alpha ** 2 * (2 * b - 1) / (b - 1) ** 2 * u.arcsec ** 2
 
+# %% ../nbs/30_surveys.ipynb #v3009
 @patch_to(SurveyInfo, as_prop=True)
 def pixel_noise(self) -> np.ndarray:
     "Gaussian noise σ per pixel, per band, in the survey's flux unit, implied by the 5σ point-source depth."
@@ -95,6 +107,7 @@ def pixel_noise(self) -> np.ndarray:
     n_eff_pix = (self.psf_effective_area / self.pixel_scale ** 2).to_value(u.dimensionless_unscaled)
     return f5 / (5 * np.sqrt(n_eff_pix))
 
+# %% ../nbs/30_surveys.ipynb #v3010
 @patch_to(SurveyInfo, as_prop=True)
 def pixel_noise_nmgy(self) -> np.ndarray:
     "Noise σ per pixel, per band, in nanomaggies."
@@ -108,25 +121,31 @@ def register_survey(info: SurveyInfo) -> SurveyInfo:
     SURVEYS[info.name] = info
     return info
 
+# %% ../nbs/30_surveys.ipynb #v3011
 def survey_info(survey: "str | SurveyInfo") -> SurveyInfo:
     "The `SurveyInfo` of `survey` (a registered name, or a `SurveyInfo` itself)."
     if isinstance(survey, SurveyInfo): return survey
     try: return SURVEYS[survey]
-    except (KeyError, TypeError): raise KeyError(f"unknown survey {survey!r}; registered surveys: {sorted(SURVEYS)}") from None
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown survey {survey!r}; registered surveys: {sorted(SURVEYS)}") from None
 
 # %% ../nbs/30_surveys.ipynb #c012
 LEGACY = register_survey(SurveyInfo(
     name='legacy', title='Legacy Surveys', bands=('g', 'r', 'i', 'z'),
     pixel_scale=0.262 * u.arcsec, zeropoint=[22.5, 22.5, 22.5, 22.5] * u.mag, flux_unit='nanomaggy',
-    psf_fwhm=[1.3, 1.2, 1.15, 1.1] * u.arcsec, psf_beta=3.5, depth=[24.7, 23.9, 23.4, 23.0] * u.mag, stamp_size=32,
+    psf_fwhm=[1.3, 1.2, 1.15, 1.1] * u.arcsec, psf_beta=3.5,
+    depth=[24.7, 23.9, 23.4, 23.0] * u.mag, stamp_size=32,
     note='DECam / Legacy Surveys DR10 (Dey et al. 2019): median seeing and 5σ point-source depths, rounded'))
 
+# %% ../nbs/30_surveys.ipynb #v3012
 HSC = register_survey(SurveyInfo(
     name='hsc', title='HSC-SSP Wide', bands=('g', 'r', 'i', 'z', 'y'),
     pixel_scale=0.168 * u.arcsec, zeropoint=[27.0] * 5 * u.mag, flux_unit='count',
-    psf_fwhm=[0.77, 0.76, 0.58, 0.68, 0.68] * u.arcsec, psf_beta=3.5, depth=[26.6, 26.2, 26.2, 25.3, 24.5] * u.mag,
-    stamp_size=50, note='HSC-SSP PDR2 Wide (Aihara et al. 2019): median seeing and 5σ point-source depths, rounded'))
+    psf_fwhm=[0.77, 0.76, 0.58, 0.68, 0.68] * u.arcsec, psf_beta=3.5,
+    depth=[26.6, 26.2, 26.2, 25.3, 24.5] * u.mag, stamp_size=50,
+    note='HSC-SSP PDR2 Wide (Aihara et al. 2019): median seeing and 5σ point-source depths, rounded'))
 
+# %% ../nbs/30_surveys.ipynb #v3013
 GAIA = register_survey(SurveyInfo(
     name='gaia', title='Gaia (image stand-in)', bands=('BP', 'G', 'RP'),
     pixel_scale=0.7 * u.arcsec, zeropoint=[25.3540, 25.8010, 25.1040] * u.mag, flux_unit='electron/s',
@@ -141,33 +160,38 @@ def _sample_hint(m) -> str:
     ids = md.get('id', md.get('ids'))
     return f" (sample {ids})" if ids is not None else ""
 
+# %% ../nbs/30_surveys.ipynb #v3015
 @dataclass(frozen=True, eq=False)
 class SurveyImage(BaseModality):
     "Base of the survey image modalities: band images in the survey's flux unit; NaN marks a masked pixel."
     survey: ClassVar[str] = ''
 
     def __post_init__(self):
-        if isinstance(self.bands, list): object.__setattr__(self, 'bands', tuple(self.bands))  # the guide passes lists
+        if isinstance(self.bands, list):
+            object.__setattr__(self, 'bands', tuple(self.bands))  # lists are accepted
         super().__post_init__()
 
     def validate(self):
         info, cls, bands = survey_info(self.survey), type(self).__name__, tuple(self.bands)
         if bands != info.bands:
             why = 'the same bands in another order' if sorted(bands) == sorted(info.bands) else 'other bands'
-            raise ModalityError(f"{cls}.bands: {info.title} images hold bands {info.bands} in this order, got {bands} "
+            raise ModalityError(f"{cls}.bands: {info.title} images hold bands {info.bands} in this order, "
+                                f"got {bands} "
                                 f"({why}){_sample_hint(self)}")
         if torch.isinf(self.flux).any():
-            raise ModalityError(f"{cls}.flux: infinite values{_sample_hint(self)}; mark masked pixels with NaN")
+            raise ModalityError(f"{cls}.flux: infinite values{_sample_hint(self)}; mark masked pixels with "
+                                "NaN")
 
-    @property
-    def info(self) -> SurveyInfo:
-        "The facts of this image's survey."
-        return survey_info(self.survey)
+# %% ../nbs/30_surveys.ipynb #v3017
+@patch_to(SurveyImage, as_prop=True)
+def info(self) -> SurveyInfo:
+    "The facts of this image's survey."
+    return survey_info(self.survey)
 
-    @property
-    def valid(self) -> Bool[Tensor, "batch band height width"]:
-        "True where a pixel was measured (not NaN)."
-        return ~torch.isnan(self.flux)
+@patch_to(SurveyImage, as_prop=True)
+def valid(self) -> Bool[Tensor, "batch band height width"]:
+    "True where a pixel was measured (not NaN)."
+    return ~torch.isnan(self.flux)
 
 # %% ../nbs/30_surveys.ipynb #c018
 @dataclass(frozen=True, eq=False)
@@ -178,6 +202,7 @@ class LegacySurveyImage(SurveyImage):
     flux: Float[Tensor, "batch 4 height width"]
     bands: tuple[str, ...] = LEGACY.bands
 
+# %% ../nbs/30_surveys.ipynb #v3019
 @dataclass(frozen=True, eq=False)
 class HSCImage(SurveyImage):
     "HSC-SSP cutouts: g, r, i, z, y in coadd counts (zeropoint 27) on 0.168″ pixels."
@@ -186,6 +211,7 @@ class HSCImage(SurveyImage):
     flux: Float[Tensor, "batch 5 height width"]
     bands: tuple[str, ...] = HSC.bands
 
+# %% ../nbs/30_surveys.ipynb #v3020
 @dataclass(frozen=True, eq=False)
 class GaiaImage(SurveyImage):
     "Gaia stand-in cutouts: BP, G, RP in e⁻/s on 0.7″ pixels."
@@ -194,26 +220,38 @@ class GaiaImage(SurveyImage):
     flux: Float[Tensor, "batch 3 height width"]
     bands: tuple[str, ...] = GAIA.bands
 
-SURVEY_IMAGES: dict[str, type[SurveyImage]] = {'legacy': LegacySurveyImage, 'hsc': HSCImage, 'gaia': GaiaImage}
+# %% ../nbs/30_surveys.ipynb #v3022
+SURVEY_IMAGES: dict[str, type[SurveyImage]] = {'legacy': LegacySurveyImage, 'hsc': HSCImage,
+                                               'gaia': GaiaImage}
 
 def image_modality(survey: "str | SurveyInfo") -> type[SurveyImage]:
     "The image modality class of `survey`."
     name = survey_info(survey).name
-    if name not in SURVEY_IMAGES: raise KeyError(f"no image modality for survey {name!r}; known: {sorted(SURVEY_IMAGES)}")
+    if name not in SURVEY_IMAGES:
+        raise KeyError(f"no image modality for survey {name!r}; known: {sorted(SURVEY_IMAGES)}")
     return SURVEY_IMAGES[name]
 
 # %% ../nbs/30_surveys.ipynb #c022
 LegacyCatalog = table_modality(
-    "LegacyCatalog", ["flux_g", "flux_r", "flux_i", "flux_z", "shape_r", "shape_e1", "shape_e2"], "tok_catalog_legacy",
+    "LegacyCatalog", ["flux_g", "flux_r", "flux_i", "flux_z", "shape_r", "shape_e1", "shape_e2"],
+    "tok_catalog_legacy",
     units={**{f"flux_{b}": "nanomaggy" for b in LEGACY.bands}, "shape_r": "arcsec"},
-    doc="Legacy Surveys photometry: model fluxes per band, half-light radius and ellipticity of the fitted profile.")
+    doc="Legacy Surveys photometry: model fluxes per band, half-light radius and ellipticity of the fitted "
+    "profile.")
+
+# %% ../nbs/30_surveys.ipynb #v3023
 HSCCatalog = table_modality(
-    "HSCCatalog", [f"mag_{b}" for b in HSC.bands], "tok_catalog_hsc", units={f"mag_{b}": "mag(AB)" for b in HSC.bands},
+    "HSCCatalog", [f"mag_{b}" for b in HSC.bands], "tok_catalog_hsc",
+    units={f"mag_{b}": "mag(AB)" for b in HSC.bands},
     doc="HSC-SSP photometry: AB magnitudes per band.")
+
+# %% ../nbs/30_surveys.ipynb #v3024
 GaiaCatalog = table_modality(
     "GaiaCatalog", ["phot_bp_mean_mag", "phot_g_mean_mag", "phot_rp_mean_mag"], "tok_catalog_gaia",
     units={c: "mag(AB)" for c in ["phot_bp_mean_mag", "phot_g_mean_mag", "phot_rp_mean_mag"]},
     doc="Gaia photometry: BP, G, RP AB magnitudes.")
+
+# %% ../nbs/30_surveys.ipynb #v3025
 SpecRedshift = scalar_modality("SpecRedshift", "tok_z_spec", field="z", doc="Spectroscopic redshift.")
 
 CATALOGS: dict[str, type] = {'legacy_catalog': LegacyCatalog, 'hsc_catalog': HSCCatalog,
@@ -226,16 +264,20 @@ def _band_factor(values: np.ndarray, like) -> "np.ndarray | Tensor":
     if isinstance(like, Tensor): return torch.as_tensor(v, dtype=like.dtype, device=like.device)
     return v.astype(np.result_type(like.dtype, np.float32))
 
+# %% ../nbs/30_surveys.ipynb #v3026
 def _check_bands(flux, info: SurveyInfo, what: str):
     if flux.ndim < 3 or flux.shape[-3] != info.n_bands:
-        raise ValueError(f"{what}: {info.title} has {info.n_bands} bands {info.bands}; got an array of shape {tuple(flux.shape)} "
+        raise ValueError(f"{what}: {info.title} has {info.n_bands} bands {info.bands}; got an array of shape "
+                         f"{tuple(flux.shape)} "
                          "(expected [..., band, height, width])")
 
+# %% ../nbs/30_surveys.ipynb #v3028
 def to_nanomaggies(flux, survey: "str | SurveyInfo"):
     "Flux `[..., band, h, w]` in `survey`'s unit → nanomaggies (numpy or torch; a new array)."
     info = survey_info(survey); _check_bands(flux, info, 'to_nanomaggies')
     return flux * _band_factor(info.nmgy_per_unit, flux)
 
+# %% ../nbs/30_surveys.ipynb #v3029
 def from_nanomaggies(flux, survey: "str | SurveyInfo"):
     "Flux `[..., band, h, w]` in nanomaggies → `survey`'s unit (numpy or torch; a new array)."
     info = survey_info(survey); _check_bands(flux, info, 'from_nanomaggies')
@@ -245,11 +287,13 @@ def from_nanomaggies(flux, survey: "str | SurveyInfo"):
 class SurveyDataError(ValueError):
     "A survey cutout or catalog entry is unusable; the message names the sample and the survey."
 
+# %% ../nbs/30_surveys.ipynb #v3030
 class Preprocessed(NamedTuple):
     "Network input: the compressed image (0 where masked) and the mask of valid pixels."
     x: Tensor       # [batch, band, h, w] compressed flux, 0 at masked pixels
     valid: Tensor   # [batch, band, h, w] bool, True where the pixel was measured
 
+# %% ../nbs/30_surveys.ipynb #v3032
 class AsinhStretch(nn.Module):
     "`x = asinh(f / b) / s` per band for flux `f` in nanomaggies, with explicit masks; exactly invertible."
     def __init__(self,
@@ -259,61 +303,79 @@ class AsinhStretch(nn.Module):
                  ):
         super().__init__()
         soft = np.asarray(softening, dtype=np.float64)
-        if soft.ndim != 1 or not (soft > 0).all(): raise ValueError(f"{name}: softening needs one positive value per band, got {soft}")
+        if soft.ndim != 1 or not (soft > 0).all():
+            raise ValueError(f"{name}: softening needs one positive value per band, got {soft}")
         if not scale > 0: raise ValueError(f"{name}: scale must be positive, got {scale}")
         self.scale, self.name, self.n_bands = float(scale), name, len(soft)
         self.register_buffer('softening', torch.tensor(soft, dtype=torch.float32).view(-1, 1, 1))
 
     def _check_shape(self, flux: Tensor, where: str):
         if flux.ndim != 4 or flux.shape[1] != self.n_bands:
-            raise ValueError(f"{self.name}{where}: expected [batch, {self.n_bands} bands, h, w], got shape {tuple(flux.shape)}")
-
-    def _check(self, flux: Tensor, ids=None):
-        self._check_shape(flux, '')
-        if torch.isinf(flux).any(): raise SurveyDataError(f"{self.name}: infinite pixel values in the batch; mark masked pixels with NaN")
-        empty = torch.isnan(flux).flatten(1).all(-1)
-        if empty.any():
-            rows = empty.nonzero().flatten().tolist()
-            who = [ids[r] for r in rows] if ids is not None else [f"row {r}" for r in rows]
-            raise SurveyDataError(f"{self.name}: every pixel is masked (NaN) in sample(s) {who}; mark the image absent instead")
-
-    def stretch(self, flux_nmgy: Tensor) -> Tensor: return torch.asinh(flux_nmgy / self.softening) / self.scale
-    def unstretch(self, x: Tensor) -> Tensor: return torch.sinh(x * self.scale) * self.softening
-
-    def forward(self, flux: Float[Tensor, "batch band h w"],  # flux in nanomaggies; NaN = masked
-                ids: Sequence[str] | None = None,              # sample ids, for error messages
-                ) -> Preprocessed:
-        "Compress `flux`; returns the stretched image (0 where masked) and the valid-pixel mask."
-        self._check(flux, ids)
-        valid = ~torch.isnan(flux)
-        x = self.stretch(flux)
-        return Preprocessed(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)), valid)
-
-    def inverse(self, x: Float[Tensor, "batch band h w"],          # stretched image (network output)
-                valid: Bool[Tensor, "batch band h w"] | None = None,  # pixels to keep; NaN elsewhere (None: all)
-                ) -> Float[Tensor, "batch band h w"]:
-        "Undo `forward`: stretched values → flux (NaN where `valid` is False)."
-        self._check_shape(x, '.inverse')
-        flux = self.unstretch(x)
-        return flux if valid is None else torch.where(valid, flux, torch.full((), float('nan'), dtype=flux.dtype, device=flux.device))
+            raise ValueError(f"{self.name}{where}: expected [batch, {self.n_bands} bands, h, w], got shape "
+                             f"{tuple(flux.shape)}")
 
     def extra_repr(self) -> str: return f"{self.name!r}, bands={self.n_bands}, scale={self.scale}"
+
+# %% ../nbs/30_surveys.ipynb #v3034
+@patch_to(AsinhStretch)
+def _check(self, flux: Tensor, ids=None):
+    self._check_shape(flux, '')
+    if torch.isinf(flux).any():
+        raise SurveyDataError(f"{self.name}: infinite pixel values in the batch; mark masked pixels with NaN")
+    empty = torch.isnan(flux).flatten(1).all(-1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        who = [ids[r] for r in rows] if ids is not None else [f"row {r}" for r in rows]
+        raise SurveyDataError(f"{self.name}: every pixel is masked (NaN) in sample(s) {who}; mark the image "
+                              "absent instead")
+
+# %% ../nbs/30_surveys.ipynb #v3036
+@patch_to(AsinhStretch)
+def stretch(self, flux_nmgy: Tensor) -> Tensor: return torch.asinh(flux_nmgy / self.softening) / self.scale
+
+@patch_to(AsinhStretch)
+def unstretch(self, x: Tensor) -> Tensor: return torch.sinh(x * self.scale) * self.softening
+
+# %% ../nbs/30_surveys.ipynb #v3038
+@patch_to(AsinhStretch)
+def forward(self, flux: Float[Tensor, "batch band h w"],  # flux in nanomaggies; NaN = masked
+            ids: Sequence[str] | None = None,              # sample ids, for error messages
+            ) -> Preprocessed:
+    "Compress `flux`; returns the stretched image (0 where masked) and the valid-pixel mask."
+    self._check(flux, ids)
+    valid = ~torch.isnan(flux)
+    x = self.stretch(flux)
+    return Preprocessed(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)), valid)
+
+# %% ../nbs/30_surveys.ipynb #v3039
+@patch_to(AsinhStretch)
+def inverse(self, x: Float[Tensor, "batch band h w"],          # stretched image (network output)
+            valid: Bool[Tensor, "batch band h w"] | None = None,  # pixels to keep; NaN elsewhere (None: all)
+            ) -> Float[Tensor, "batch band h w"]:
+    "Undo `forward`: stretched values → flux (NaN where `valid` is False)."
+    self._check_shape(x, '.inverse')
+    flux = self.unstretch(x)
+    nan = torch.full((), float('nan'), dtype=flux.dtype, device=flux.device)
+    return flux if valid is None else torch.where(valid, flux, nan)
 
 # %% ../nbs/30_surveys.ipynb #c029
 class SurveyPreprocessor(AsinhStretch):
     "Per-survey preprocessing: survey unit → nanomaggies → arcsinh stretch, with explicit masks; exactly invertible."
     def __init__(self,
                  survey: "str | SurveyInfo",              # the survey whose images this preprocesses
-                 softening: Sequence[float] | None = None,  # arcsinh softening per band in nanomaggies (default: pixel noise σ)
+                 softening: Sequence[float]
+                 | None = None,  # arcsinh softening per band in nanomaggies (default: pixel noise σ)
                  scale: float = 3.0,                       # divide the stretched values by this (values of order one)
                  ):
         info = survey_info(survey)
         soft = info.pixel_noise_nmgy if softening is None else np.asarray(softening, dtype=np.float64)
         if np.shape(soft) != (info.n_bands,):
-            raise ValueError(f"SurveyPreprocessor({info.name!r}): softening needs one positive value per band {info.bands}, got {soft}")
+            raise ValueError(f"SurveyPreprocessor({info.name!r}): softening needs one positive value per "
+                             f"band {info.bands}, got {soft}")
         super().__init__(soft, scale, name=info.title)
         self.info = info
-        self.register_buffer('nmgy_per_unit', torch.tensor(info.nmgy_per_unit, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer('nmgy_per_unit',
+                             torch.tensor(info.nmgy_per_unit, dtype=torch.float32).view(-1, 1, 1))
 
     def stretch(self, flux: Tensor) -> Tensor: return super().stretch(flux * self.nmgy_per_unit)
     def unstretch(self, x: Tensor) -> Tensor: return super().unstretch(x) / self.nmgy_per_unit
@@ -336,6 +398,7 @@ def cutout_wcs(survey: "str | SurveyInfo",  # survey whose pixel grid to use
     w.pixel_shape = (size, size)
     return w
 
+# %% ../nbs/30_surveys.ipynb #v3042
 def cutout_header(survey: "str | SurveyInfo", ra: float, dec: float, size: int | None = None,
                   object_id: str | None = None,  # written as OBJID
                   ) -> fits.Header:
@@ -346,7 +409,8 @@ def cutout_header(survey: "str | SurveyInfo", ra: float, dec: float, size: int |
     h['BANDS'] = (','.join(info.bands), 'band of each image plane, in order')
     h['PIXSCALE'] = (info.pixel_scale_arcsec, '[arcsec] pixel scale')
     h['BUNIT'] = (info.flux_unit, 'flux unit of the pixels')
-    for b, zp, fwhm, sig in zip(info.bands, info.zeropoint.to_value(u.mag), info.psf_fwhm.to_value(u.arcsec), info.pixel_noise):
+    for b, zp, fwhm, sig in zip(info.bands, info.zeropoint.to_value(u.mag), info.psf_fwhm.to_value(u.arcsec),
+                                info.pixel_noise):
         h[f'MAGZP_{b}'] = (float(zp), f'AB mag of one flux unit in {b}')
         h[f'PSF_{b}'] = (float(fwhm), f'[arcsec] PSF FWHM in {b}')
         h[f'NOISE_{b}'] = (float(sig), f'noise sigma per pixel in {b}')
@@ -366,11 +430,14 @@ def _header_cards(survey_name: str, size: int) -> tuple[list[str], dict[str, int
     text = hdu.header.tostring()
     cards = [text[i:i + 80] for i in range(0, len(text), 80)]
     cards = cards[:next(i for i, c in enumerate(cards) if c.startswith('END     '))]
-    where = {k: next(i for i, c in enumerate(cards) if c.startswith(f'{k:8s}=')) for k in ('CRVAL1', 'CRVAL2', 'LATPOLE', 'OBJID')}
+    where = {k: next(i for i, c in enumerate(cards) if c.startswith(f'{k:8s}='))
+             for k in ('CRVAL1', 'CRVAL2', 'LATPOLE', 'OBJID')}
     return cards, where
 
+# %% ../nbs/30_surveys.ipynb #v3043
 def _pad(b: bytes, fill: bytes) -> bytes: return b + fill * (-len(b) % _BLOCK)
 
+# %% ../nbs/30_surveys.ipynb #v3045
 def write_survey_cutout(path: "str | Path",           # where to write the .fits file
                         flux: np.ndarray,             # [band, size, size] in the survey's unit
                         survey: "str | SurveyInfo",
@@ -382,14 +449,18 @@ def write_survey_cutout(path: "str | Path",           # where to write the .fits
     info, path = survey_info(survey), Path(path)
     flux = np.asarray(flux, dtype=np.float32)
     if flux.ndim != 3 or flux.shape[0] != info.n_bands or flux.shape[1] != flux.shape[2]:
-        raise ValueError(f"write_survey_cutout({object_id}, {info.name}): expected [{info.n_bands}, n, n], got {flux.shape}")
+        raise ValueError(f"write_survey_cutout({object_id}, {info.name}): expected [{info.n_bands}, n, n], "
+                         f"got {flux.shape}")
     cards, where = _header_cards(info.name, flux.shape[-1])
     cards = list(cards)
     cards[where['CRVAL1']] = fits.Card('CRVAL1', float(ra), '[deg] Coordinate value at reference point').image
-    cards[where['CRVAL2']] = fits.Card('CRVAL2', float(dec), '[deg] Coordinate value at reference point').image
-    cards[where['LATPOLE']] = fits.Card('LATPOLE', float(dec), '[deg] Native latitude of celestial pole').image
+    cards[where['CRVAL2']] = fits.Card('CRVAL2', float(dec),
+                                       '[deg] Coordinate value at reference point').image
+    cards[where['LATPOLE']] = fits.Card('LATPOLE', float(dec),
+                                        '[deg] Native latitude of celestial pole').image
     cards[where['OBJID']] = fits.Card('OBJID', '' if object_id is None else str(object_id)).image
-    blob = _pad((''.join(cards) + 'END'.ljust(80)).encode('ascii'), b' ') + _pad(flux.astype('>f4').tobytes(), b'\0')
+    blob = _pad((''.join(cards) + 'END'.ljust(80)).encode('ascii'),
+                b' ') + _pad(flux.astype('>f4').tobytes(), b'\0')
     return write_bytes(path, blob, durable=durable)
 
 # %% ../nbs/30_surveys.ipynb #c037
@@ -403,6 +474,7 @@ class SurveyCutout(NamedTuple):
         "The celestial (2-D) WCS of the cutout."
         return header_wcs(self.header)
 
+# %% ../nbs/30_surveys.ipynb #v3046
 def header_wcs(header: fits.Header) -> WCS:
     "The celestial WCS in a cutout header."
     with warnings.catch_warnings():
@@ -415,7 +487,8 @@ def header_wcs(header: fits.Header) -> WCS:
 def load_survey_cutout(path: "str | Path",           # the .fits file
                        survey: "str | SurveyInfo",   # the survey it must belong to
                        sample_id: str | None = None, # for error messages
-                       size: int | None = None,      # expected side in pixels (default: the survey's stamp size; 0: any)
+                       size: int
+                       | None = None,      # expected side in pixels (default: the survey's stamp size; 0: any)
                        ) -> SurveyCutout:
     "Load and check one survey cutout; errors name the sample and the survey."
     info = survey_info(survey)
@@ -434,16 +507,22 @@ def load_survey_cutout(path: "str | Path",           # the .fits file
         why = 'the same bands in another order' if sorted(bands) == sorted(info.bands) else 'other bands'
         fail(f"header BANDS {bands} ({why}); expected {info.bands} in this order")
     if data is None or data.ndim != 3 or data.shape[0] != info.n_bands:
-        fail(f"expected a [{info.n_bands}, y, x] cube ({', '.join(info.bands)}), got data of shape {None if data is None else data.shape}")
+        fail(f"expected a [{info.n_bands}, y, x] cube ({', '.join(info.bands)}), got data of shape "
+             f"{None if data is None else data.shape}")
     n = info.stamp_size if size is None else size
     if n and data.shape[1:] != (n, n): fail(f"expected {n}×{n} pixels, got {data.shape[2]}×{data.shape[1]}")
-    if header.get('BUNIT') != info.flux_unit: fail(f"unexpected flux unit BUNIT={header.get('BUNIT')!r}; expected {info.flux_unit!r}")
+    if header.get('BUNIT') != info.flux_unit:
+        fail(f"unexpected flux unit BUNIT={header.get('BUNIT')!r}; expected {info.flux_unit!r}")
     for b, zp in zip(info.bands, info.zeropoint.to_value(u.mag)):
-        if not np.isclose(header.get(f'MAGZP_{b}', np.nan), zp, atol=1e-6): fail(f"MAGZP_{b}={header.get(f'MAGZP_{b}')} but {info.title} has zeropoint {zp} in {b}")
-    if not (str(header.get('CTYPE1', '')).startswith('RA---TAN') and str(header.get('CTYPE2', '')).startswith('DEC--TAN')):
-        fail(f"no celestial TAN WCS in the header (CTYPE1={header.get('CTYPE1')!r}, CTYPE2={header.get('CTYPE2')!r})")
+        if not np.isclose(header.get(f'MAGZP_{b}', np.nan), zp, atol=1e-6):
+            fail(f"MAGZP_{b}={header.get(f'MAGZP_{b}')} but {info.title} has zeropoint {zp} in {b}")
+    if not (str(header.get('CTYPE1', '')).startswith('RA---TAN')
+            and str(header.get('CTYPE2', '')).startswith('DEC--TAN')):
+        fail(f"no celestial TAN WCS in the header (CTYPE1={header.get('CTYPE1')!r}, "
+             f"CTYPE2={header.get('CTYPE2')!r})")
     scale = np.sqrt(np.abs(np.linalg.det(header_wcs(header).pixel_scale_matrix))) * 3600
-    if not np.isclose(scale, info.pixel_scale_arcsec, rtol=1e-3): fail(f"WCS pixel scale {scale:.4f}″, but {info.title} has {info.pixel_scale_arcsec}″")
+    if not np.isclose(scale, info.pixel_scale_arcsec, rtol=1e-3):
+        fail(f"WCS pixel scale {scale:.4f}″, but {info.title} has {info.pixel_scale_arcsec}″")
     if np.isinf(data).any(): fail("infinite pixel values; masked pixels must be NaN")
     if np.isnan(data).all(): fail("every pixel is NaN (masked); the manifest should not list this image")
     return SurveyCutout(data, header)
@@ -462,15 +541,18 @@ def survey_image(survey: "str | SurveyInfo",   # the survey of the image
 class SurveyImageLoader(Loader):
     "`mmfm.data` loader: a FITS survey cutout (checked by `load_survey_cutout`) as the survey's image modality."
     def __init__(self, survey: "str | SurveyInfo",   # the survey of the cutouts
-                 size: int | None = None):            # expected side in pixels (default: the survey's stamp size; 0: any)
+                 size: int
+                 | None = None):            # expected side in pixels (default: the survey's stamp size; 0: any)
         self.survey, self.size = survey_info(survey).name, size
     def bind(self, data_root, modality):
         if modality is not image_modality(self.survey):
-            raise TypeError(f"SurveyImageLoader({self.survey!r}) produces {image_modality(self.survey).__name__}, not {modality.__name__}")
+            raise TypeError(f"SurveyImageLoader({self.survey!r}) produces "
+                            f"{image_modality(self.survey).__name__}, not {modality.__name__}")
         return super().bind(data_root, modality)
     def check(self, value, sample_id, source): resolve_in_root(self.data_root, value, sample_id, source)
     def load(self, value, sample_id, source) -> SurveyImage:
         path = resolve_in_root(self.data_root, value, sample_id, source)
         try: flux, header = load_survey_cutout(path, self.survey, sample_id=sample_id, size=self.size)
         except (SurveyDataError, FileNotFoundError) as e: raise DataError(sample_id, source, str(e)) from None
-        return survey_image(self.survey, flux, metadata={'id': sample_id, 'file': value, 'header': header.tostring()})
+        return survey_image(self.survey, flux,
+                            metadata={'id': sample_id, 'file': value, 'header': header.tostring()})

@@ -84,7 +84,7 @@ def test_diabetes_deterministic_and_seeded(diabetes, tmp_path):
 
 
 def test_multisource_dataset_reads_both(diabetes, cohort):
-    ds = MultiSourceDataset(diabetes, "manifest.json", diabetes_sources(), split="validation")
+    ds = MultiSourceDataset(diabetes, "manifest.json", diabetes_sources(), split="val")
     assert len(ds) == 66
     sample = ds[0]
     assert set(sample.mods) <= {"demographics", "lab_results", "vitals", "outcome"}

@@ -24,7 +24,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from astropy.io import fits
 from ..surveys import survey_info, header_wcs, to_nanomaggies, CATALOGS, SurveyPreprocessor
-from ..simulate import (SimConfig, simulate_dataset, astro_dataset, load_truth, load_survey_images, load_catalog,
+from ..simulate import (SimConfig, simulate_dataset, astro_dataset, load_truth,
+                           load_survey_images, load_catalog,
                            noiseless_cutouts)
 from ..align import SurveyAligner
 from ..image_codecs import LegacySurveyImageCodec, HSCImageCodec
@@ -48,7 +49,8 @@ class AstroSize:
     codec_epochs: int = 1         # passes of each image codec over its training cutouts
     codec_hidden: int = 16        # image-codec feature channels
     codec_depth: int = 1          # image-codec residual blocks
-    codec_patch: tuple = (2, 3)   # pixels per token side of the Legacy and HSC codecs (their defaults: 16² and 17² tokens)
+    # pixels per token side of the Legacy and HSC codecs (their defaults: 16² and 17² tokens)
+    codec_patch: tuple = (2, 3)
     model: str = 'tiny'           # TransformerConfig preset
     d_model: int | None = 32      # width override of the preset (None: the preset's)
     layers: int | None = 1        # encoder and decoder blocks override (None: the preset's)
@@ -57,14 +59,18 @@ class AstroSize:
     lr: float = 1e-3              # transformer peak learning rate
     input_fraction: float = 0.5   # share of a galaxy's present tokens given as input while training
     target_fraction: float = 0.5  # share of its present tokens to predict while training
-    cnn_width: int = 8            # first-layer channels of the supervised CNN that the probes are compared with
+    # first-layer channels of the supervised CNN that the probes are compared with
+    cnn_width: int = 8
     cnn_epochs: float = 2         # its passes over the labelled images...
     cnn_min_steps: int = 10       # ...but at least this many optimizer steps (few labels)
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s019
 SIZES = {'tiny': AstroSize(),
-         'demo': AstroSize(n_galaxies=2000, codec_epochs=10, codec_hidden=32, codec_depth=1, codec_patch=(4, 6), d_model=None, layers=None, steps=5000, batch_size=32,
+         'demo': AstroSize(n_galaxies=2000, codec_epochs=10, codec_hidden=32, codec_depth=1,
+                           codec_patch=(4, 6), d_model=None, layers=None, steps=5000, batch_size=32,
                            cnn_width=16, cnn_epochs=30, cnn_min_steps=150),
-         'full': AstroSize(n_galaxies=4000, codec_epochs=20, codec_hidden=64, codec_depth=2, model='small', d_model=None, layers=None, steps=4000, batch_size=64,
+         'full': AstroSize(n_galaxies=4000, codec_epochs=20, codec_hidden=64, codec_depth=2, model='small',
+                           d_model=None, layers=None, steps=4000, batch_size=64,
                            cnn_width=16, cnn_epochs=50, cnn_min_steps=300)}
 CATALOG_NAMES = ('legacy_catalog', 'spec_z')
 
@@ -85,7 +91,8 @@ def prepare_data(data_dir: str | Path,  # data root; the galaxies go under data_
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c012
 def fit_codecs(root, size, seed):
     "Train the Legacy and HSC image codecs briefly and fit the Legacy-catalog and redshift table codecs."
-    cfg = CodecTrainConfig(epochs=size.codec_epochs, batch_size=32, lr=2e-3, patience=None, seed=seed, progress=False)
+    cfg = CodecTrainConfig(epochs=size.codec_epochs, batch_size=32, lr=2e-3, patience=None,
+                           seed=seed, progress=False)
     codecs = []
     for cls, patch in zip((LegacySurveyImageCodec, HSCImageCodec), size.codec_patch):
         torch.manual_seed(seed)
@@ -105,6 +112,7 @@ def encode_tokens(root, manager, progress: bool = False) -> TokenDataset:
     data = astro_dataset(root, images=('legacy', 'hsc'), tables=CATALOG_NAMES)
     return TokenDataset.encode(data, manager, progress_bar=progress)
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s020
 def _columns(data: TokenDataset):
     "The token dataset as the arrays the evaluation works on: tokens, presence, ids, splits."
     return data.tokens, data.present, data.ids, np.array(data.splits)
@@ -112,18 +120,24 @@ def _columns(data: TokenDataset):
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c018
 def train_model(data: TokenDataset, manager, size, seed, out_dir, progress: bool = False):
     "Train a small `MultimodalTransformer` on every token stream of the training galaxies."
-    seen = (data.present['tok_image_legacy'] | data.present['tok_image_hsc']).numpy()   # an image in Legacy or HSC
+    seen = (data.present['tok_image_legacy']
+            | data.present['tok_image_hsc']).numpy()   # an image in Legacy or HSC
     train = np.flatnonzero((np.array(data.splits) == 'train') & seen)
     data = data.subset(train)
     torch.manual_seed(seed)
-    overrides = {k: v for k, v in dict(d_model=size.d_model, n_encoder_layers=size.layers, n_decoder_layers=size.layers).items() if v is not None}
+    overrides = {k: v for k, v in dict(d_model=size.d_model, n_encoder_layers=size.layers,
+                                       n_decoder_layers=size.layers).items() if v is not None}
     model = MultimodalTransformer.from_codecs(manager, TransformerConfig.preset(size.model, **overrides))
     run_dir = Path(out_dir) / 'transformer'
     if run_dir.exists(): shutil.rmtree(run_dir)
-    cfg = TrainConfig(steps=size.steps, batch_size=min(size.batch_size, len(train)), lr=size.lr, min_lr=size.lr / 10,
-                      warmup_steps=max(1, size.steps // 10), seed=seed, eval_every=0, checkpoint_every=0, progress=progress)
-    trainer = Trainer(model, data, cfg, MaskingConfig(input_budget=size.input_fraction, target_budget=size.target_fraction,
-                                                         mixture={'all-to-all': 0.5, 'one-to-all': 0.5}), run_dir)
+    cfg = TrainConfig(steps=size.steps, batch_size=min(size.batch_size, len(train)), lr=size.lr,
+                      min_lr=size.lr / 10,
+                      warmup_steps=max(1, size.steps // 10), seed=seed, eval_every=0, checkpoint_every=0,
+                      progress=progress)
+    trainer = Trainer(model, data, cfg,
+                      MaskingConfig(input_budget=size.input_fraction, target_budget=size.target_fraction,
+                                                         mixture={'all-to-all': 0.5,
+                                                                  'one-to-all': 0.5}), run_dir)
     last = trainer.fit()
     return model.eval(), last
 
@@ -132,6 +146,7 @@ def _given(present, keep):
     "Presence with only the token keys in `keep` left on."
     return {k: (p if k in keep else torch.zeros_like(p)) for k, p in present.items()}
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s021
 @torch.no_grad()
 def hsc_from_legacy(model, manager, data: TokenDataset, root):
     "Held-out galaxies seen by both: HSC predicted from Legacy tokens, the aligner baseline and the truth (HSC units)."
@@ -140,7 +155,8 @@ def hsc_from_legacy(model, manager, data: TokenDataset, root):
     rows = np.flatnonzero((splits == 'test') & present[kl].numpy() & present[kh].numpy())
     if len(rows) == 0: raise ValueError(f"no test galaxy under {root} has both a Legacy and an HSC cutout")
     r = torch.from_numpy(rows)
-    out = predict_tokens(model, {k: t[r] for k, t in tokens.items()}, _given({k: p[r] for k, p in present.items()}, {kl}), [kh])
+    out = predict_tokens(model, {k: t[r] for k, t in tokens.items()},
+                         _given({k: p[r] for k, p in present.items()}, {kl}), [kh])
     pred = manager.codec_for(kh).decode(out.tokens[kh]).flux.double().numpy()
     gal = [ids[i] for i in rows]
     truth = noiseless_cutouts(root, gal, 'hsc')
@@ -153,9 +169,11 @@ def hsc_from_legacy(model, manager, data: TokenDataset, root):
         flux, wcs = m.flux[0].numpy(), header_wcs(fits.Header.fromstring(m.metadata['header']))
         legacy_in.append(flux)
         on_hsc = np.nan_to_num(aligner.align(to_nanomaggies(flux.astype(np.float64), 'legacy'), wcs).flux)
-        base.append(on_hsc / hsc.nmgy_per_unit[:4, None, None])                    # Legacy g r i z → HSC g r i z units
+        # Legacy g r i z → HSC g r i z units
+        base.append(on_hsc / hsc.nmgy_per_unit[:4, None, None])
     return gal, np.stack(legacy_in), pred, np.stack(base), truth
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s022
 def rms_sigma(images: np.ndarray,   # [n, band, h, w] images in the survey's unit
               truth: np.ndarray,    # [n, band, h, w] noiseless truth, same unit
               survey: str = 'hsc',  # whose pixel noise σ is the unit
@@ -182,10 +200,13 @@ def redshift_from_images(model, manager, data: TokenDataset, root, seed=0):
     truth = load_truth(root)[0].set_index('id')['z']
     rows = np.flatnonzero((splits == 'test') & present['tok_image_legacy'].numpy() & present['tok_catalog_legacy'].numpy())
     r = torch.from_numpy(rows)
-    out = predict_tokens(model, {k: t[r] for k, t in tokens.items()}, _given({k: p[r] for k, p in present.items()}, images), [kz])
+    out = predict_tokens(model, {k: t[r] for k, t in tokens.items()},
+                         _given({k: p[r] for k, p in present.items()}, images), [kz])
     z_model = manager.codec_for(kz).decode(out.tokens[kz]).as_matrix()[:, 0].double().numpy()
-    fluxes = lambda x: np.arcsinh(x.as_matrix()[:, :4].double().numpy() / 0.1)             # asinh-stretched g r i z fluxes
-    (cat, cat_ids), (spec, spec_ids) = load_catalog(root, 'legacy_catalog'), load_catalog(root, 'spec_z', 'train')
+    # asinh-stretched g r i z fluxes
+    fluxes = lambda x: np.arcsinh(x.as_matrix()[:, :4].double().numpy() / 0.1)
+    (cat, cat_ids), (spec, spec_ids) = load_catalog(root, 'legacy_catalog'), load_catalog(root,
+                                                                                          'spec_z', 'train')
     X, by_id = fluxes(cat), {i: j for j, i in enumerate(cat_ids)}
     train_rows = [by_id[i] for i in spec_ids if i in by_id]
     z_train = spec.as_matrix()[:, 0].double().numpy()[[k for k, i in enumerate(spec_ids) if i in by_id]]
@@ -194,9 +215,11 @@ def redshift_from_images(model, manager, data: TokenDataset, root, seed=0):
     return z_model, z_knn, truth.loc[[ids[i] for i in rows]].to_numpy()
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c029
-PROBE_TARGETS = {'mag': 'r magnitude', 'size': 'log₁₀ half-light radius (arcsec)', 'ellipticity': '|e| = hypot(e1, e2)'}
+PROBE_TARGETS = {'mag': 'r magnitude', 'size': 'log₁₀ half-light radius (arcsec)',
+                 'ellipticity': '|e| = hypot(e1, e2)'}
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)   # shares of the training galaxies whose labels the probes and the CNN get
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s023
 def probe_targets(root: str | Path,  # data set root (its truth table)
                   ids: list,         # galaxy ids, in the order wanted
                   ) -> np.ndarray:
@@ -218,7 +241,8 @@ def legacy_embeddings(model,                 # the trained MultimodalTransformer
     key, rows = 'tok_image_legacy', torch.as_tensor(np.asarray(rows), dtype=torch.long)
     lacking = rows[~present[key][rows]]
     if len(lacking): raise ValueError(f"rows {lacking.tolist()[:10]} have no Legacy image to embed")
-    batches = [TokenBatch([str(i) for i in r.tolist()], {k: t[r] for k, t in tokens.items()}, {k: p[r] for k, p in present.items()})
+    batches = [TokenBatch([str(i) for i in r.tolist()], {k: t[r] for k, t in tokens.items()},
+                          {k: p[r] for k, p in present.items()})
                for r in rows.split(batch_size)]
     return embed_samples(model, batches, keys=[key], progress=False)
 
@@ -238,16 +262,20 @@ def label_subsets(n: int,                                    # labelled training
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c038
 def fit_ridge_probe(X,                                        # features [n, d] (embeddings)
                     y,                                        # targets [n, T]
-                    alphas: tuple = tuple(np.logspace(-2, 5, 15)),  # ridge penalties tried (on standardised features)
+                    alphas: tuple = tuple(np.logspace(-2, 5, 15)),  # ridge penalties tried (standardised X)
                     ):
     "Linear probe: standardised features → ridge, one penalty per target chosen by leave-one-out on the labels given."
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=alphas, alpha_per_target=True)).fit(np.asarray(X, np.float64), np.asarray(y))
+    return make_pipeline(StandardScaler(),
+                         RidgeCV(alphas=alphas,
+                                 alpha_per_target=True)).fit(np.asarray(X, np.float64), np.asarray(y))
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s024
 def r2_per_target(y_true: np.ndarray,  # [n, T] true values
                   y_pred: np.ndarray,  # [n, T] predictions
                   ) -> list[float]:
     "Coefficient of determination R² of each target column."
-    return [regression_metrics(torch.as_tensor(y_true[:, j]), torch.as_tensor(y_pred[:, j]))['r2'] for j in range(y_true.shape[1])]
+    return [regression_metrics(torch.as_tensor(y_true[:, j]),
+                               torch.as_tensor(y_pred[:, j]))['r2'] for j in range(y_true.shape[1])]
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c042
 @dataclass
@@ -261,6 +289,7 @@ class CNNConfig:
     weight_decay: float = 1e-3  # AdamW weight decay
     seed: int = 0               # initialisation, minibatches and augmentation
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s025
 class LegacyCNN(nn.Module):
     "Three 3×3 stride-2 conv layers with ReLU on stretched `[band, size, size]` cutouts, then one linear layer."
     def __init__(self, n_outputs: int = 3,  # targets predicted jointly
@@ -271,13 +300,16 @@ class LegacyCNN(nn.Module):
         super().__init__()
         if size % 8: raise ValueError(f"LegacyCNN: cutout side {size} is not divisible by 8")
         w = width
-        self.net = nn.Sequential(nn.Conv2d(bands, w, 3, 2, 1), nn.ReLU(), nn.Conv2d(w, 2 * w, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(2 * w, 2 * w, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * w * (size // 8) ** 2, n_outputs))
+        self.net = nn.Sequential(nn.Conv2d(bands, w, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(w, 2 * w, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(2 * w, 2 * w, 3, 2, 1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(2 * w * (size // 8) ** 2, n_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Standardised predictions `[batch, n_outputs]` of images `[batch, band, size, size]`."
         return self.net(x)
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s026
 def cnn_inputs(flux,  # Legacy cutouts [n, 4, h, w] in the survey's unit; NaN = masked
                ) -> torch.Tensor:
     "Network input: the Legacy codec's preprocessing (nanomaggies, arcsinh with the pixel noise as softening, ÷ 3); masked → 0."
@@ -289,6 +321,7 @@ def _augment(x, g):
     x = torch.rot90(x, int(torch.randint(0, 4, (), generator=g)), (2, 3))
     return x.flip(3) if bool(torch.randint(0, 2, (), generator=g)) else x
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s027
 def train_cnn(x: torch.Tensor,          # images [n, band, h, w] (cnn_inputs)
               y: np.ndarray,            # targets [n, T] (standardised inside)
               cfg: CNNConfig = CNNConfig(),  # training settings
@@ -329,7 +362,8 @@ def probe_curves(model,                # the trained MultimodalTransformer
     has = present['tok_image_legacy'].numpy()
     train, test = np.flatnonzero((splits == 'train') & has), np.flatnonzero((splits == 'test') & has)
     if len(test) == 0: raise ValueError(f"no test galaxy under {root} has a Legacy image to probe")
-    E_tr, E_te = legacy_embeddings(model, tokens, present, train).numpy(), legacy_embeddings(model, tokens, present, test).numpy()
+    E_tr, E_te = legacy_embeddings(model, tokens, present,
+                                   train).numpy(), legacy_embeddings(model, tokens, present, test).numpy()
     y_tr, y_te = probe_targets(root, [ids[i] for i in train]), probe_targets(root, [ids[i] for i in test])
     images, image_ids = load_survey_images(root, 'legacy')
     at = {g: j for j, g in enumerate(image_ids)}
@@ -343,7 +377,8 @@ def probe_curves(model,                # the trained MultimodalTransformer
         r2_cnn = r2_per_target(y_te, cnn(x_te))
         for j, t in enumerate(PROBE_TARGETS):
             curves[t][f] = {'probe': probe[j], 'cnn': r2_cnn[j], 'n_labels': len(sub)}
-    return curves, {'n_test': len(test), 'n_train': len(train), 'cnn_params': cnn.n_params, 'embedding_dim': E_tr.shape[1]}
+    return curves, {'n_test': len(test), 'n_train': len(train), 'cnn_params': cnn.n_params,
+                    'embedding_dim': E_tr.shape[1]}
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c051
 def probe_metrics(curves: dict,  # probe_curves output
@@ -354,8 +389,10 @@ def probe_metrics(curves: dict,  # probe_curves output
     for t, curve in curves.items():
         full, few = curve[max(curve)], curve[min(curve)]
         verdict = '' if full['probe'] > full['cnn'] else '; the probe loses to the CNN with all labels'
-        out[f'probe_r2_{t}'] = metric(full['probe'], full['cnn'], f"supervised CNN ({info['cnn_params']} parameters) on the same Legacy images and labels", True,
-            f"test R² of {PROBE_TARGETS[t]} on {info['n_test']} galaxies: ridge probe on frozen transformer embeddings of the Legacy "
+        out[f'probe_r2_{t}'] = metric(full['probe'], full['cnn'], f"supervised CNN ({info['cnn_params']} "
+                                      "parameters) on the same Legacy images and labels", True,
+            f"test R² of {PROBE_TARGETS[t]} on {info['n_test']} galaxies: ridge probe on frozen transformer "
+                                      "embeddings of the Legacy "
             f"image tokens alone, {full['n_labels']} training labels{verdict}; with {few['n_labels']} labels "
             f"probe {few['probe']:.2f} vs CNN {few['cnn']:.2f}", curve=curve, n_test=info['n_test'])
     return out
@@ -368,13 +405,16 @@ def _rgb(flux, survey, stretch):
     rgb = np.stack([nmgy[info.band_index(b)] for b in ('i', 'r', 'g')], -1)
     return np.clip(np.arcsinh(rgb / stretch) / np.arcsinh(20.0), 0, 1)
 
+# %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s028
 def plot_hsc_grid(legacy, pred, truth, path, n=4):
     "Figure: rows of (Legacy input, predicted HSC, true noiseless HSC) for the first `n` held-out galaxies."
     n = min(n, len(pred))
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     area = (survey_info('hsc').pixel_scale_arcsec / survey_info('legacy').pixel_scale_arcsec) ** 2
     for i in range(n):
-        for j, (img, survey, title) in enumerate([(legacy[i], 'legacy', 'Legacy input'), (pred[i], 'hsc', 'predicted HSC'), (truth[i], 'hsc', 'true HSC (noiseless)')]):
+        for j, (img, survey,
+                title) in enumerate([(legacy[i], 'legacy', 'Legacy input'), (pred[i], 'hsc', 'predicted HSC'),
+                                     (truth[i], 'hsc', 'true HSC (noiseless)')]):
             axes[i, j].imshow(_rgb(img, survey, 0.01 * (1 if survey == 'legacy' else area)), origin='lower')
             axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
             if i == 0: axes[i, j].set_title(title, fontsize=9)
@@ -406,7 +446,8 @@ def plot_probe_curves(curves: dict,  # probe_curves output: {target: {fraction: 
         ax.set_xscale('log'); ax.set_xticks(fr)
         ax.set_xticklabels([f"{100 * f:g} %\n({curve[f]['n_labels']})" for f in fr])
         ax.axhline(0, color='k', lw=0.6); ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.02)
-        ax.set_title(PROBE_TARGETS[target], fontsize=9); ax.set_xlabel('training labels (count)'); ax.set_ylabel('test R²')
+        ax.set_title(PROBE_TARGETS[target],
+                     fontsize=9); ax.set_xlabel('training labels (count)'); ax.set_ylabel('test R²')
     axes[0, 0].legend(fontsize=7, loc='lower right')
     fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
     return path
@@ -414,7 +455,8 @@ def plot_probe_curves(curves: dict,  # probe_curves output: {target: {fraction: 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c061
 def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minutes on 2 CPU cores) or 'full'
         out_dir: str | Path = 'reports/astronomy',  # figures and the transformer's log go here
-        data_dir: str | Path = 'data',        # simulated galaxies are written (or reused) under data_dir/astro
+        data_dir: str
+        | Path = 'data',        # simulated galaxies are written (or reused) under data_dir/astro
         seed: int = 0,                        # one seed for data, codecs, transformer and evaluation
         progress: bool = True,                # a line per stage with its time, and the training bar
         ) -> dict:
@@ -425,7 +467,8 @@ def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minute
     torch.manual_seed(seed); np.random.seed(seed)
     with stage(f"simulate {cfg.n_galaxies} galaxies (or reuse them)", progress):
         root = prepare_data(data_dir, cfg.n_galaxies, seed)
-    with stage("train the image codecs, fit the catalog codecs", progress): manager = fit_codecs(root, cfg, seed)
+    with stage("train the image codecs, fit the catalog codecs", progress):
+        manager = fit_codecs(root, cfg, seed)
     with stage("encode every galaxy", progress): data = encode_tokens(root, manager, progress)
     with stage(f"train the transformer ({cfg.steps} steps)", progress):
         model, _ = train_model(data, manager, cfg, seed, out_dir, progress)
@@ -433,9 +476,11 @@ def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minute
         gal, legacy, pred, base, truth = hsc_from_legacy(model, manager, data, root)
     plot_hsc_grid(legacy, pred, truth, out_dir / 'hsc_from_legacy.png')
     rm, rb = rms_sigma(pred, truth), rms_sigma(base, truth)
-    res = {'hsc_from_legacy_rms_sigma': metric(rm, rb, 'Legacy resampled onto the HSC grid (SurveyAligner)', False,
+    res = {'hsc_from_legacy_rms_sigma': metric(rm, rb,
+                                               'Legacy resampled onto the HSC grid (SurveyAligner)', False,
         f"RMS of predicted − noiseless HSC g,r,i,z on {len(gal)} held-out galaxies, in HSC noise σ"
-        + ('' if rm < rb else '; the model loses: its HSC codec and transformer are too small/briefly trained to beat resampling'),
+        + ('' if rm < rb else '; the model loses: its HSC codec and transformer are too small/briefly '
+           'trained to beat resampling'),
         n_galaxies=len(gal))}
     with stage("evaluate: redshift from images", progress):
         z_model, z_knn, z_true = redshift_from_images(model, manager, data, root, seed)
@@ -443,7 +488,8 @@ def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minute
     (nm, om), (nk, ok) = photoz_stats(z_model, z_true), photoz_stats(z_knn, z_true)
     lose = lambda a, b: '' if a < b else '; the model loses to the baseline'
     res['photoz_sigma_nmad'] = metric(nm, nk, 'kNN on Legacy catalog fluxes', False,
-        f"σ_NMAD of redshift from Legacy+HSC image tokens (redshift masked), {len(z_true)} held-out galaxies" + lose(nm, nk), n_galaxies=len(z_true))
+        f"σ_NMAD of redshift from Legacy+HSC image tokens (redshift masked), {len(z_true)} held-out galaxies"
+                                      + lose(nm, nk), n_galaxies=len(z_true))
     res['photoz_outlier_fraction'] = metric(om, ok, 'kNN on Legacy catalog fluxes', False,
         "fraction with |Δz|/(1+z) > 0.15" + lose(om, ok), n_galaxies=len(z_true))
     with stage("evaluate: linear probes against a supervised CNN", progress):

@@ -36,17 +36,22 @@ def run_demo(size: str = 'demo',                     # 'tiny' (seconds), 'demo' 
             results[name] = module.run(size=size, out_dir=out_dir / name, data_dir=data_dir, seed=seed)
         timing[name] = round(time.time() - t0, 1)
     report = {'results': results, 'seconds': timing, 'size': size, 'seed': seed,
-              'machine': {'python': platform.python_version(), 'torch': torch.__version__, 'cpus': os.cpu_count(),
+              'machine': {'python': platform.python_version(), 'torch': torch.__version__,
+                          'cpus': os.cpu_count(),
                           'threads': torch.get_num_threads()}}
     write_json(out_dir / 'metrics.json', report)
     return report
 
+# %% ../../nbs/examples/90_demo.ipynb #v9s029
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: `mmfm demo [--size demo] [--only medical] [--out reports] [--data data] [--seed 0]`."
     p = argparse.ArgumentParser(prog='mmfm demo', description=main.__doc__)
     p.add_argument('--size', default='demo', choices=['tiny', 'demo', 'full'])
-    p.add_argument('--only', action='append', choices=list(EXAMPLES), help='run only this example (repeatable)')
-    p.add_argument('--out', default='reports'); p.add_argument('--data', default='data'); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--only', action='append', choices=list(EXAMPLES),
+                   help='run only this example (repeatable)')
+    p.add_argument('--out', default='reports'); p.add_argument('--data',
+                                                               default='data'); p.add_argument('--seed',
+                                                                                               type=int, default=0)
     a = p.parse_args(argv)
     report = run_demo(a.size, a.out, a.data, a.only or tuple(EXAMPLES), a.seed)
     print('\n' + results_table(report['results']))

@@ -33,10 +33,13 @@ from ..masking import Masks, ModalityMixMasking
 from ..transformer import MultimodalTransformer, TransformerConfig
 from ..train import TrainConfig, Trainer
 from ..probes import embed_batch, fit_probe
-from ..medical import (DiabetesConfig, CohortConfig, build_diabetes, build_cohort, load_split, source_triples,
-                          medical_codecs, MEDICAL_CODECS, ecg_heart_rate, CohortEcg, CohortEcgCodec, DiabetesDemographics,
-                          DiabetesLabs, DiabetesVitals, DiabetesProgression, CohortDemographics, CohortLabs, CohortVitals,
-                          ECG_SAMPLING_RATE_HZ)
+from ..medical import (DiabetesConfig, CohortConfig, build_diabetes, build_cohort,
+                          load_split, source_triples,
+                          medical_codecs, MEDICAL_CODECS, ecg_heart_rate, CohortEcg, CohortEcgCodec,
+                          DiabetesDemographics,
+                          DiabetesLabs, DiabetesVitals, DiabetesProgression, CohortDemographics,
+                          CohortLabs, CohortVitals,
+                          ECG_SAMPLING_RATE_HZ, SPLITS)
 from .results import metric
 from matplotlib.figure import Figure
 
@@ -47,8 +50,10 @@ class MedicalExampleConfig:
     seed: int = 0                    # seeds the data, every codec, every transformer and every baseline
     n_cohort: int = 1000             # patients in the synthetic cohort
     ecg_method: str = "ecgsyn"       # neurokit2 ECG model: "ecgsyn" (realistic) or "simple" (fast)
-    build_workers: int = 2           # processes simulating ECGs when the cohort must be built (no effect on the data)
-    table_bins: dict = field(default_factory=lambda: {"diabetes": 8, "cohort": 16})  # transformer codecs: quantile bins per column
+    # processes simulating ECGs when the cohort must be built (no effect on the data)
+    build_workers: int = 2
+    # transformer codecs: quantile bins per column
+    table_bins: dict = field(default_factory=lambda: {"diabetes": 8, "cohort": 16})
     recon_bins: int = 1024           # part 1's one-token-per-column codecs (reconstruction figures only)
     per_table_epochs: int = 60       # part 1's one-token-per-table codecs (reconstruction figures only)
     ecg_epochs: int = 3              # ECG codec training epochs
@@ -57,21 +62,25 @@ class MedicalExampleConfig:
     d_model: int = 64                # transformer width
     n_layers: int = 2                # encoder and decoder blocks each
     dropout: float = 0.1             # transformer dropout
-    embedding_std: float = 0.5       # initial scale of the token and modality embeddings (`TransformerConfig.embedding_std`)
+    # initial scale of the token and modality embeddings (`TransformerConfig.embedding_std`)
+    embedding_std: float = 0.5
     diabetes_steps: int = 400        # optimizer steps per diabetes fold
     cohort_steps: int = 1200         # optimizer steps of the cohort transformer
     batch_size: int = 32             # transformer batch
     lr: float = 2e-3                 # peak learning rate (warmup 10 %, cosine to lr / 10)
     progress: bool = True            # progress bars
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2002
 SIZES: dict[str, dict] = {  # overrides of MedicalExampleConfig per run size
-    "tiny": dict(n_cohort=40, ecg_method="simple", build_workers=1, recon_bins=256, per_table_epochs=2, ecg_epochs=1,
-                 n_folds=2, d_model=32, n_layers=1, diabetes_steps=20, cohort_steps=20, progress=False),
-    "demo": dict(),
+    "tiny": dict(n_cohort=40, ecg_method="simple", build_workers=1, recon_bins=256,
+                 per_table_epochs=2, ecg_epochs=1,
+                 n_folds=2, d_model=32, n_layers=1, diabetes_steps=20, cohort_steps=20,
+                 progress=False), "demo": dict(),
     "full": dict(n_cohort=5000, build_workers=os.cpu_count() or 2, per_table_epochs=150, ecg_epochs=20,
                  diabetes_steps=1500, cohort_steps=6000),
 }
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2003
 def example_config(size: str = "demo",  # "tiny", "demo" or "full"
                    seed: int = 0,       # the run's seed
                    **overrides,         # MedicalExampleConfig fields to change
@@ -81,16 +90,21 @@ def example_config(size: str = "demo",  # "tiny", "demo" or "full"
     return MedicalExampleConfig(**{**SIZES[size], "seed": seed, **overrides})
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c009
-_DATA_FIELDS = ("seed", "n", "p_missing_labs", "p_missing_vitals", "p_missing_ecg", "split_fractions", "ecg_method", "ecg_noise")
+_DATA_FIELDS = ("seed", "n", "p_missing_labs", "p_missing_vitals", "p_missing_ecg", "split_fractions",
+                "ecg_method", "ecg_noise")
 
 def _same_config(folder: Path, config) -> bool:
     "Does `folder` hold a complete dataset built with `config` (fields that change the data only)?"
     info, manifest = folder / "info.json", folder / "manifest.json"
     if not (info.exists() and manifest.exists()): return False
-    saved, wanted = json.loads(info.read_text()).get("config", {}), json.loads(json.dumps(asdict(config)))
+    recorded = json.loads(info.read_text())
+    if recorded.get("splits") != list(SPLITS): return False   # built with other split names: rebuild
+    saved, wanted = recorded.get("config", {}), json.loads(json.dumps(asdict(config)))
     return all(saved.get(k) == wanted[k] for k in _DATA_FIELDS if k in wanted)
 
-def prepare_datasets(data_dir: str | Path,          # the demo's data folder; datasets go under data_dir/medical
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2005
+def prepare_datasets(data_dir: str
+                     | Path,          # the demo's data folder; datasets go under data_dir/medical
                      cfg: MedicalExampleConfig,     # the run's settings
                      ) -> dict[str, Path]:
     "Build the diabetes dataset and the synthetic cohort under `data_dir/medical`, or reuse them; returns their folders."
@@ -117,7 +131,8 @@ def load_medical(folders: dict[str, Path],  # {"diabetes": folder, "cohort": fol
     out = {}
     for name, folder in folders.items():
         batch = load_split(folder, name)
-        split_of = {sid: s for s, ids in json.loads((Path(folder) / "splits.json").read_text()).items() for sid in ids}
+        split_of = {sid: s for s,
+                    ids in json.loads((Path(folder) / "splits.json").read_text()).items() for sid in ids}
         out[name] = {"all": batch, "split": np.array([split_of[i] for i in batch.ids])}
     return out
 
@@ -128,16 +143,17 @@ def reconstruction_table(data: dict,                 # load_medical's output
     "Held-out RMSE per column (training sd) of part 1's table codecs in both layouts, and of the transformer's codecs."
     rows = []
     for ds, d in data.items():
-        split = {s: d["all"].select(np.flatnonzero(d["split"] == s)) for s in ("train", "validation", "test")}
+        split = {s: d["all"].select(np.flatnonzero(d["split"] == s)) for s in SPLITS}
         for key, mod, _ in source_triples(ds):
             if mod is CohortEcg: continue
             name = key.removesuffix("_row")
             errs = {"transformer": table_reconstruction_errors(
-                MEDICAL_CODECS[mod](num_bins=cfg.table_bins[ds]).prepare(split["train"].mods[name]), split["test"].mods[name]).rmse_sd}
+                MEDICAL_CODECS[mod](num_bins=cfg.table_bins[ds]).prepare(split["train"].mods[name]),
+                split["test"].mods[name]).rmse_sd}
             for layout in LAYOUTS:
                 kw = dict(num_bins=cfg.recon_bins) if layout == "per_column" else {}
                 codec = MEDICAL_CODECS[mod](layout=layout, **kw)
-                train_codec(codec, split["train"].mods[name], split["validation"].mods[name],
+                train_codec(codec, split["train"].mods[name], split["val"].mods[name],
                             CodecTrainConfig(epochs=cfg.per_table_epochs, batch_size=64, lr=3e-3, patience=25,
                                              seed=cfg.seed, progress=False))
                 errs[layout] = table_reconstruction_errors(codec, split["test"].mods[name]).rmse_sd
@@ -152,14 +168,16 @@ def train_ecg_codec(data: dict,                  # load_medical's output
                     ) -> CohortEcgCodec:
     "Part 1's ECG codec, trained on the cohort's training ECGs (best validation epoch kept)."
     d = data["cohort"]
-    ecg = {s: d["all"].select(np.flatnonzero(d["split"] == s)).mods["ecg"] for s in ("train", "validation")}
+    ecg = {s: d["all"].select(np.flatnonzero(d["split"] == s)).mods["ecg"] for s in ("train", "val")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         codec = CohortEcgCodec()
-    train_codec(codec, ecg["train"], ecg["validation"],
-                CodecTrainConfig(epochs=cfg.ecg_epochs, batch_size=32, lr=2e-3, patience=None, seed=cfg.seed, progress=cfg.progress))
+    train_codec(codec, ecg["train"], ecg["val"],
+                CodecTrainConfig(epochs=cfg.ecg_epochs, batch_size=32, lr=2e-3, patience=None, seed=cfg.seed,
+                                 progress=cfg.progress))
     return codec.eval()
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2007
 def decimated_ecg(ecg: torch.Tensor,  # [B, 1, L] ECGs
                   keep_every: int = 8,  # keep one sample in this many
                   ) -> torch.Tensor:
@@ -178,9 +196,11 @@ def ecg_codec_report(codec: CohortEcgCodec,  # trained ECG codec
     d = data["cohort"]
     test = d["all"].select(np.flatnonzero(d["split"] == "test")).mods["ecg"]
     out = {}
-    for name, rec in (("codec", codec.decode(codec.encode(test)).ecg), ("decimated", decimated_ecg(test.ecg))):
+    for name, rec in (("codec", codec.decode(codec.encode(test)).ecg),
+                      ("decimated", decimated_ecg(test.ecg))):
         corr = series_correlation(test.ecg, rec).numpy()
-        hr_err = np.abs(ecg_heart_rate(rec) - ecg_heart_rate(test.ecg))   # NaN where a rate is not found: not within 2 bpm
+        hr_err = np.abs(ecg_heart_rate(rec)
+                        - ecg_heart_rate(test.ecg))   # NaN where a rate is not found: not within 2 bpm
         found = np.isfinite(hr_err)
         out[name] = {"correlation_median": float(np.median(corr)), "correlation_min": float(corr.min()),
                      "within_2bpm": float(np.mean(found & (np.nan_to_num(hr_err, nan=np.inf) <= 2))),
@@ -198,17 +218,21 @@ def transformer_codecs(dataset: str,                  # "diabetes" or "cohort"
     manager = medical_codecs(dataset)
     for key, mod, _ in source_triples(dataset):
         if mod is CohortEcg:
-            if ecg_codec is None: raise ValueError("the cohort's transformer codecs need the trained ECG codec (ecg_codec=)")
+            if ecg_codec is None:
+                raise ValueError("the cohort's transformer codecs need the trained ECG codec (ecg_codec=)")
             manager.register(ecg_codec, replace=True); continue
         name = key.removesuffix("_row")
-        if name not in train.mods: raise ValueError(f"{dataset}: no training patient has {name!r}; cannot fit its codec")
+        if name not in train.mods:
+            raise ValueError(f"{dataset}: no training patient has {name!r}; cannot fit its codec")
         manager.register(MEDICAL_CODECS[mod](num_bins=cfg.table_bins[dataset]).prepare(train.mods[name]), replace=True)
     return manager
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2009
 def bin_values(codec) -> torch.Tensor:
     "The value each token of a one-token-per-column table codec stands for: `[vocab_size, n_columns]` (float64)."
     V, F = codec.vocab_size, len(codec.columns)
-    with torch.no_grad(): return codec.decode(torch.arange(V)[:, None].repeat(1, F)).as_matrix().double().cpu()
+    with torch.no_grad():
+        return codec.decode(torch.arange(V)[:, None].repeat(1, F)).as_matrix().double().cpu()
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c028
 def encode_tokens(manager: CodecManager,  # the transformer's codecs
@@ -224,7 +248,8 @@ def train_transformer(manager: CodecManager,         # the codecs the tokens com
                       steps: int,                    # optimizer steps
                       run_dir: str | Path,           # logs and checkpoint (emptied first)
                       seed: int | None = None,       # seed of the model and the run (default: cfg.seed)
-                      masking: ModalityMixMasking | None = None,  # how inputs and targets are drawn (default: ModalityMixMasking())
+                      masking: ModalityMixMasking
+                      | None = None,  # how inputs and targets are drawn (default: ModalityMixMasking())
                       ) -> MultimodalTransformer:
     "A `MultimodalTransformer` for the codecs' token keys, trained on `tokens` with `ModalityMixMasking`."
     seed = cfg.seed if seed is None else seed
@@ -233,10 +258,13 @@ def train_transformer(manager: CodecManager,         # the codecs the tokens com
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MultimodalTransformer.from_codecs(manager, TransformerConfig.preset(
-            "tiny", d_model=cfg.d_model, n_encoder_layers=cfg.n_layers, n_decoder_layers=cfg.n_layers, dropout=cfg.dropout,
+            "tiny", d_model=cfg.d_model, n_encoder_layers=cfg.n_layers, n_decoder_layers=cfg.n_layers,
+            dropout=cfg.dropout,
             embedding_std=cfg.embedding_std))
-    train_cfg = TrainConfig(steps=steps, batch_size=min(cfg.batch_size, len(tokens)), lr=cfg.lr, min_lr=cfg.lr / 10,
-                            warmup_steps=max(1, steps // 10), weight_decay=0.05, eval_every=0, checkpoint_every=0,
+    train_cfg = TrainConfig(steps=steps, batch_size=min(cfg.batch_size, len(tokens)), lr=cfg.lr,
+                            min_lr=cfg.lr / 10,
+                            warmup_steps=max(1, steps // 10), weight_decay=0.05, eval_every=0,
+                            checkpoint_every=0,
                             keep_checkpoints=1, progress=cfg.progress, seed=seed)
     Trainer(model, tokens, train_cfg, masking or ModalityMixMasking(), run_dir).fit()
     return model.eval()
@@ -251,18 +279,21 @@ def masked_logits(model: MultimodalTransformer,   # a trained model
     "Logits `{token_key: [B, N, V]}` (CPU) at the target tokens (NaN elsewhere), from the inputs only."
     dev = next(model.parameters()).device
     keys = list(tokens.tokens)
-    full = lambda m: {k: (m[k] if k in m else torch.zeros_like(tokens.tokens[k], dtype=torch.bool)).to(dev) for k in keys}
+    full = lambda m: {k: (m[k] if k in m else torch.zeros_like(tokens.tokens[k],
+                                                               dtype=torch.bool)).to(dev) for k in keys}
     for name, m in (("inputs", inputs), ("targets", targets)):
         for k in m:
             if (m[k] & ~tokens.present[k][:, None]).any():
                 b = int((m[k] & ~tokens.present[k][:, None]).any(1).nonzero()[0])
-                raise ValueError(f"{name}[{k!r}] marks tokens of sample {tokens.ids[b]!r}, which has no {k!r}")
+                raise ValueError(f"{name}[{k!r}] marks tokens of sample {tokens.ids[b]!r}, which has no "
+                                 f"{k!r}")
     was = model.training; model.eval()
     try: out = model({k: t.to(dev) for k, t in tokens.tokens.items()}, full(inputs), full(targets),
                      {k: p.to(dev) for k, p in tokens.present.items()})
     finally: model.train(was)
     return {k: v.float().cpu() for k, v in out.items()}
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2010
 def expected_values(logits: torch.Tensor,   # [n, V] logits of one column's tokens
                     values: torch.Tensor,   # [V] value of each token (a column of bin_values)
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -270,27 +301,34 @@ def expected_values(logits: torch.Tensor,   # [n, V] logits of one column's toke
     p = logits.double().softmax(-1)
     return (p * values).sum(-1).numpy(), values[logits.argmax(-1)].numpy()
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2011
 def whole(tokens: TokenDataset, keys) -> dict:
     "Masks selecting every present token of `keys`."
     return {k: tokens.present[k][:, None].expand_as(tokens.tokens[k]).clone() for k in keys}
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c042
-DIABETES_FEATURES: tuple = (("demographics", DiabetesDemographics), ("lab_results", DiabetesLabs), ("vitals", DiabetesVitals))
+DIABETES_FEATURES: tuple = (("demographics", DiabetesDemographics), ("lab_results", DiabetesLabs),
+                            ("vitals", DiabetesVitals))
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2012
 def diabetes_matrix(batch: Batch) -> np.ndarray:
     "Demographics, labs and vitals of every patient as one `[B, 10]` matrix; NaN where a table is absent."
     blocks = []
     for name, mod in DIABETES_FEATURES:
         block = np.full((len(batch), len(mod.columns)), np.nan)
-        if name in batch.mods: block[batch.present[name].numpy()] = batch.mods[name].as_matrix().double().numpy()
+        if name in batch.mods:
+            block[batch.present[name].numpy()] = batch.mods[name].as_matrix().double().numpy()
         blocks.append(block)
     return np.concatenate(blocks, 1)
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2013
 def diabetes_progression(batch: Batch) -> np.ndarray:
     "Disease progression of every patient (all have the outcome table)."
-    if not bool(batch.present["outcome"].all()): raise ValueError("every diabetes patient must have the outcome table")
+    if not bool(batch.present["outcome"].all()):
+        raise ValueError("every diabetes patient must have the outcome table")
     return batch.mods["outcome"].as_matrix()[:, 0].double().numpy()
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2014
 def linear_baseline(seed: int = 0):
     "Linear regression on features whose missing tables are filled by an IterativeImputer (fitted on the same rows)."
     return make_pipeline(IterativeImputer(max_iter=25, random_state=seed), LinearRegression())
@@ -311,6 +349,7 @@ def hide_cells(n_rows: int,                  # patients with lab results
 def _fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([seed, 22, fold]).generate_state(1)[0] % 2**31)
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2015
 def diabetes_fold(data: dict,                    # load_medical's output
                   train_rows: np.ndarray,        # batch rows of the training patients
                   test_rows: np.ndarray,         # batch rows of the test patients
@@ -335,12 +374,15 @@ def diabetes_fold(data: dict,                    # load_medical's output
         linear = linear_baseline(seed).fit(X_train, y_train).predict(X_test)
     embed = lambda tok: embed_batch(model, TokenBatch(list(tok.ids), tok.tokens, tok.present), keys=features)
     probe = fit_probe(embed(train_tok), torch.as_tensor(y_train), "linear", seed=seed)
-    progression = pd.DataFrame({"id": test.ids, "fold": fold, "true": y_test, "model": mean, "model_argmax": top,
-                                "linear_regression": linear, "probe": probe.predict(embed(test_tok)).double().numpy()})
+    progression = pd.DataFrame({"id": test.ids, "fold": fold, "true": y_test, "model": mean,
+                                "model_argmax": top,
+                                "linear_regression": linear,
+                                "probe": probe.predict(embed(test_tok)).double().numpy()})
     # hidden labs: the model from demographics, vitals and the labs left; column mean; IterativeImputer
     has_labs = test.present["lab_results"].numpy()
     rows = np.flatnonzero(has_labs)
-    hidden_small = hide_cells(len(rows), len(DiabetesLabs.columns), cfg.hide_fraction, np.random.default_rng(seed))
+    hidden_small = hide_cells(len(rows), len(DiabetesLabs.columns), cfg.hide_fraction,
+                              np.random.default_rng(seed))
     hidden = torch.zeros(len(test), len(DiabetesLabs.columns), dtype=torch.bool)
     hidden[torch.as_tensor(rows)] = torch.as_tensor(hidden_small)
     inputs = whole(test_tok, [k for k in features if k != L]); inputs[L] = whole(test_tok, [L])[L] & ~hidden
@@ -356,7 +398,8 @@ def diabetes_fold(data: dict,                    # load_medical's output
     for j, col in enumerate(DiabetesLabs.columns):
         r = hidden[:, j].nonzero().flatten()
         m, a = expected_values(lg[r, j], values[:, j])
-        cells.append(pd.DataFrame({"id": [test.ids[i] for i in r.tolist()], "fold": fold, "lab": col, "sd": sd[j],
+        cells.append(pd.DataFrame({"id": [test.ids[i] for i in r.tolist()], "fold": fold,
+                                   "lab": col, "sd": sd[j],
                                    "true": X_test[r.numpy(), 3 + j], "model": m, "model_argmax": a,
                                    "column_mean": mu[j], "iterative_imputer": iterative[r.numpy(), j]}))
     return {"progression": progression, "labs": pd.concat(cells, ignore_index=True)}
@@ -371,7 +414,9 @@ def diabetes_cross_validation(data: dict,                 # load_medical's outpu
     folds = list(KFold(cfg.n_folds, shuffle=True, random_state=cfg.seed).split(np.arange(n)))
     parts = []
     for k, (train_rows, test_rows) in enumerate(folds):
-        if cfg.progress: print(f"diabetes fold {k + 1}/{cfg.n_folds}: {len(train_rows)} training patients, {len(test_rows)} test", flush=True)
+        if cfg.progress:
+            print(f"diabetes fold {k + 1}/{cfg.n_folds}: {len(train_rows)} training patients, "
+                  f"{len(test_rows)} test", flush=True)
         parts.append(diabetes_fold(data, train_rows, test_rows, cfg, Path(run_dir) / f"fold{k}", k))
     return {name: pd.concat([p[name] for p in parts], ignore_index=True) for name in parts[0]}
 
@@ -383,10 +428,12 @@ def _vitals_and_ecg(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
     vit[batch.present["vitals"].numpy()] = batch.mods["vitals"].as_matrix().double().numpy()
     return np.flatnonzero(both), vit[both]
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2016
 def _ecg_of(batch: Batch, rows: np.ndarray) -> torch.Tensor:
     position = batch.present["ecg"].long().cumsum(0) - 1
     return batch.mods["ecg"].ecg[position[torch.as_tensor(rows)]]
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2017
 def cohort_evaluation(data: dict,                   # load_medical's output
                       ecg_codec: CohortEcgCodec,    # the trained ECG codec
                       cfg: MedicalExampleConfig,    # settings
@@ -413,7 +460,8 @@ def cohort_evaluation(data: dict,                   # load_medical's output
     hr_train = ecg_heart_rate(_ecg_of(train, train_rows)); hr_test = ecg_heart_rate(_ecg_of(test, rows))
     mean_hr = np.nanmean(train_vitals[:, 0])
     fill = lambda hr: np.where(np.isfinite(hr), hr, mean_hr)
-    demo = lambda b, r: b.mods["demographics"].as_matrix().double().numpy()[r]       # every patient has demographics
+    # every patient has demographics
+    demo = lambda b, r: b.mods["demographics"].as_matrix().double().numpy()[r]
     X_train = np.column_stack([demo(train, train_rows), fill(hr_train)])
     X_test = np.column_stack([demo(test, rows), fill(hr_test)])
     linear = LinearRegression().fit(X_train, train_vitals).predict(X_test)
@@ -432,6 +480,7 @@ def _comparison(model: float, baseline: float, higher_is_better: bool, baseline_
     if model == baseline: return f"The model ties with {baseline_name}."
     return f"The model {'beats' if better else 'loses to'} {baseline_name} ({model:.3g} vs {baseline:.3g})."
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2019
 def _r2(y, p) -> float:
     y, p = np.asarray(y, float), np.asarray(p, float)
     return float(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
@@ -439,12 +488,14 @@ def _r2(y, p) -> float:
 def _rmse_sd(df: pd.DataFrame, pred: str) -> float:
     return float(np.sqrt((((df[pred] - df["true"]) / df["sd"]) ** 2).mean()))
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2021
 def reference_linear_r2(n_folds: int, seed: int) -> float:
     "10-fold (n_folds) CV R² of linear regression on scikit-learn's complete diabetes data, on the example's folds."
     from sklearn.datasets import load_diabetes
     X, y = load_diabetes(scaled=False, return_X_y=True)
     folds = KFold(n_folds, shuffle=True, random_state=seed).split(X)
-    return float(np.mean([_r2(y[te], LinearRegression().fit(X[tr], y[tr]).predict(X[te])) for tr, te in folds]))
+    return float(np.mean([_r2(y[te],
+                              LinearRegression().fit(X[tr], y[tr]).predict(X[te])) for tr, te in folds]))
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c057
 def diabetes_metrics(cv: dict[str, pd.DataFrame],   # diabetes_cross_validation's output
@@ -452,38 +503,56 @@ def diabetes_metrics(cv: dict[str, pd.DataFrame],   # diabetes_cross_validation'
                      ) -> dict:
     "Metric records of the diabetes cross-validation: progression (model, probe) and lab imputation."
     prog, labs, k = cv["progression"], cv["labs"], cfg.n_folds
-    per_fold = {c: [_r2(g["true"], g[c]) for _, g in prog.groupby("fold")] for c in ("model", "model_argmax", "linear_regression", "probe")}
+    per_fold = {c: [_r2(g["true"], g[c]) for _, g in prog.groupby("fold")]
+                for c in ("model", "model_argmax", "linear_regression", "probe")}
     r2 = {c: float(np.mean(v)) for c, v in per_fold.items()}
     ref = reference_linear_r2(k, cfg.seed)
     base = "linear regression (IterativeImputer for missing tables)"
-    same = (f"{k}-fold CV over the 442 patients (KFold, shuffled, seed {cfg.seed}); mean of the per-fold R²; the model "
+    same = (f"{k}-fold CV over the 442 patients (KFold, shuffled, seed {cfg.seed}); mean of the per-fold R²; "
+            "the model "
             f"and the baseline are fitted on the same training folds and predict the same patients.")
     out = {"diabetes_progression_r2": metric(
         r2["model"], r2["linear_regression"], base, True,
-        f"Disease progression predicted by the transformer from demographics, lab results and vital signs (outcome "
-        f"masked; posterior mean over its {cfg.table_bins['diabetes']} bins). {same} {_comparison(r2['model'], r2['linear_regression'], True, 'linear regression')} "
-        + ("Progression is close to linear in these ten features, and ~400 training patients are few for a transformer "
-           f"trained {cfg.diabetes_steps} steps on coarse tokens. " if r2["model"] < r2["linear_regression"] else "")
-        + f"For reference, linear regression on the complete scikit-learn data (no missing tables), same folds: {ref:.3f}.",
-        per_fold_model=per_fold["model"], per_fold_baseline=per_fold["linear_regression"], model_argmax=r2["model_argmax"],
+        "Disease progression predicted by the transformer from demographics, lab results and vital signs "
+        "(outcome "
+        f"masked; posterior mean over its {cfg.table_bins['diabetes']} bins). {same} "
+        f"{_comparison(r2['model'], r2['linear_regression'], True, 'linear regression')} "
+        + ("Progression is close to linear in these ten features, and ~400 training patients are few for a "
+           "transformer "
+           f"trained {cfg.diabetes_steps} steps on coarse tokens. " if r2["model"] < r2["linear_regression"]
+           else "")
+        + "For reference, linear regression on the complete scikit-learn data (no missing tables), same "
+        f"folds: {ref:.3f}.",
+        per_fold_model=per_fold["model"], per_fold_baseline=per_fold["linear_regression"],
+        model_argmax=r2["model_argmax"],
         reference_complete_data_linear_regression=ref, n_patients=int(len(prog)))}
     out["diabetes_progression_probe_r2"] = metric(
         r2["probe"], r2["linear_regression"], base, True,
-        f"Linear probe (mmfm.probes.fit_probe) on the frozen transformer's mean-pooled embeddings of demographics, labs "
-        f"and vitals, fitted on the training folds' embeddings. {same} {_comparison(r2['probe'], r2['linear_regression'], True, 'linear regression')}",
+        "Linear probe (mmfm.probes.fit_probe) on the frozen transformer's mean-pooled embeddings of "
+        "demographics, labs "
+        f"and vitals, fitted on the training folds' embeddings. {same} "
+        f"{_comparison(r2['probe'], r2['linear_regression'], True, 'linear regression')}",
         per_fold_model=per_fold["probe"])
     per_lab = {c: {lab: _rmse_sd(g, c) for lab, g in labs.groupby("lab", sort=False)}
                for c in ("model", "model_argmax", "column_mean", "iterative_imputer")}
     avg = {c: float(np.mean(list(v.values()))) for c, v in per_lab.items()}
     what = (f"RMSE of hidden lab results, in training-fold standard deviations, averaged over the six labs: "
-            f"{cfg.hide_fraction:.0%} of the lab cells of each test fold's patients hidden at random ({len(labs)} cells "
-            f"in all) and imputed from demographics, vital signs and the labs left (not the outcome), {k}-fold CV.")
-    for name, c, label in (("diabetes_lab_imputation_rmse_sd", "iterative_imputer", "IterativeImputer (fitted on the training folds)"),
-                           ("diabetes_lab_imputation_rmse_sd_vs_mean", "column_mean", "training-fold column mean")):
-        why = (" The six serum values are strongly collinear (total cholesterol and LDL correlate at 0.9), which chained "
-               "linear regressions use directly; the transformer has to learn it from ~400 patients." if avg["model"] > avg[c] else "")
-        out[name] = metric(avg["model"], avg[c], label, False, f"{what} {_comparison(avg['model'], avg[c], False, label)}{why}",
-                           per_lab_model=per_lab["model"], per_lab_baseline=per_lab[c], model_argmax=avg["model_argmax"],
+            f"{cfg.hide_fraction:.0%} of the lab cells of each test fold's patients hidden at random "
+            f"({len(labs)} cells "
+            "in all) and imputed from demographics, vital signs and the labs left (not the outcome), "
+            f"{k}-fold CV.")
+    for name, c, label in (("diabetes_lab_imputation_rmse_sd", "iterative_imputer",
+                            "IterativeImputer (fitted on the training folds)"),
+                           ("diabetes_lab_imputation_rmse_sd_vs_mean", "column_mean",
+                            "training-fold column mean")):
+        why = (" The six serum values are strongly collinear (total cholesterol and LDL correlate at 0.9), "
+               "which chained "
+               "linear regressions use directly; the transformer has to learn it from ~400 patients."
+               if avg["model"] > avg[c] else "")
+        out[name] = metric(avg["model"], avg[c], label, False,
+                           f"{what} {_comparison(avg['model'], avg[c], False, label)}{why}",
+                           per_lab_model=per_lab["model"], per_lab_baseline=per_lab[c],
+                           model_argmax=avg["model_argmax"],
                            n_cells=int(len(labs)))
     return out
 
@@ -492,32 +561,44 @@ def cohort_metrics(cohort: pd.DataFrame) -> dict:
     "Metric records of the cohort: heart rate from the ECG alone, vital signs from demographics and the ECG."
     n, cols, out = len(cohort), CohortVitals.columns, {}
     err = lambda c: np.abs(cohort[f"{c}"] - cohort["true:heart_rate"])
-    mae = {"model": float(err("ecg:heart_rate").mean()), "neurokit2": float(err("neurokit2:heart_rate").mean()),
+    mae = {"model": float(err("ecg:heart_rate").mean()),
+           "neurokit2": float(err("neurokit2:heart_rate").mean()),
            "mean": float(err("mean:heart_rate").mean())}
-    what = (f"Mean absolute error (bpm) of the heart rate predicted from the ECG alone (the 128 ECG tokens are the only "
-            f"input; posterior mean), on the {n} test patients of the cohort's recorded split having an ECG and vital signs.")
-    why = (" neurokit2 detects the R peaks in the signal itself, and the ECGs were simulated at the table's heart "
-           "rate, so it is nearly exact; the transformer must learn rate from 8-sample tokens and ~650 training ECGs.")
+    what = ("Mean absolute error (bpm) of the heart rate predicted from the ECG alone (the 128 ECG tokens "
+            "are the only "
+            f"input; posterior mean), on the {n} test patients of the cohort's recorded split having an ECG "
+            "and vital signs.")
+    why = (" neurokit2 detects the R peaks in the signal itself, and the ECGs were simulated at the table's "
+           "heart "
+           "rate, so it is nearly exact; the transformer must learn rate from 8-sample tokens and ~650 "
+           "training ECGs.")
     out["cohort_heart_rate_from_ecg_mae_bpm"] = metric(
         mae["model"], mae["neurokit2"], "neurokit2 R-peak heart rate", False,
-        what + " " + _comparison(mae["model"], mae["neurokit2"], False, "neurokit2's R-peak rate") + (why if mae["model"] > mae["neurokit2"] else ""),
+        what + " " + _comparison(mae["model"], mae["neurokit2"], False, "neurokit2's R-peak rate")
+        + (why if mae["model"] > mae["neurokit2"] else ""),
         rate_found=float(cohort["neurokit2_found_rate"].mean()), n_patients=n)
     out["cohort_heart_rate_from_ecg_mae_bpm_vs_mean"] = metric(
         mae["model"], mae["mean"], "training mean heart rate", False,
         what + " " + _comparison(mae["model"], mae["mean"], False, "the training mean"), n_patients=n)
-    rmse = lambda c, col: float(np.sqrt((((cohort[f"{c}:{col}"] - cohort[f"true:{col}"]) / cohort[f"sd:{col}"]) ** 2).mean()))
-    per = {c: {col: rmse(c, col) for col in cols} for c in ("demographics_ecg", "linear_regression", "mean", "ecg")}
+    rmse = lambda c, col: float(np.sqrt((((cohort[f"{c}:{col}"]
+                                           - cohort[f"true:{col}"]) / cohort[f"sd:{col}"]) ** 2).mean()))
+    per = {c: {col: rmse(c, col) for col in cols} for c in ("demographics_ecg",
+                                                            "linear_regression", "mean", "ecg")}
     avg = {c: float(np.mean(list(v.values()))) for c, v in per.items()}
-    what = (f"RMSE of the four vital signs (heart rate, systolic and diastolic pressure, temperature) predicted from "
-            f"demographics and the ECG, in training standard deviations, averaged over the four; {n} test patients.")
+    what = ("RMSE of the four vital signs (heart rate, systolic and diastolic pressure, temperature) "
+            "predicted from "
+            f"demographics and the ECG, in training standard deviations, averaged over the four; {n} test "
+            "patients.")
     for name, c, label in (("cohort_vitals_from_demographics_ecg_rmse_sd", "linear_regression",
                             "linear regression on age, sex, BMI and neurokit2's heart rate"),
                            ("cohort_vitals_from_demographics_ecg_rmse_sd_vs_mean", "mean", "training mean")):
         detail = ", ".join(f"{col} {per['demographics_ecg'][col]:.2f} vs {per[c][col]:.2f}" for col in cols)
-        why = (" The regression's heart rate comes from neurokit2's R peaks, nearly exact on these simulated ECGs."
+        why = (" The regression's heart rate comes from neurokit2's R peaks, nearly exact on these simulated "
+               "ECGs."
                if avg["demographics_ecg"] > avg[c] and c == "linear_regression" else "")
         out[name] = metric(avg["demographics_ecg"], avg[c], label, False,
-                           f"{what} {_comparison(avg['demographics_ecg'], avg[c], False, label)} Per vital: {detail}.{why}",
+                           f"{what} {_comparison(avg['demographics_ecg'], avg[c], False, label)} Per vital: "
+                           f"{detail}.{why}",
                            per_vital_model=per["demographics_ecg"], per_vital_baseline=per[c], n_patients=n)
     return out
 
@@ -528,25 +609,33 @@ def codec_metrics(recon: pd.DataFrame,  # reconstruction_table's output
     "Metric records of part 1: per-column reconstruction of both table layouts, ECG correlation and heart rate."
     out = {}
     for ds, t in recon.groupby(level="dataset", sort=False):
-        cols = {c: t[c].droplevel(["dataset", "table"]).to_dict() for c in ("per_column", "per_table", "transformer")}
+        cols = {c: t[c].droplevel(["dataset", "table"]).to_dict() for c in ("per_column",
+                                                                            "per_table", "transformer")}
         m, b = float(t.per_column.max()), float(t.per_table.max())
         out[f"{ds}_reconstruction_rmse_sd"] = metric(
             m, b, "one token per table (VQ, 256 codes)", False,
-            f"Largest held-out reconstruction RMSE over the {len(t)} table columns of the {ds} data (test split, "
+            f"Largest held-out reconstruction RMSE over the {len(t)} table columns of the {ds} data (test "
+            "split, "
             f"training sd), one token per column (part 1's codec); the goal is <= 0.05 sd for every column "
-            f"({'met' if m <= 0.05 else 'NOT met'}). Baseline: the guide's one-token-per-table layout. The transformer's "
+            f"({'met' if m <= 0.05 else 'NOT met'}). Baseline: one token per table (a whole row in one "
+            "code). The transformer's "
             f"own few-bin codecs reach {float(t.transformer.max()):.3f} sd at worst.",
-            per_column_model=cols["per_column"], per_column_baseline=cols["per_table"], transformer_codecs=cols["transformer"])
+            per_column_model=cols["per_column"], per_column_baseline=cols["per_table"],
+            transformer_codecs=cols["transformer"])
     c, dec = ecg["codec"], ecg["decimated"]
     out["ecg_correlation_median"] = metric(
         c["correlation_median"], dec["correlation_median"], "every 8th sample, linearly interpolated", True,
-        f"Median correlation of {c['n']} held-out ECGs with their reconstruction from 128 codec tokens (goal >= 0.9: "
+        f"Median correlation of {c['n']} held-out ECGs with their reconstruction from 128 codec tokens (goal "
+        ">= 0.9: "
         f"{'met' if c['correlation_median'] >= 0.9 else 'NOT met'}); the baseline keeps 128 floats per ECG. "
-        + _comparison(c["correlation_median"], dec["correlation_median"], True, "decimation"), minimum=c["correlation_min"])
+        + _comparison(c["correlation_median"], dec["correlation_median"], True, "decimation"),
+        minimum=c["correlation_min"])
     out["ecg_heart_rate_within_2bpm"] = metric(
         c["within_2bpm"], dec["within_2bpm"], "every 8th sample, linearly interpolated", True,
-        f"Fraction of held-out ECGs whose neurokit2 heart rate after reconstruction is within 2 bpm of the rate in the "
-        f"original (a rate not found counts as a miss). " + _comparison(c["within_2bpm"], dec["within_2bpm"], True, "decimation"),
+        "Fraction of held-out ECGs whose neurokit2 heart rate after reconstruction is within 2 bpm of the "
+        "rate in the "
+        f"original (a rate not found counts as a miss). " + _comparison(c["within_2bpm"], dec["within_2bpm"],
+                                                                        True, "decimation"),
         median_error_bpm=c["hr_error_median_bpm"], baseline_median_error_bpm=dec["hr_error_median_bpm"])
     return out
 
@@ -557,13 +646,17 @@ def _scatter(ax, true, pred, label, unit=""):
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel(f"true {unit}".strip()); ax.set_ylabel(f"predicted {unit}".strip()); ax.set_title(label, fontsize=9)
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2022
 def _bars(ax, table: dict, ylabel: str, title: str):
     names = list(next(iter(table.values())))
     x, w = np.arange(len(names)), 0.8 / len(table)
-    for i, (label, vals) in enumerate(table.items()): ax.bar(x + (i - (len(table) - 1) / 2) * w, [vals[n] for n in names], w, label=label)
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8); ax.set_ylabel(ylabel); ax.set_title(title, fontsize=9)
+    for i, (label, vals) in enumerate(table.items()):
+        ax.bar(x + (i - (len(table) - 1) / 2) * w, [vals[n] for n in names], w, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right",
+                  fontsize=8); ax.set_ylabel(ylabel); ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
 
+# %% ../../nbs/examples/22_medical_pipeline.ipynb #v2023
 def save_figures(out_dir: str | Path,       # figures go here
                  metrics: dict,             # the metric records
                  recon: pd.DataFrame,       # reconstruction_table's output
@@ -576,10 +669,15 @@ def save_figures(out_dir: str | Path,       # figures go here
     def save(fig, name):
         fig.tight_layout(); p = out_dir / name; fig.savefig(p, dpi=110); paths.append(p)
     fig = Figure(figsize=(10, 3.4)); axes = fig.subplots(1, 3)
-    r2 = {c: metrics[n]["model"] if c != "linear_regression" else metrics["diabetes_progression_r2"]["baseline"]
-          for c, n in (("model", "diabetes_progression_r2"), ("linear_regression", ""), ("probe", "diabetes_progression_probe_r2"))}
-    for ax, c, label in zip(axes, ("model", "linear_regression", "probe"), ("transformer (outcome masked)", "linear regression", "linear probe on embeddings")):
-        _scatter(ax, prog["true"].to_numpy(), prog[c].to_numpy(), f"{label}: CV R² {r2[c]:.3f}", "progression")
+    r2 = {c: metrics[n]["model"] if c != "linear_regression"
+          else metrics["diabetes_progression_r2"]["baseline"]
+          for c, n in (("model", "diabetes_progression_r2"), ("linear_regression", ""),
+                       ("probe", "diabetes_progression_probe_r2"))}
+    for ax, c, label in zip(axes, ("model", "linear_regression", "probe"),
+                            ("transformer (outcome masked)", "linear regression",
+                             "linear probe on embeddings")):
+        _scatter(ax, prog["true"].to_numpy(), prog[c].to_numpy(),
+                 f"{label}: CV R² {r2[c]:.3f}", "progression")
     save(fig, "diabetes_progression.png")
     fig = Figure(figsize=(7, 3.4)); ax = fig.subplots()
     m = metrics["diabetes_lab_imputation_rmse_sd"]
@@ -588,17 +686,24 @@ def save_figures(out_dir: str | Path,       # figures go here
           "RMSE [training sd]", "hidden lab results (30 % of cells), imputation error per lab")
     save(fig, "diabetes_lab_imputation.png")
     fig = Figure(figsize=(10, 3.4)); axes = fig.subplots(1, 3)
-    _scatter(axes[0], cohort["true:heart_rate"].to_numpy(), cohort["ecg:heart_rate"].to_numpy(), "transformer, ECG tokens only", "HR [bpm]")
-    _scatter(axes[1], cohort["true:heart_rate"].to_numpy(), cohort["neurokit2:heart_rate"].to_numpy(), "neurokit2 R peaks", "HR [bpm]")
+    _scatter(axes[0], cohort["true:heart_rate"].to_numpy(), cohort["ecg:heart_rate"].to_numpy(),
+             "transformer, ECG tokens only", "HR [bpm]")
+    _scatter(axes[1], cohort["true:heart_rate"].to_numpy(), cohort["neurokit2:heart_rate"].to_numpy(),
+             "neurokit2 R peaks", "HR [bpm]")
     v = metrics["cohort_vitals_from_demographics_ecg_rmse_sd"]
     _bars(axes[2], {"transformer": v["per_vital_model"], "linear regression": v["per_vital_baseline"],
                     "mean": metrics["cohort_vitals_from_demographics_ecg_rmse_sd_vs_mean"]["per_vital_baseline"]},
           "RMSE [training sd]", "vitals from demographics + ECG")
     save(fig, "cohort_vitals.png")
     fig = Figure(figsize=(11, 3.4)); ax = fig.subplots()
-    _bars(ax, {"one token per column (part 1)": recon.per_column.clip(lower=1e-4).set_axis([f"{d[:3]}/{c}" for d, _, c in recon.index]).to_dict(),
-               "one token per table (part 1)": recon.per_table.set_axis([f"{d[:3]}/{c}" for d, _, c in recon.index]).to_dict(),
-               "transformer's codecs (8 / 16 bins)": recon.transformer.set_axis([f"{d[:3]}/{c}" for d, _, c in recon.index]).to_dict()},
+    _bars(ax,
+          {"one token per column (part "
+           "1)": recon.per_column.clip(lower=1e-4).set_axis([f"{d[:3]}/{c}" for d, _,
+                                                                                        c in recon.index]).to_dict(),
+               "one token per table (part 1)": recon.per_table.set_axis([f"{d[:3]}/{c}" for d, _,
+                                                                         c in recon.index]).to_dict(),
+               "transformer's codecs (8 / 16 "
+           "bins)": recon.transformer.set_axis([f"{d[:3]}/{c}" for d, _, c in recon.index]).to_dict()},
           "held-out RMSE [sd]", "reconstruction error per column (test split; exact values drawn at 1e-4)")
     ax.set_yscale("log"); ax.axhline(0.05, color="k", ls="--", lw=0.8)
     save(fig, "reconstruction.png")
@@ -609,7 +714,8 @@ def run(size: str,              # "tiny" (seconds), "demo" (about 6 minutes on 2
         out_dir: str | Path,    # figures, tables, training runs and timing.json go here
         data_dir: str | Path,   # datasets are built (or reused) under data_dir/medical
         seed: int = 0,          # one seed for data, codecs, transformers and baselines
-        progress: bool | None = None,  # progress bars and stage times; None: the size's default (off for tiny)
+        progress: bool
+        | None = None,  # progress bars and stage times; None: the size's default (off for tiny)
         ) -> dict:
     "The medical example end to end; returns `{metric_name: mmfm.examples.results.metric record}`."
     cfg, out_dir = example_config(size, seed), Path(out_dir)
@@ -626,7 +732,8 @@ def run(size: str,              # "tiny" (seconds), "demo" (about 6 minutes on 2
     data = load_medical(prepare_datasets(data_dir, cfg)); t = stage("data", t)
     recon = reconstruction_table(data, cfg); t = stage("table codecs (part 1)", t)
     ecg_codec = train_ecg_codec(data, cfg); ecg = ecg_codec_report(ecg_codec, data); t = stage("ECG codec", t)
-    cv = diabetes_cross_validation(data, cfg, out_dir / "runs" / "diabetes"); t = stage("diabetes cross-validation", t)
+    cv = diabetes_cross_validation(data, cfg,
+                                   out_dir / "runs" / "diabetes"); t = stage("diabetes cross-validation", t)
     cohort = cohort_evaluation(data, ecg_codec, cfg, out_dir / "runs" / "cohort"); t = stage("cohort", t)
     metrics = {**codec_metrics(recon, ecg), **diabetes_metrics(cv, cfg), **cohort_metrics(cohort)}
     save_figures(out_dir, metrics, recon, cv, cohort)
@@ -634,7 +741,8 @@ def run(size: str,              # "tiny" (seconds), "demo" (about 6 minutes on 2
     for name, table in cv.items(): table.to_csv(out_dir / f"diabetes_{name}.csv", index=False)
     stage("metrics and figures", t)
     timing["total"], cpu["total"] = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
-    (out_dir / "timing.json").write_text(json.dumps({"size": size, "seed": seed, "seconds": timing, "cpu_seconds": cpu,
+    (out_dir / "timing.json").write_text(json.dumps({"size": size, "seed": seed, "seconds": timing,
+                                                     "cpu_seconds": cpu,
                                                      "torch_threads": torch.get_num_threads(),
                                                      "load_average": list(os.getloadavg())}, indent=1) + "\n")
     return metrics

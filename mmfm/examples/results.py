@@ -13,7 +13,8 @@ def metric(model: float,              # the model's figure
            description: str,          # what is measured, on what data
            **extra) -> dict:          # more fields to keep (spread over seeds, units, counts)
     "One reported figure: the model's value beside its baseline's."
-    return dict(model=float(model), baseline=None if baseline is None else float(baseline), baseline_name=baseline_name,
+    return dict(model=float(model), baseline=None if baseline is None else float(baseline),
+                baseline_name=baseline_name,
                 higher_is_better=bool(higher_is_better), description=description, **extra)
 
 # %% ../../nbs/examples/19_results.ipynb #r006
@@ -22,6 +23,7 @@ def _verdict(m: dict) -> str:
     better = m['model'] > m['baseline'] if m['higher_is_better'] else m['model'] < m['baseline']
     return 'model better' if better else ('tie' if m['model'] == m['baseline'] else 'baseline better')
 
+# %% ../../nbs/examples/19_results.ipynb #v0s030
 def results_table(results: dict,  # {example: {metric_name: record}}
                   ) -> str:
     "A plain-text table of every metric: example, name, model, baseline, which wins."
