@@ -335,15 +335,16 @@ def linear_baseline(seed: int = 0):
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c045
 def hide_cells(n_rows: int,                  # patients with lab results
-               n_cols: int,                  # lab columns
+               n_columns: int,               # lab columns
                fraction: float,              # share of cells to hide
                rng: np.random.Generator,     # random generator
                ) -> np.ndarray:
-    "A `[n_rows, n_cols]` mask with exactly `round(fraction * n_rows * n_cols)` cells set, drawn uniformly."
+    "A `[n_rows, n_columns]` mask with `round(fraction * n_rows * n_columns)` cells set, drawn uniformly."
     if not 0 < fraction < 1: raise ValueError(f"hide fraction must be in (0, 1), got {fraction}")
-    hidden = np.zeros(n_rows * n_cols, bool)
-    hidden[rng.choice(n_rows * n_cols, int(round(fraction * n_rows * n_cols)), replace=False)] = True
-    return hidden.reshape(n_rows, n_cols)
+    hidden = np.zeros(n_rows * n_columns, bool)
+    n = n_rows * n_columns
+    hidden[rng.choice(n, int(round(fraction * n)), replace=False)] = True
+    return hidden.reshape(n_rows, n_columns)
 
 # %% ../../nbs/examples/22_medical_pipeline.ipynb #c048
 def _fold_seed(seed: int, fold: int) -> int:
