@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['ModalityError', 'UnknownModalityError', 'DuplicateTokenKeyError', 'modality_type', 'modality_for_token_key',
-           'registered_modalities', 'BaseModality', 'concat', 'TableModality', 'table_modality', 'SeriesModality',
-           'scalar_modality', 'series_modality']
+           'registered_modalities', 'as_float32', 'BaseModality', 'concat', 'TableModality', 'table_modality',
+           'SeriesModality', 'scalar_modality', 'series_modality']
 
 # %% ../nbs/00_modality.ipynb #c002
 import dataclasses, sys, typing
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Any, Sequence
+import numpy as np
 import torch
 from torch import Tensor
 import jaxtyping
@@ -82,10 +83,82 @@ def _array_hint(hint):
 def _describe(value) -> str:
     if isinstance(value, Tensor):
         return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, np.ndarray): return f"numpy {value.dtype} array of shape {value.shape}"
     return f"{type(value).__name__} {value!r:.80}"
 
 # %% ../nbs/00_modality.ipynb #s008
 def _named_dims(hint) -> list[str]: return hint.dim_str.split()
+
+# %% ../nbs/00_modality.ipynb #f32c1
+_EXACT_INT = 2 ** 24   # float32 holds every integer up to this magnitude exactly, but not every one beyond
+_F32_MAX = float(np.finfo(np.float32).max)
+
+def _kind(value) -> str:
+    "The numpy dtype kind of an array or tensor: 'f' float, 'i'/'u' integer, 'b' bool, 'c' complex, or other."
+    if isinstance(value, np.ndarray): return value.dtype.kind
+    if value.dtype == torch.bool: return 'b'
+    return 'c' if value.is_complex() else 'f' if value.is_floating_point() else 'i'
+
+# %% ../nbs/00_modality.ipynb #f32c2
+def _refusal(value, kind: str) -> str | None:
+    "Why `value` (an array or tensor of dtype kind `kind`) cannot become float32; None if it can."
+    dtype = str(value.dtype).replace('torch.', '')
+    if kind == 'b': return f"a boolean array ({dtype}) where floats are declared"
+    if kind == 'c': return f"complex values ({dtype}); float32 holds real numbers only"
+    if kind not in 'fiu': return f"a non-numeric array (dtype {dtype})"
+    n = value.numel() if isinstance(value, Tensor) else value.size
+    if kind in 'iu' and n:
+        lo, hi = int(value.min()), int(value.max())
+        if max(-lo, hi) > _EXACT_INT:
+            return (f"integer {hi if hi > -lo else lo} ({dtype}) would lose precision in float32, "
+                    f"which holds integers exactly only up to ±2**24 = {_EXACT_INT}")
+    return None
+
+# %% ../nbs/00_modality.ipynb #f32c3
+def _overflow(value, out: Tensor) -> str | None:
+    "Why converting `value` to `out` (float32) lost finite values (they became ±inf); None if none did."
+    if isinstance(value, Tensor): finite = torch.isfinite(value)
+    else: finite = torch.from_numpy(np.asarray(np.isfinite(value)))   # asarray: a 0-d array gives a scalar
+    lost = finite.to(out.device) & torch.isinf(out)
+    n = int(lost.sum())
+    if n == 0: return None
+    first = value[lost if isinstance(value, Tensor) else lost.cpu().numpy()].reshape(-1)[0]
+    return (f"{n} finite value(s) beyond float32's range ±{_F32_MAX:.4g} (such as {float(first):.4g}); "
+            "float32 would make them ±inf")
+
+# %% ../nbs/00_modality.ipynb #f32c4
+def as_float32(value,      # numpy array or tensor of a real float or integer dtype, any byte order
+               what: str,  # what the value is, for messages: "Class.field"
+               ) -> Float[Tensor, "..."]:
+    """`value` as a float32 tensor of the same shape and device: a new tensor unless `value` already is a
+    float32 tensor; the caller's array is never modified. NaN and ±inf are kept. Raises `ModalityError`,
+    naming `what`, for a value that is not an array or tensor, a bool, complex or non-numeric dtype, integers
+    beyond ±2**24 and finite values beyond float32's range (±3.4e38)."""
+    if not isinstance(value, (Tensor, np.ndarray)):
+        raise ModalityError(f"{what}: expected a tensor or a numpy array, got {_describe(value)}")
+    kind = _kind(value)
+    problem = _refusal(value, kind)
+    if problem is None:
+        if isinstance(value, Tensor): out = value.to(torch.float32)
+        else:
+            with np.errstate(over='ignore'): out = torch.from_numpy(value.astype(np.float32))  # a native copy
+        if kind == 'f' and value.dtype.itemsize > 4: problem = _overflow(value, out)
+    if problem: raise ModalityError(f"{what}: {problem}")
+    return out
+
+# %% ../nbs/00_modality.ipynb #f32c5
+def _is_float_field(hint) -> bool:
+    "Whether annotation `hint` declares a floating-point array (`Float[...]`, also inside `X | None`)."
+    arr = _array_hint(hint)
+    return arr is not None and 'float32' in getattr(arr, 'dtypes', ())
+
+def _convert_floats(m) -> None:
+    "Replace the array in each `Float` field of modality `m` by `as_float32` of it (`object.__setattr__`)."
+    cls = type(m)
+    for name, hint in cls._field_hints().items():
+        value = getattr(m, name)
+        if isinstance(value, (Tensor, np.ndarray)) and _is_float_field(hint):
+            object.__setattr__(m, name, as_float32(value, f"{cls.__name__}.{name}"))
 
 # %% ../nbs/00_modality.ipynb #s009
 @jaxtyped(typechecker=None)
@@ -121,6 +194,7 @@ class BaseModality:
         if 'token_key' in cls.__dict__: _register(cls)
 
     def __post_init__(self):
+        _convert_floats(self)   # every Float field holds float32 (as_float32), then the shapes are checked
         _check_fields(self)
         if self.batch_size < 1:
             raise ModalityError(f"{type(self).__name__}: a batch needs at least one sample, got 0")
@@ -211,10 +285,12 @@ def select(self: BaseModality, rows) -> BaseModality:
 # %% ../nbs/00_modality.ipynb #s012
 @patch
 def to(self: BaseModality, device=None, dtype: torch.dtype | None = None) -> BaseModality:
-    "Move the tensor fields to `device`; `dtype` converts floating-point fields only."
-    def move(t):
-        if t is None: return t
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+    """Move the tensor fields to `device`. Float fields hold float32 (`as_float32`), so a `dtype` other than
+    float32 raises `ModalityError`."""
+    if dtype is not None and dtype != torch.float32:
+        raise ModalityError(f"{type(self).__name__}.to: modalities hold float32, got dtype={dtype}; convert "
+                            "the tensors where another precision is needed")
+    def move(t): return None if t is None else t.to(device=device)
     return dataclasses.replace(self, **{n: move(getattr(self, n)) for n in self.tensor_fields()})
 
 # %% ../nbs/00_modality.ipynb #c027

@@ -372,7 +372,7 @@ def astro_dataset(root: "str | Path",                              # data set ro
     "A data set written by `simulate_dataset`, read through `MultiSourceDataset`; galaxies with none of the sources left out."
     unused = ([f'{s}_image' for s in IMAGE_SOURCES if s not in images]
               + [f'{t}_row' for t in TABLE_FILES if t not in tables])   # in the manifest, but not read here
-    return MultiSourceDataset(root, Path(root) / 'manifest.json', astro_sources(images, tables), split=split,
+    return MultiSourceDataset(root, 'manifest.json', astro_sources(images, tables), split=split,
                               extra_keys=('split', *unused), drop_empty=True)
 
 # %% ../nbs/31_simulate.ipynb #c039
