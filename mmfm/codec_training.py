@@ -15,6 +15,7 @@ from .progress import progress
 from .modality import BaseModality
 from .codec import Codec
 from .quantize import codebook_usage
+from .files import check_setting
 
 # %% ../nbs/07_codec_training.ipynb #c005
 @dataclass
@@ -28,6 +29,14 @@ class CodecTrainConfig:
     patience: int | None = 5  # stop after this many epochs without a better validation loss (None: never)
     seed: int = 0                    # seeds the shuffling and the parameter updates
     progress: bool = True            # show a progress bar
+
+    def __post_init__(self):
+        c = lambda name, kind, **rng: check_setting("CodecTrainConfig", name, getattr(self, name), kind,
+                                                    **rng)
+        for f in ("epochs", "batch_size"): c(f, int, low=1)
+        c("patience", int, low=1, allow_none=True); c("seed", int, low=0)
+        c("lr", float, low=0, low_open=True); c("weight_decay", float, low=0)
+        c("grad_clip", float, low=0, allow_none=True); c("progress", bool)
 class NonFiniteLossError(RuntimeError):
     "Training produced a NaN or infinite loss."
 @dataclass

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DIGEST_KEY', 'atomic_write', 'write_bytes', 'write_json', 'FileFormatError', 'read_json', 'sha256_file',
-           'tensors_digest', 'save_safetensors', 'load_safetensors']
+           'tensors_digest', 'save_safetensors', 'load_safetensors', 'check_setting']
 
 # %% ../nbs/01a_files.ipynb #f002
-import hashlib, json, os, tempfile
+import hashlib, json, math, numbers, os, tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 import torch
@@ -122,3 +122,37 @@ def load_safetensors(path: str | Path,  # a file written by `save_safetensors` (
         raise FileFormatError(f"{path} is corrupted: its contents differ from the checksum recorded when it "
                               "was written")
     return tensors, meta
+
+# %% ../nbs/01a_files.ipynb #f031
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    "`in [0, 1)`, `>= 1`, `> 0`: the allowed range in words."
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None: return f"{'>' if low_open else '>='} {low}"
+    return f"{'<' if high_open else '<='} {high}" if high is not None else "any value"
+
+# %% ../nbs/01a_files.ipynb #f033
+def check_setting(owner: str,                  # the settings class, for the message (e.g. "TrainConfig")
+                  name: str,                   # the field
+                  value,                       # its value
+                  kind: type,                  # int, float (ints accepted) or bool; a bool is never a number
+                  low=None, high=None,         # the allowed range (None: unbounded)
+                  low_open: bool = False, high_open: bool = False,  # exclusive ends
+                  allow_none: bool = False,    # None is allowed (it means "off" or "default")
+                  ) -> None:
+    "Raise `TypeError` (wrong type) or `ValueError` (not finite, out of range) naming `owner.name`, the value."
+    if value is None and allow_none: return
+    numeric = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = (isinstance(value, bool) if kind is bool else
+          numeric and isinstance(value, numbers.Integral) if kind is int else numeric)
+    if not ok:
+        want = {bool: "True or False", int: "an int", float: "a number"}[kind]
+        raise TypeError(f"{owner}.{name} must be {want}{' or None' if allow_none else ''}, got {value!r} "
+                        f"({type(value).__name__})")
+    if kind is bool: return
+    allowed = _range_text(low, high, low_open, high_open)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be finite and {allowed}, got {value!r}")
+    if ((low is not None and (value <= low if low_open else value < low)) or
+            (high is not None and (value >= high if high_open else value > high))):
+        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}")

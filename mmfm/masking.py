@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from .tokens import check_tokens
+from .files import check_setting
 
 # %% ../nbs/10_masking.ipynb #c007
 class Masks(NamedTuple):
@@ -136,37 +137,53 @@ def split_budget(weights: Float[Tensor, "batch k"],
     return count + ((order < left[:, None]) & (count < capacity)).long()
 
 # %% ../nbs/10_masking.ipynb #c022
-def _budget_per_sample(budget, n_present: Tensor, what: str) -> Tensor:
+def _check_budget(budget, what: str) -> None:
+    "A budget is an int >= 1 (tokens) or a float fraction in (0, 1); raise naming `what` otherwise."
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{what} must be an int (tokens) or a float fraction in (0, 1), got {budget!r}")
-    if isinstance(budget, float):
-        if not 0 < budget < 1: raise ValueError(f"{what} as a fraction must be in (0, 1), got {budget}")
-        return (n_present * budget).floor().long().clamp(min=1)
-    if budget < 1: raise ValueError(f"{what} must be at least 1 token, got {budget}")
+    if isinstance(budget, float) and not 0 < budget < 1:
+        raise ValueError(f"{what} as a fraction must be in (0, 1), got {budget}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"{what} must be at least 1 token, got {budget}")
+def _budget_per_sample(budget, n_present: Tensor, what: str) -> Tensor:
+    _check_budget(budget, what)
+    if isinstance(budget, float): return (n_present * budget).floor().long().clamp(min=1)
     return torch.full_like(n_present, budget)
 
 # %% ../nbs/10_masking.ipynb #s005
-def _concentrations(concentration, keys, device) -> Tensor:
+def _concentration_values(concentration, what: str = "concentration") -> list[float]:
+    "The concentration(s) given, checked finite and > 0 (a dict: per token key)."
+    values = list(concentration.values()) if isinstance(concentration, Mapping) else [concentration]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{what}: concentrations must be finite numbers > 0, got {concentration!r}")
+    return [float(v) for v in values]
+def _concentrations(concentration, keys, device, what: str = "concentration") -> Tensor:
+    _concentration_values(concentration, what)
     if isinstance(concentration, Mapping):
         unknown = set(concentration) - set(keys)
-        if unknown: raise KeyError(f"concentration given for unknown token keys {sorted(unknown)}")
+        if unknown: raise KeyError(f"{what} given for unknown token keys {sorted(unknown)}")
         values = [float(concentration.get(k, 1.0)) for k in keys]
     else: values = [float(concentration)] * len(keys)
-    if any(not v > 0 or math.isinf(v) for v in values):
-        raise ValueError(f"concentrations must be finite and > 0, got {values}")
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 # %% ../nbs/10_masking.ipynb #s006
 _STRATEGIES = ("all-to-all", "one-to-all")
 
 # %% ../nbs/10_masking.ipynb #c023
-def _input_weights(alpha: Tensor, pres: Tensor, mixture: Mapping[str, float], generator) -> Tensor:
-    "Input weights per sample: Dirichlet (all-to-all) or one-hot on a random present modality (one-to-all)."
+def _mixture_probs(mixture: Mapping[str, float]) -> Tensor:
+    "The strategies' probabilities in `_STRATEGIES` order; unknown names, negative or all-zero weights raise."
+    if not isinstance(mixture, Mapping): raise TypeError(f"mixture must be a dict, got {mixture!r}")
     unknown = set(mixture) - set(_STRATEGIES)
     if unknown: raise ValueError(f"unknown masking strategies {sorted(unknown)}; choose from {_STRATEGIES}")
-    probs = torch.tensor([float(mixture.get(s, 0.0)) for s in _STRATEGIES], dtype=torch.float64)
-    if (probs < 0).any() or probs.sum() <= 0:
-        raise ValueError(f"mixture weights must be >= 0 with a positive sum: {dict(mixture)}")
+    probs = [mixture.get(s, 0.0) for s in _STRATEGIES]
+    if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0
+           for p in probs) or sum(probs) <= 0:
+        raise ValueError(f"mixture weights must be finite, >= 0 with a positive sum: {dict(mixture)}")
+    return torch.tensor([float(p) for p in probs], dtype=torch.float64)
+def _input_weights(alpha: Tensor, pres: Tensor, mixture: Mapping[str, float], generator) -> Tensor:
+    "Input weights per sample: Dirichlet (all-to-all) or one-hot on a random present modality (one-to-all)."
+    probs = _mixture_probs(mixture)
     B, K = pres.shape
     dirichlet = sample_dirichlet(alpha * pres, generator)
     one_hot = torch.nn.functional.one_hot(
@@ -236,12 +253,36 @@ class MaskingConfig:
     # probabilities of "all-to-all" and "one-to-all"
     mixture: dict = field(default_factory=lambda: {"all-to-all": 1.0})
 
+    def __post_init__(self):
+        if self.mask_ratio is not None:
+            check_setting("MaskingConfig", "mask_ratio", self.mask_ratio, float, 0, 1, True, True)
+        elif self.input_budget is None or self.target_budget is None:
+            raise ValueError("MaskingConfig needs input_budget and target_budget, or mask_ratio")
+        for f in ("input_budget", "target_budget"):
+            if getattr(self, f) is not None: _check_budget(getattr(self, f), f"MaskingConfig.{f}")
+        _concentration_values(self.concentration, "MaskingConfig.concentration")
+        if self.target_concentration is not None:
+            _concentration_values(self.target_concentration, "MaskingConfig.target_concentration")
+        _mixture_probs(self.mixture)
+
     def __call__(self, tokens, present=None, generator=None) -> Masks:
         if self.mask_ratio is not None: return apply_masking(tokens, self.mask_ratio, present, generator)
-        if self.input_budget is None or self.target_budget is None:
-            raise ValueError("MaskingConfig needs input_budget and target_budget, or mask_ratio")
         return sample_budget_masks(tokens, self.input_budget, self.target_budget, present, self.concentration,
                                    self.target_concentration, self.mixture, generator)
+
+# %% ../nbs/10_masking.ipynb #c060
+def _check_mix_masking(self) -> None:
+    "Check every field of a `ModalityMixMasking` (names the field, the value and the allowed range)."
+    c = lambda name, **rng: check_setting("ModalityMixMasking", name, getattr(self, name), float, **rng)
+    for f in ("p_random", "p_leave_one_out", "p_one_in"): c(f, low=0)
+    if self.p_random + self.p_leave_one_out + self.p_one_in <= 0:
+        raise ValueError("ModalityMixMasking: masking probabilities must be >= 0 with a positive sum, got "
+                         f"{[self.p_random, self.p_leave_one_out, self.p_one_in]}")
+    c("min_ratio", low=0, high=1, low_open=True, high_open=True)
+    c("max_ratio", low=self.min_ratio, high=1, high_open=True)
+    if isinstance(self.input_only, str) or not all(isinstance(k, str) for k in self.input_only):
+        raise TypeError("ModalityMixMasking.input_only must be a tuple of token keys, got "
+                        f"{self.input_only!r}")
 
 # %% ../nbs/10_masking.ipynb #c051
 @dataclass
@@ -254,12 +295,12 @@ class ModalityMixMasking:
     max_ratio: float = 0.85         # largest target ratio of random masking
     input_only: tuple = ()  # token keys that are never targets (their tokens are inputs where present)
 
+    def __post_init__(self): _check_mix_masking(self)
+
     def __call__(self, tokens, present=None, generator=None) -> Masks:
         present = check_tokens(tokens, present)
         keys = list(tokens); B = next(iter(tokens.values())).shape[0]
         probs = torch.tensor([self.p_random, self.p_leave_one_out, self.p_one_in], dtype=torch.float64)
-        if (probs < 0).any() or probs.sum() <= 0:
-            raise ValueError(f"masking probabilities must be >= 0 with a positive sum: {probs.tolist()}")
         unknown = set(self.input_only) - set(keys)
         if unknown: raise KeyError(f"input_only names token keys {sorted(unknown)} that the tokens do not "
                                    f"have ({keys})")

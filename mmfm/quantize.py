@@ -332,7 +332,8 @@ def _restart_dead_codes(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
 @patch
 def _update(self: VectorQuantizer, flat: Float[Tensor, "n d"], indices: Int[Tensor, "n"]):
     """One training step of the codebook: EMA of cluster sizes (and, with use_ema, of code sums), then
-    dead-code restarts."""
+    dead-code restarts. An empty batch changes nothing; a code whose count is zero keeps its place."""
+    if flat.shape[0] == 0: return
     with torch.no_grad():
         counts = torch.bincount(indices, minlength=self.codebook_size).to(self.ema_cluster_size.dtype)
         self.ema_cluster_size.lerp_(counts, 1 - self.decay)
@@ -342,19 +343,24 @@ def _update(self: VectorQuantizer, flat: Float[Tensor, "n d"], indices: Int[Tens
             self.ema_embed_sum.lerp_(sums, 1 - self.decay)
             n = self.ema_cluster_size.sum()
             smoothed = (self.ema_cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-            self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(-1))
+            used = (self.ema_cluster_size > 0).unsqueeze(-1)
+            mean = self.ema_embed_sum / smoothed.clamp_min(1e-30).unsqueeze(-1)
+            self.codebook.copy_(torch.where(used, mean, self.codebook))
         self._restart_dead_codes(flat)
 
 # %% ../nbs/01_quantize.ipynb #c054
 @patch
 def _init_from_data(self: VectorQuantizer, flat: Float[Tensor, "n d"]):
-    "Set the codebook to random rows of `flat` (the first training batch)."
+    "Set the codebook to random rows of `flat` (the first non-empty training batch), jittered if it is small."
+    n, k = flat.shape[0], self.codebook_size
+    if n == 0: return                                   # nothing to start from: wait for a batch with vectors
     with torch.no_grad():
-        n, k = flat.shape[0], self.codebook_size
         if n >= k: codes = flat[torch.randperm(n, device=flat.device)[:k]]
         else:
+            spread = flat.std(correction=0)             # finite for any n >= 1
+            scale = torch.where(spread > 0, spread, flat.abs().max().clamp_min(1.0))
             codes = flat[torch.randint(n, (k,), device=flat.device)]
-            codes = codes + 1e-3 * (flat.std() + 1e-8) * torch.randn_like(codes)
+            codes = codes + 1e-3 * scale * torch.randn_like(codes)
         self.codebook.data.copy_(codes.to(self.codebook.dtype))
         self.ema_cluster_size.fill_(1.0)
         if self.use_ema: self.ema_embed_sum.copy_(codes)
@@ -371,8 +377,8 @@ def forward(self: VectorQuantizer, z: Float[Tensor, "... d"]):
         if self.training and not bool(self.initialized): self._init_from_data(flat.detach())
         indices = self._nearest(flat.detach())
         e = self.codebook[indices].float()  # differentiable w.r.t. the codebook when it is a Parameter
-        aux = self.commitment_weight * F.mse_loss(flat, e.detach())
-        if not self.use_ema: aux = aux + F.mse_loss(e, flat.detach())
+        aux = self.commitment_weight * F.mse_loss(flat, e.detach()) if flat.numel() else flat.sum()
+        if not self.use_ema and flat.numel(): aux = aux + F.mse_loss(e, flat.detach())
         if self.training: self._update(flat.detach(), indices)
         z_q = e.detach() + (flat - flat.detach())
     return z_q.reshape(z.shape).to(z.dtype), indices.reshape(z.shape[:-1]), aux
@@ -394,6 +400,14 @@ class OutOfRangeWarning(UserWarning):
     """Values given to a scalar quantizer lie outside its fixed or fitted range (they go to the end bins,
     and are counted)."""
 
+# %% ../nbs/01_quantize.ipynb #c112
+def _feature_names(owner: str, names, n: int) -> list[str] | None:
+    "`names` as a list of `n` strings (a single string for one feature), or None."
+    if names is None: return None
+    names = [names] if isinstance(names, str) else [str(x) for x in names]
+    if len(names) != n: raise ValueError(f"{owner}: {len(names)} names {names} for {n} feature(s)")
+    return names
+
 # %% ../nbs/01_quantize.ipynb #s012
 class ScalarQuantizer(Quantizer):
     """Base of the scalar quantizers: `num_bins` sorted centres per feature; encode to the nearest, count
@@ -406,8 +420,10 @@ class ScalarQuantizer(Quantizer):
                  num_bins: int,  # number of bins (codebook_size)
                  # None: z is [..., 1]; F: z is [..., F, 1] with bins per feature
                  num_features: int | None = None,
-                 # values outside the range: count + warn once, or raise
+                 # values outside the range: count + warn, or raise
                  on_out_of_range: Literal["warn", "raise"] = "warn",
+                 # column names (one per feature, or one string), used by the out-of-range messages
+                 names: Sequence[str] | str | None = None,
                  ):
         super().__init__()
         name = type(self).__name__
@@ -419,12 +435,12 @@ class ScalarQuantizer(Quantizer):
         self.codebook_size = self.num_bins = int(num_bins)
         self.num_features, self.on_out_of_range = num_features, on_out_of_range
         nf, keep = num_features or 1, self._persist_bins
+        self.names = _feature_names(name, names, nf)
         self.register_buffer("centres", torch.zeros(nf, self.num_bins), persistent=keep)
         self.register_buffer("range_low", torch.zeros(nf), persistent=keep)
         self.register_buffer("range_high", torch.zeros(nf), persistent=keep)
         for counter in ("n_seen", "n_below", "n_above"):
             self.register_buffer(counter, torch.zeros(nf, dtype=torch.long), persistent=False)
-        self._warned = False
 
     def _metric(self, x: Tensor) -> Tensor: return x  # the space in which "nearest" is measured
 
@@ -438,27 +454,30 @@ def _check_input(self: ScalarQuantizer, z: Tensor, where: str, allow_nan: bool =
         raise ValueError(f"{type(self).__name__}.{where}: expected z of shape [..., {nf}, 1] (one value per "
                          f"feature), got {tuple(z.shape)}")
 
+# %% ../nbs/01_quantize.ipynb #c114
+@patch
+def _label(self: ScalarQuantizer, f: int) -> str:
+    "How messages name feature `f`: its column name, else its index."
+    return f"column {self.names[f]!r}" if self.names else f"feature {f}"
+
 # %% ../nbs/01_quantize.ipynb #c074
 @patch
 def _count_out_of_range(self: ScalarQuantizer, x: Float[Tensor, "f n"]):
-    "Count (and warn about, or refuse) values outside [range_low, range_high], per feature."
+    "Count values outside [range_low, range_high] per feature; warn (each call) or refuse, naming columns."
     below = (x < self.range_low.unsqueeze(-1)).sum(-1)
     above = (x > self.range_high.unsqueeze(-1)).sum(-1)
     n_out = int((below + above).sum())
     if n_out == 0 or self.on_out_of_range == "warn":
         self.n_seen += x.shape[-1]; self.n_below += below; self.n_above += above
     if n_out == 0: return
-    feats = (below + above).nonzero().squeeze(-1).tolist()
-    where = "" if self.num_features is None else f" in feature(s) {feats}"
-    lo, hi = self.range_low[feats].tolist(), self.range_high[feats].tolist()
-    message = (f"{type(self).__name__}: {n_out} of {x.numel()} values lie outside the range{where} "
-               f"[{lo[0] if len(lo) == 1 else lo}, {hi[0] if len(hi) == 1 else hi}] ({int(below.sum())} "
-               f"below, {int(above.sum())} above)")
+    parts = [f"{self._label(f)}: {int(below[f] + above[f])} ({int(below[f])} below, {int(above[f])} above "
+             f"[{self.range_low[f].item():.6g}, {self.range_high[f].item():.6g}])"
+             for f in (below + above).nonzero().squeeze(-1).tolist()]
+    message = (f"{type(self).__name__}: {n_out} of {x.numel()} values lie outside the range, in "
+               + "; ".join(parts))
     if self.on_out_of_range == "raise": raise ValueError(message)
-    if not self._warned:
-        warnings.warn(message + "; they are encoded to the end bins and counted, see .out_of_range()",
-                      OutOfRangeWarning, stacklevel=4)
-        self._warned = True
+    warnings.warn(message + "; they are encoded to the end bins and counted, see .out_of_range()",
+                  OutOfRangeWarning, stacklevel=4)
 
 # %% ../nbs/01_quantize.ipynb #s013
 @patch
@@ -492,8 +511,8 @@ def out_of_range(self: ScalarQuantizer) -> dict:
 # %% ../nbs/01_quantize.ipynb #s015
 @patch
 def reset_out_of_range(self: ScalarQuantizer):
-    "Zero the out-of-range counters (and warn again the next time)."
-    self.n_seen.zero_(); self.n_below.zero_(); self.n_above.zero_(); self._warned = False
+    "Zero the out-of-range counters."
+    self.n_seen.zero_(); self.n_below.zero_(); self.n_above.zero_()
 
 # %% ../nbs/01_quantize.ipynb #c078
 class LinearScalarQuantizer(ScalarQuantizer):
@@ -503,10 +522,11 @@ class LinearScalarQuantizer(ScalarQuantizer):
                  num_bins: int,  # number of bins
                  low: float,     # lower end of the range
                  high: float,    # upper end of the range
-                 # values outside [low, high]: count + warn once, or raise
+                 # values outside [low, high]: count + warn, or raise
                  on_out_of_range: Literal["warn", "raise"] = "warn",
+                 names: str | None = None,  # the column's name, for the out-of-range messages
                  ):
-        super().__init__(num_bins, None, on_out_of_range)
+        super().__init__(num_bins, None, on_out_of_range, names)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"LinearScalarQuantizer: need finite low < high, got low={low}, high={high}")
         self.low, self.high = float(low), float(high)
@@ -525,10 +545,11 @@ class LogScalarQuantizer(ScalarQuantizer):
                  num_bins: int,  # number of bins
                  low: float,     # lower end of the range (> 0)
                  high: float,    # upper end of the range
-                 # values outside [low, high]: count + warn once, or raise
+                 # values outside [low, high]: count + warn, or raise
                  on_out_of_range: Literal["warn", "raise"] = "warn",
+                 names: str | None = None,  # the column's name, for the out-of-range messages
                  ):
-        super().__init__(num_bins, None, on_out_of_range)
+        super().__init__(num_bins, None, on_out_of_range, names)
         if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
             raise ValueError(f"LogScalarQuantizer: need finite 0 < low < high, got low={low}, high={high}")
         self.low, self.high = float(low), float(high)
@@ -548,10 +569,12 @@ class QuantileScalarQuantizer(ScalarQuantizer):
                  num_bins: int,  # number of bins
                  # None: z is [..., 1]; F: z is [..., F, 1], bins fitted per feature
                  num_features: int | None = None,
-                 # values outside the fitted range: count + warn once, or raise
+                 # values outside the fitted range: count + warn, or raise
                  on_out_of_range: Literal["warn", "raise"] = "warn",
+                 # column names (one per feature), used by the out-of-range messages
+                 names: Sequence[str] | str | None = None,
                  ):
-        super().__init__(num_bins, num_features, on_out_of_range)
+        super().__init__(num_bins, num_features, on_out_of_range, names)
         self.register_buffer("edges", torch.zeros(self.centres.shape[0], self.num_bins + 1))
         self.register_buffer("fitted", torch.tensor(False))
 
@@ -563,15 +586,71 @@ class QuantileScalarQuantizer(ScalarQuantizer):
     def extra_repr(self): return f"num_bins={self.num_bins}, num_features={self.num_features}, fitted={bool(self.fitted)}"
 
 # %% ../nbs/01_quantize.ipynb #c088
+def _point_masses(c: Int[Tensor, "k"], num_bins: int) -> Tensor:
+    "Which distinct values (counts `c`) carry more than one bin's share of the mass not yet given a bin."
+    heavy = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
+    while True:
+        new = ~heavy & (c * (num_bins - int(heavy.sum())) > c[~heavy].sum())
+        if not new.any(): return heavy
+        heavy |= new
+
+# %% ../nbs/01_quantize.ipynb #c121
+def _largest_remainder(mass: Tensor, total: int) -> Tensor:
+    "Whole numbers summing to `total`, proportional to `mass` (the largest remainders get the units left)."
+    if total <= 0 or mass.sum() <= 0: return torch.zeros(mass.shape, dtype=torch.long)
+    real = total * mass.double().cpu() / mass.sum().double().cpu()
+    out = real.floor().long()
+    out[(real - out).argsort(descending=True)[: total - int(out.sum())]] += 1
+    return out
+
+# %% ../nbs/01_quantize.ipynb #c123
+def _bin_labels(c: Int[Tensor, "k"], num_bins: int) -> Int[Tensor, "k"]:
+    "Bin `0 … m-1` (m <= num_bins) of each distinct value, from the counts `c` of the values in ascending order."
+    c = c.cpu(); heavy = _point_masses(c, num_bins)
+    run = heavy.long().cumsum(0) - heavy.long()              # light values between point masses share a run
+    light = ~heavy
+    k = _largest_remainder(torch.zeros(int(heavy.sum()) + 1, dtype=torch.long).index_add_(0, run[light],
+                                                                                        c[light]),
+                           num_bins - int(heavy.sum()))
+    group = torch.zeros_like(c)
+    for r in range(k.numel()):
+        idx = (light & (run == r)).nonzero().squeeze(-1)
+        if idx.numel() == 0 or k[r] == 0: continue
+        if idx.numel() <= k[r]: group[idx] = torch.arange(idx.numel()); continue   # one bin per value
+        cc = c[idx].double()
+        group[idx] = (k[r] * (cc.cumsum(0) - cc / 2) / cc.sum()).floor().long().clamp(max=int(k[r]) - 1)
+    start = torch.ones_like(heavy)
+    start[1:] = heavy[1:] | heavy[:-1] | (group[1:] != group[:-1])
+    orphan = light & (k[run] == 0)                           # a run without bins joins its point mass
+    start &= ~orphan
+    if orphan[0]: start[heavy.nonzero()[0, 0]] = False       # (the one after it, if it comes first)
+    start[0] = True
+    return start.long().cumsum(0) - 1
+
+# %% ../nbs/01_quantize.ipynb #c125
+def _fill_gaps(centres: Float[Tensor, "m"], num_bins: int) -> Float[Tensor, "num_bins"]:
+    "`centres` plus `num_bins - m` spare centres that split the widest gaps (a single value is repeated)."
+    spare = num_bins - centres.numel()
+    if spare == 0 or centres.numel() == 1: return torch.cat([centres, centres[-1:].expand(spare)])
+    gaps = centres.double().diff().cpu()
+    j = torch.zeros(gaps.shape, dtype=torch.long)
+    for _ in range(spare): j[(gaps / (j + 1)).argmax()] += 1
+    out = [centres[:1].double().cpu()]
+    for i in range(gaps.numel()):
+        out += [centres[i].double().cpu() + gaps[i] * torch.arange(1, j[i] + 1) / (j[i] + 1),
+                centres[i + 1:i + 2].double().cpu()]
+    return torch.cat(out).to(device=centres.device, dtype=centres.dtype)
+
+# %% ../nbs/01_quantize.ipynb #c127
 def _quantile_bins(v: Float[Tensor, "n"], num_bins: int):
-    "Edges `[num_bins + 1]` and centres `[num_bins]` of equal-count bins of the sorted values `v`."
-    pos = torch.linspace(0, v.numel() - 1, num_bins + 1, dtype=torch.float64)  # on the CPU: exact, any device
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    edges = torch.lerp(v[lo.to(v.device)], v[hi.to(v.device)], (pos - lo).to(device=v.device, dtype=v.dtype))
-    counts = torch.bincount(torch.bucketize(v, edges[1:-1]), minlength=num_bins)
-    start = counts.cumsum(0) - counts
-    median = v[(start + (counts - 1).clamp_min(0) // 2).clamp_max(v.numel() - 1)]
-    return edges, torch.where(counts > 0, median, (edges[1:] + edges[:-1]) / 2)
+    "Edges `[num_bins + 1]` and centres `[num_bins]` of the bins of the sorted values `v` (point masses apart)."
+    _, c = torch.unique_consecutive(v, return_counts=True)
+    label = _bin_labels(c, num_bins).to(v.device)
+    per_bin = torch.zeros(int(label[-1]) + 1, dtype=torch.long, device=v.device).index_add_(0, label, c)
+    start = per_bin.cumsum(0) - per_bin
+    centres = _fill_gaps(v[start + (per_bin - 1) // 2], num_bins)   # lower median of each bin's values
+    edges = torch.cat([v[:1], (centres[1:] + centres[:-1]) / 2, v[-1:]])
+    return edges, centres
 
 # %% ../nbs/01_quantize.ipynb #c091
 @patch
@@ -579,16 +658,18 @@ def fit(self: QuantileScalarQuantizer,
         values: Float[Tensor, "... 1"],  # training values, [..., 1] (or [..., num_features, 1])
         # NaN marks a missing value, left out of the fit (infinite values still raise)
         skip_nan: bool = False,
+        names: Sequence[str] | str | None = None,  # column names for the messages (None: keep the current)
         ) -> QuantileScalarQuantizer:
-    "Fit the bin edges (quantiles) and centres (median per bin) of each feature from `values`; returns self."
+    "Fit the bins of each feature from `values` (point masses get their own bin, see above); returns self."
     self._check_input(values, "fit", allow_nan=skip_nan)
     nf = self.centres.shape[0]
+    if names is not None: self.names = _feature_names(type(self).__name__, names, nf)
     x = values.detach().float()[..., 0].reshape(-1, nf).t()
     with torch.no_grad():
         for f in range(nf):
             v = x[f][~x[f].isnan()]
             if v.numel() == 0:
-                raise ValueError(f"QuantileScalarQuantizer.fit: feature {f} has no values to fit")
+                raise ValueError(f"QuantileScalarQuantizer.fit: {self._label(f)} has no values to fit")
             self.edges[f], self.centres[f] = _quantile_bins(v.sort().values, self.num_bins)
         self.range_low.copy_(self.edges[:, 0]); self.range_high.copy_(self.edges[:, -1])
         self.fitted.fill_(True)

@@ -8,7 +8,7 @@ __all__ = ['TrainConfig', 'lr_at', 'sample_seed', 'per_sample_masks', 'DistInfo'
            'NonFiniteLossError', 'Trainer', 'read_checkpoint', 'build_parser', 'main']
 
 # %% ../nbs/12_train.ipynb #c002
-import argparse, csv, json, math, os, random, sys, time
+import argparse, csv, json, math, os, random, sys, time, warnings
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from fastcore.basics import patch
 from .masking import MaskingConfig, Masks
 from .tokens import TokenBatch, TokenDataset, as_token_batch, collate_tokens, synthetic_token_dataset
-from .files import atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file
+from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
+                        check_setting)
 from .progress import progress
 from .transformer import MultimodalTransformer, TransformerConfig, average_over_modalities, spec_differences
 
@@ -45,16 +46,28 @@ class TrainConfig:
     keep_checkpoints: int = 2      # how many recent checkpoints to keep on disk
     progress: bool = True          # progress bar with live loss (rank 0)
 
-    # fields that may change when a run is resumed (they do not change what the steps compute)
+    # fields that may change when a run is resumed (they do not change what the steps compute; a new `steps`
+    # moves the end of the run, not the learning-rate schedule, which is fixed when the run starts)
     resumable: ClassVar[tuple] = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress")
+
+    def __post_init__(self):
+        c = lambda name, kind, **rng: check_setting("TrainConfig", name, getattr(self, name), kind, **rng)
+        for f in ("steps", "batch_size", "keep_checkpoints"): c(f, int, low=1)
+        for f in ("warmup_steps", "eval_every", "checkpoint_every", "seed"): c(f, int, low=0)
+        c("lr", float, low=0, low_open=True); c("min_lr", float, low=0, high=self.lr)
+        c("weight_decay", float, low=0); c("grad_clip", float, low=0)
+        for f in ("beta1", "beta2"): c(f, float, low=0, high=1, high_open=True)
+        for f in ("bf16", "progress"): c(f, bool)
 
 # %% ../nbs/12_train.ipynb #c019
 def lr_at(step: int,  # optimizer steps already taken (0 for the first step)
           cfg: TrainConfig,  # the run's settings
+          horizon: int | None = None,  # the schedule's last step (None: cfg.steps); fixed when a run starts
           ) -> float:
-    "Learning rate for the optimizer step after `step` steps: linear warmup, then cosine decay to `min_lr`."
+    "Learning rate for the step after `step` steps: linear warmup, cosine decay to `min_lr`, then `min_lr`."
+    horizon = cfg.steps if horizon is None else horizon
     if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 # %% ../nbs/12_train.ipynb #c022
@@ -276,7 +289,7 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch, self.schedule_steps = 0, 0, 0, self.cfg.steps
         self.epoch_sums: dict = {}
         self.masking_generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.dinfo.rank)
         torch.manual_seed(self.cfg.seed + self.dinfo.rank)
@@ -346,7 +359,7 @@ def train_step(self: Trainer, batch: TokenBatch, masks: Masks) -> dict:
     "One optimizer step on a batch; returns the global metrics."
     t0 = time.perf_counter()
     self.ddp.train()
-    lr = lr_at(self.step, self.cfg)
+    lr = lr_at(self.step, self.cfg, self.schedule_steps)
     for g in self.optimizer.param_groups: g["lr"] = lr
     dev = self.dinfo.device
     tokens = {k: v.to(dev) for k, v in batch.tokens.items()}
@@ -371,11 +384,15 @@ def train_step(self: Trainer, batch: TokenBatch, masks: Masks) -> dict:
 
 # %% ../nbs/12_train.ipynb #s011
 @patch
-def _stop(self: Trainer, what: str, value: float):
+def _last_good(self: Trainer) -> str:
+    "The checkpoint latest.json points at, in words."
     last = self.ckpt_dir / "latest.json"
     kept = json.loads(last.read_text())["file"] if last.exists() else "none (no checkpoint was written yet)"
+    return f"the last good checkpoint is {kept} in {self.ckpt_dir}"
+@patch
+def _stop(self: Trainer, what: str, value: float):
     raise NonFiniteLossError(f"non-finite {what} ({value}) at step {self.step + 1}: training stopped; "
-                             f"the last good checkpoint is {kept} in {self.ckpt_dir}")
+                             f"{self._last_good()}")
 
 # %% ../nbs/12_train.ipynb #c048
 @patch
@@ -409,10 +426,24 @@ def _run_meta(self: Trainer) -> dict:
     return {"model_spec": self.model.spec(), "train_config": asdict(self.cfg),
             "masking": asdict(self.masking)}
 
+# %% ../nbs/12_train.ipynb #s030
+@patch
+def _check_finite_state(self: Trainer):
+    "Raise `NonFiniteLossError` naming the step and the first model or optimizer tensor that is not finite."
+    named = [(f"model parameter {k}", v) for k, v in self.model.state_dict().items()]
+    opt_tensors = optimizer_tensors(self.optimizer, self.names)[0]
+    named += [(f"optimizer state {k}", v) for k, v in opt_tensors.items()]
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise NonFiniteLossError(f"step {self.step}: {name} holds {n} non-finite value(s); no checkpoint "
+                                     f"written, {self._last_good()}")
+
 # %% ../nbs/12_train.ipynb #s012
 @patch
 def save_checkpoint(self: Trainer) -> Path | None:
-    "Write a checkpoint of the current state (rank 0 writes; every process must call this)."
+    "Write a checkpoint of the current state (rank 0 writes; every process calls this); never of non-finite state."
+    self._check_finite_state()
     rng_t, rng_m = rng_state(self.masking_generator)
     if self.dinfo.world_size > 1:
         gathered = [None] * self.dinfo.world_size
@@ -426,7 +457,9 @@ def save_checkpoint(self: Trainer) -> Path | None:
         for k, v in t.items(): tensors[f"rng/{r}/{k}"] = torch.tensor(v, dtype=rng_t[k].dtype)
     meta = {"format": 1, "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": self.epoch_sums, "world_size": self.dinfo.world_size, "optimizer": opt_m,
-            "scheduler": {"step": self.step, "lr": lr_at(max(self.step - 1, 0), self.cfg)},
+            "schedule_steps": self.schedule_steps,
+            "scheduler": {"step": self.step,
+                          "lr": lr_at(max(self.step - 1, 0), self.cfg, self.schedule_steps)},
             "rng": [m for _, m in gathered], **self._run_meta()}
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
@@ -459,6 +492,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
 def restore(self: Trainer, path: str | Path | None = None):
     "Load the latest checkpoint (or `path`), after checking it belongs to this model and these settings."
     tensors, meta = read_checkpoint(path or self.out_dir)
+    horizon = int(meta.get("schedule_steps", meta["train_config"]["steps"]))
     saved, now = {k: meta[k] for k in ("model_spec", "train_config", "masking")}, self._run_meta()
     for k in TrainConfig.resumable: saved["train_config"].pop(k, None); now["train_config"].pop(k, None)
     diff = spec_differences(saved, now)
@@ -466,7 +500,11 @@ def restore(self: Trainer, path: str | Path | None = None):
     self.model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     load_optimizer_tensors(self.optimizer, tensors, meta["optimizer"], self.names)
     self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
-    self.epoch_sums = meta["epoch_sums"]
+    self.epoch_sums, self.schedule_steps = meta["epoch_sums"], horizon
+    if horizon != self.cfg.steps and self.dinfo.is_main:
+        warnings.warn(f"resuming with steps={self.cfg.steps}: the learning-rate schedule keeps the horizon "
+                      f"schedule_steps={horizon} fixed when the run started (min_lr after step {horizon})",
+                      UserWarning, stacklevel=3)
     r = self.dinfo.rank if self.dinfo.rank < meta["world_size"] else 0
     set_rng_state({k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"rng/{r}/")},
                   meta["rng"][r],

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from fastcore.basics import patch
 from .tokens import check_tokens
 from .codec import as_grid, grid_segments, grid_size
-from .files import save_safetensors, load_safetensors, write_json
+from .files import save_safetensors, load_safetensors, write_json, check_setting
 
 # %% ../nbs/11_transformer.ipynb #c005
 @dataclass
@@ -38,19 +38,17 @@ class TransformerConfig:
     embedding_std: float = 0.5
 
     def __post_init__(self):
-        for f in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise ValueError(f"TransformerConfig.{f} must be a positive int, got {getattr(self, f)!r}")
+        c = lambda name, kind, **rng: check_setting("TransformerConfig", name, getattr(self, name), kind,
+                                                    **rng)
+        for f in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers"): c(f, int, low=1)
+        for f in ("mlp_ratio", "norm_eps", "embedding_std"): c(f, float, low=0, low_open=True)
+        c("dropout", float, low=0, high=1, high_open=True)
         if self.d_model % self.n_heads:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} is not divisible by n_heads "
                              f"{self.n_heads}")
         if (self.d_model // self.n_heads) % 2 or self.d_model % 4:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} must be a multiple of 4 (2-D "
                              "sin-cos positions)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not self.embedding_std > 0:
-            raise ValueError(f"TransformerConfig.embedding_std must be positive, got {self.embedding_std}")
 
     presets: ClassVar[dict] = {
         "tiny": dict(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2),     # tests and CPU demos
