@@ -14,7 +14,7 @@ from torch import nn, Tensor
 import pandas as pd
 from jaxtyping import Float
 from fastcore.basics import patch
-from .modality import BaseModality, TableModality, modality_type
+from .modality import BaseModality, TableModality, modality_type, registered_modalities
 from .quantize import QuantileScalarQuantizer, VectorQuantizer
 from .codec import Codec, CodecError
 
@@ -25,18 +25,28 @@ def modality_path(cls: type) -> str:
 
 # %% ../nbs/05_table_codecs.ipynb #s001
 # a modality class, an import path "module:Class", or a registered name
+def _modality_from_path(spec: str) -> type:
+    "The class `module:Class`: from the registry; only a module of mmfm itself is imported to find it."
+    module, _, qual = spec.partition(':')
+    known = registered_modalities().values()
+    cls = next((c for c in known if c.__module__ == module and c.__qualname__ == qual), None)
+    if cls is None and (module == 'mmfm' or module.startswith('mmfm.')):
+        try: importlib.import_module(module)
+        except ImportError as e: raise CodecError(f"cannot import modality {spec!r}: {e}") from None
+        cls = next((c for c in registered_modalities().values()
+                    if c.__module__ == module and c.__qualname__ == qual), None)
+        if cls is None: raise CodecError(f"cannot import modality {spec!r}: {module} registers no {qual!r}")
+    if cls is None:
+        raise CodecError(f"modality {spec!r} is not registered: import its module {module!r} (or run the cell that "
+                         "defines it) before loading; a saved codec never imports code outside mmfm")
+    return cls
+
 def resolve_modality(spec: str | type,
                      base: type = BaseModality,    # the class it must derive from
                      ) -> type:
     "The modality class that `spec` names."
     if isinstance(spec, type): cls = spec
-    elif isinstance(spec, str) and ':' in spec:
-        module, _, qual = spec.partition(':')
-        try:
-            cls = importlib.import_module(module)
-            for part in qual.split('.'): cls = getattr(cls, part)
-        except (ImportError, AttributeError) as e:
-            raise CodecError(f"cannot import modality {spec!r}: {e}") from None
+    elif isinstance(spec, str) and ':' in spec: cls = _modality_from_path(spec)
     elif isinstance(spec, str): cls = modality_type(spec)
     else: raise CodecError("a modality is a class, an import path 'module:Class' or a registered name, got "
                            f"{spec!r}")
@@ -107,7 +117,7 @@ class TableCodec(Codec):
         self.register_buffer('std', torch.ones(F, dtype=torch.float64))
         self.register_buffer('prepared', torch.tensor(False))
         if layout == "per_column":
-            self._quantizer = QuantileScalarQuantizer(num_bins, num_features=F)
+            self._quantizer = QuantileScalarQuantizer(num_bins, num_features=F, names=self._modality.columns)
             # unprepared: values near 0
             self._quantizer.fit(torch.linspace(-6, 6, num_bins).repeat(F, 1).t().unsqueeze(-1))
         else:
