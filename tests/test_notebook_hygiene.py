@@ -97,3 +97,23 @@ def test_outputs_hold_no_local_paths_or_warnings(nb):
     assert not found, (f"{_id(nb)}: stored outputs hold local paths or warnings; fix or silence the cause in "
                        "the notebook (e.g. install ipywidgets for tqdm), rerun it and save it:\n  "
                        + "\n  ".join(found))
+
+
+# The repository explains itself: no notebook, module, test or README sends the reader to a text it does not hold.
+OUTSIDE = re.compile(r"DESIGN\.md|GUIDE\.md|\bthe guide\b|\bguide's\b|shared/(GUIDE|DESIGN|STYLE)|\bDESIGN contract\b",
+                     re.IGNORECASE)
+ROOT = NBS_DIR.parent
+TEXTS = NBS + sorted((ROOT / "mmfm").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + [ROOT / "README.md"]
+
+
+def test_outside_reference_pattern_is_found():
+    assert OUTSIDE.search("as the guide says") and OUTSIDE.search("see DESIGN.md, contract 5")
+    assert not OUTSIDE.search("a guided tour of the design notebook")
+
+
+@pytest.mark.parametrize("path", [p for p in TEXTS if p.name != "test_notebook_hygiene.py"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_reference_to_texts_outside_the_repository(path):
+    hits = [f"line {i}: {line.strip()[:100]}" for i, line in enumerate(path.read_text().splitlines(), 1)
+            if OUTSIDE.search(line)]
+    assert not hits, f"{path.relative_to(ROOT)} refers to a text outside the repository: " + "; ".join(hits[:5])
