@@ -370,12 +370,6 @@ def presence(self: MultiSourceDataset) -> pd.DataFrame:
     return pd.DataFrame({src.name: [src.key in s for s in self.samples] for src in self.sources},
                         index=pd.Index(self.ids, name='id'))
 
-# %% ../nbs/04_data.ipynb #s018
-@patch
-def collate(self: MultiSourceDataset, samples: list[Sample]) -> 'Batch':
-    "Collate with this dataset's source names (absent everywhere still gets a `present` mask)."
-    return collate(samples, names={s.name: s.modality for s in self.sources})
-
 # %% ../nbs/04_data.ipynb #c021
 @dataclass
 class Batch:
@@ -417,6 +411,12 @@ def collate(samples: Sequence[Sample],          # samples from a MultiSourceData
     present = {n: torch.tensor([n in s.mods for s in samples], dtype=torch.bool) for n in names}
     mods = {n: concat([s.mods[n] for s in samples if n in s.mods]) for n in names if present[n].any()}
     return Batch([s.id for s in samples], mods, present, {n: types[n] for n in names if n in types})
+
+# %% ../nbs/04_data.ipynb #s018
+@patch
+def collate(self: MultiSourceDataset, samples: list[Sample]) -> 'Batch':
+    "Collate with this dataset's source names (absent everywhere still gets a `present` mask)."
+    return collate(samples, names={s.name: s.modality for s in self.sources})
 
 # %% ../nbs/04_data.ipynb #c027b
 @patch
@@ -479,9 +479,10 @@ def multi_survey_dataset(data_root: str | Path,                       # folder h
                          surveys: dict[str, type | tuple[type, Loader]],
                          extra_sources: Sequence[Source] = (),        # other sources (catalog rows, redshift)
                          **kwargs) -> MultiSourceDataset:
-    "A dataset of several surveys' cutouts, each its own modality; FITS or `.npy` by suffix."
+    """A dataset of several surveys' cutouts, each its own modality. A survey modality is read by its own strict
+    loader (`default_loader`: units, WCS, pixel scale per axis, bands, NaN policy); others as FITS or `.npy` by suffix."""
     sources = []
     for key, spec in surveys.items():
         mod, loader = spec if isinstance(spec, tuple) else (spec, None)
-        sources.append(Source(key, mod, loader or _SuffixImageLoader()))
+        sources.append(Source(key, mod, loader or getattr(mod, 'default_loader', _SuffixImageLoader)()))
     return MultiSourceDataset(data_root, manifest, sources + list(extra_sources), **kwargs)

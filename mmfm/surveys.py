@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['SURVEYS', 'LEGACY', 'HSC', 'GAIA', 'SURVEY_IMAGES', 'LegacyCatalog', 'HSCCatalog', 'GaiaCatalog', 'SpecRedshift',
-           'CATALOGS', 'SurveyInfo', 'register_survey', 'survey_info', 'SurveyImage', 'LegacySurveyImage', 'HSCImage',
-           'GaiaImage', 'image_modality', 'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError', 'Preprocessed',
-           'AsinhStretch', 'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout',
-           'header_wcs', 'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
+           'CATALOGS', 'PIXEL_SCALE_RTOL', 'SurveyInfo', 'register_survey', 'survey_info', 'observed_bands',
+           'pixel_fault', 'SurveyImage', 'LegacySurveyImage', 'HSCImage', 'GaiaImage', 'image_modality',
+           'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError', 'Preprocessed', 'AsinhStretch',
+           'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout', 'header_wcs',
+           'pixel_grid_fault', 'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
 
 # %% ../nbs/30_surveys.ipynb #c002
 import math, os, tempfile, warnings
@@ -22,6 +23,7 @@ from jaxtyping import Float, Bool
 import astropy.units as u
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError, table_modality, scalar_modality
 from .data import Loader, DataError, resolve_in_root
@@ -160,10 +162,52 @@ def _sample_hint(m) -> str:
     ids = md.get('id', md.get('ids'))
     return f" (sample {ids})" if ids is not None else ""
 
+# %% ../nbs/30_surveys.ipynb #i14s01
+def observed_bands(flux) -> "Tensor | np.ndarray":
+    """Bool `[..., band]`: True for each band of `flux` `[..., band, h, w]` (numpy or torch) with at least one
+    measured (non-NaN) pixel; False for a band that was not observed (every pixel NaN)."""
+    isnan = torch.isnan(flux) if isinstance(flux, Tensor) else np.isnan(np.asarray(flux))
+    return ~isnan.reshape(*isnan.shape[:-2], -1).all(-1)
+
+# %% ../nbs/30_surveys.ipynb #i14s02
+def _row_ids(m) -> list | None:
+    "The sample id of each row of modality `m` from its metadata, or None when it does not say."
+    md, n = m.metadata or {}, m.batch_size
+    if 'per_sample' in md: ids = [p.get('id', f'row {i}') for i, p in enumerate(md['per_sample'])]
+    elif 'ids' in md: ids = list(md['ids'])
+    elif 'id' in md: ids = [md['id']] * n
+    else: return None
+    return ids if len(ids) == n else None
+
+# %% ../nbs/30_surveys.ipynb #i14s03
+def pixel_fault(flux,                                 # [batch, band, h, w], numpy or torch, any flux unit
+                bands: Sequence[str] | None = None,   # band names, for the message (default: channel indices)
+                ids: Sequence | None = None,          # sample id of each row (default: 'row <i>')
+                ) -> str | None:
+    """What breaks the NaN policy of survey images in `flux`, or None: an infinite pixel (named by band
+    and sample), or a sample with no measured pixel in any band. A wholly NaN band is allowed: it was not
+    observed."""
+    lib = torch if isinstance(flux, Tensor) else np
+    inf = lib.isinf(flux).reshape(*flux.shape[:2], -1).any(-1)
+    inf = np.asarray(inf.cpu() if isinstance(inf, Tensor) else inf)
+    who = lambda r: ids[r] if ids is not None else f"row {r}"
+    if inf.any():
+        where = [f"band {bands[k] if bands else k} of sample {who(r)!r}" for r, k in zip(*np.nonzero(inf))]
+        return f"infinite pixel values ({', '.join(where[:5])}); mark masked pixels with NaN"
+    seen = observed_bands(flux)
+    empty = np.flatnonzero(~np.asarray(seen.cpu() if isinstance(seen, Tensor) else seen).any(-1))
+    if len(empty):
+        return (f"every pixel is NaN (masked) in every band of sample(s) {[who(r) for r in empty[:10]]}; "
+                "mark the image absent instead")
+    return None
+
 # %% ../nbs/30_surveys.ipynb #v3015
 @dataclass(frozen=True, eq=False)
 class SurveyImage(BaseModality):
-    "Base of the survey image modalities: band images in the survey's flux unit; NaN marks a masked pixel."
+    """Base of the survey image modalities: band images `[batch, band, h, w]` in the survey's flux unit;
+    NaN marks a masked pixel, a wholly NaN band one not observed. Raises `ModalityError` (naming the class,
+    the field and the sample) for other bands than the survey's, or pixels breaking the NaN policy
+    (`pixel_fault`)."""
     survey: ClassVar[str] = ''
 
     def __post_init__(self):
@@ -176,11 +220,9 @@ class SurveyImage(BaseModality):
         if bands != info.bands:
             why = 'the same bands in another order' if sorted(bands) == sorted(info.bands) else 'other bands'
             raise ModalityError(f"{cls}.bands: {info.title} images hold bands {info.bands} in this order, "
-                                f"got {bands} "
-                                f"({why}){_sample_hint(self)}")
-        if torch.isinf(self.flux).any():
-            raise ModalityError(f"{cls}.flux: infinite values{_sample_hint(self)}; mark masked pixels with "
-                                "NaN")
+                                f"got {bands} ({why}){_sample_hint(self)}")
+        fault = pixel_fault(self.flux, bands, _row_ids(self))
+        if fault: raise ModalityError(f"{cls}.flux: {fault}")
 
 # %% ../nbs/30_surveys.ipynb #v3017
 @patch_to(SurveyImage, as_prop=True)
@@ -192,6 +234,11 @@ def info(self) -> SurveyInfo:
 def valid(self) -> Bool[Tensor, "batch band height width"]:
     "True where a pixel was measured (not NaN)."
     return ~torch.isnan(self.flux)
+
+@patch_to(SurveyImage, as_prop=True)
+def band_present(self) -> Bool[Tensor, "batch band"]:
+    "True for the bands observed in each sample; False for a band not observed (all NaN)."
+    return observed_bands(self.flux)
 
 # %% ../nbs/30_surveys.ipynb #c018
 @dataclass(frozen=True, eq=False)
@@ -300,6 +347,7 @@ class AsinhStretch(nn.Module):
                  softening: Sequence[float],  # softening b per band, in nanomaggies (> 0)
                  scale: float = 3.0,          # divide the stretched values by this (values of order one)
                  name: str = 'AsinhStretch',  # what the images are, for error messages
+                 bands: Sequence[str] | None = None,  # band names, for error messages
                  ):
         super().__init__()
         soft = np.asarray(softening, dtype=np.float64)
@@ -307,6 +355,7 @@ class AsinhStretch(nn.Module):
             raise ValueError(f"{name}: softening needs one positive value per band, got {soft}")
         if not scale > 0: raise ValueError(f"{name}: scale must be positive, got {scale}")
         self.scale, self.name, self.n_bands = float(scale), name, len(soft)
+        self.bands = tuple(bands) if bands is not None else None
         self.register_buffer('softening', torch.tensor(soft, dtype=torch.float32).view(-1, 1, 1))
 
     def _check_shape(self, flux: Tensor, where: str):
@@ -319,15 +368,10 @@ class AsinhStretch(nn.Module):
 # %% ../nbs/30_surveys.ipynb #v3034
 @patch_to(AsinhStretch)
 def _check(self, flux: Tensor, ids=None):
+    "Raise `SurveyDataError` for a wrong shape or pixels breaking the NaN policy (`pixel_fault`)."
     self._check_shape(flux, '')
-    if torch.isinf(flux).any():
-        raise SurveyDataError(f"{self.name}: infinite pixel values in the batch; mark masked pixels with NaN")
-    empty = torch.isnan(flux).flatten(1).all(-1)
-    if empty.any():
-        rows = empty.nonzero().flatten().tolist()
-        who = [ids[r] for r in rows] if ids is not None else [f"row {r}" for r in rows]
-        raise SurveyDataError(f"{self.name}: every pixel is masked (NaN) in sample(s) {who}; mark the image "
-                              "absent instead")
+    fault = pixel_fault(flux, self.bands, ids)
+    if fault: raise SurveyDataError(f"{self.name}: {fault}")
 
 # %% ../nbs/30_surveys.ipynb #v3036
 @patch_to(AsinhStretch)
@@ -372,7 +416,7 @@ class SurveyPreprocessor(AsinhStretch):
         if np.shape(soft) != (info.n_bands,):
             raise ValueError(f"SurveyPreprocessor({info.name!r}): softening needs one positive value per "
                              f"band {info.bands}, got {soft}")
-        super().__init__(soft, scale, name=info.title)
+        super().__init__(soft, scale, name=info.title, bands=info.bands)
         self.info = info
         self.register_buffer('nmgy_per_unit',
                              torch.tensor(info.nmgy_per_unit, dtype=torch.float32).view(-1, 1, 1))
@@ -483,36 +527,36 @@ def header_wcs(header: fits.Header) -> WCS:
     w.pixel_shape = (header.get('NAXIS1', 0), header.get('NAXIS2', 0))
     return w
 
-# %% ../nbs/30_surveys.ipynb #c038
-def load_survey_cutout(path: "str | Path",           # the .fits file
-                       survey: "str | SurveyInfo",   # the survey it must belong to
-                       sample_id: str | None = None, # for error messages
-                       size: int
-                       | None = None,      # expected side in pixels (default: the survey's stamp size; 0: any)
-                       ) -> SurveyCutout:
-    "Load and check one survey cutout; errors name the sample and the survey."
-    info = survey_info(survey)
-    who = f"sample {sample_id!r}, {info.title} ({info.name})" if sample_id is not None else f"{info.title} ({info.name})"
-    def fail(msg): raise SurveyDataError(f"{who}: {msg} [{path}]")
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{who}: cutout file not found: {path}")
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            header, data = hdul[0].header.copy(), hdul[0].data
-            data = None if data is None else np.array(data, dtype=np.float32)
-    except (OSError, ValueError) as e: fail(f"not a readable FITS file ({e})")
+# %% ../nbs/30_surveys.ipynb #i14s04
+PIXEL_SCALE_RTOL = 1e-3   # tolerance of each axis' pixel scale (relative) and of |cos| of the axes' angle
+
+def pixel_grid_fault(wcs: WCS, info: SurveyInfo) -> str | None:
+    """What makes the celestial `wcs` other than `info`'s pixel grid, or None: each pixel axis must have
+    the survey's pixel scale (`proj_plane_pixel_scales`, arcsec) and the axes must be perpendicular (|cos|
+    of their angle ≤ `PIXEL_SCALE_RTOL`)."""
+    sx, sy = proj_plane_pixel_scales(wcs.celestial) * 3600
+    p = info.pixel_scale_arcsec
+    if not np.allclose([sx, sy], p, rtol=PIXEL_SCALE_RTOL, atol=0):
+        return (f"WCS pixel scale {sx:.4f}″ × {sy:.4f}″ (x × y), but {info.title} has square pixels of "
+                f"{p}″ × {p}″")
+    m = wcs.celestial.pixel_scale_matrix
+    cos = float(m[:, 0] @ m[:, 1]) / float(np.linalg.norm(m[:, 0]) * np.linalg.norm(m[:, 1]))
+    if abs(cos) > PIXEL_SCALE_RTOL:
+        return (f"WCS pixel axes at {np.degrees(np.arccos(cos)):.3f}° instead of 90° (a skewed or sheared CD "
+                f"matrix); {info.title} pixels are square")
+    return None
+
+# %% ../nbs/30_surveys.ipynb #i14s05
+def _check_cutout_header(header: fits.Header, info: SurveyInfo, fail):
+    "Call `fail(message)` at the first header key that does not describe a cutout of `info`."
     if header.get('SURVEY', info.name) != info.name: fail(f"the header says survey {header['SURVEY']!r}")
     bands = tuple(b.strip() for b in str(header.get('BANDS', '')).split(',') if b.strip())
     if bands != info.bands:
         why = 'the same bands in another order' if sorted(bands) == sorted(info.bands) else 'other bands'
         fail(f"header BANDS {bands} ({why}); expected {info.bands} in this order")
-    if data is None or data.ndim != 3 or data.shape[0] != info.n_bands:
-        fail(f"expected a [{info.n_bands}, y, x] cube ({', '.join(info.bands)}), got data of shape "
-             f"{None if data is None else data.shape}")
-    n = info.stamp_size if size is None else size
-    if n and data.shape[1:] != (n, n): fail(f"expected {n}×{n} pixels, got {data.shape[2]}×{data.shape[1]}")
-    if header.get('BUNIT') != info.flux_unit:
-        fail(f"unexpected flux unit BUNIT={header.get('BUNIT')!r}; expected {info.flux_unit!r}")
+    if 'BUNIT' not in header: fail(f"missing flux unit BUNIT; expected {info.flux_unit!r}")
+    if header['BUNIT'] != info.flux_unit:
+        fail(f"unexpected flux unit BUNIT={header['BUNIT']!r}; expected {info.flux_unit!r}")
     for b, zp in zip(info.bands, info.zeropoint.to_value(u.mag)):
         if not np.isclose(header.get(f'MAGZP_{b}', np.nan), zp, atol=1e-6):
             fail(f"MAGZP_{b}={header.get(f'MAGZP_{b}')} but {info.title} has zeropoint {zp} in {b}")
@@ -520,20 +564,49 @@ def load_survey_cutout(path: "str | Path",           # the .fits file
             and str(header.get('CTYPE2', '')).startswith('DEC--TAN')):
         fail(f"no celestial TAN WCS in the header (CTYPE1={header.get('CTYPE1')!r}, "
              f"CTYPE2={header.get('CTYPE2')!r})")
-    scale = np.sqrt(np.abs(np.linalg.det(header_wcs(header).pixel_scale_matrix))) * 3600
-    if not np.isclose(scale, info.pixel_scale_arcsec, rtol=1e-3):
-        fail(f"WCS pixel scale {scale:.4f}″, but {info.title} has {info.pixel_scale_arcsec}″")
-    if np.isinf(data).any(): fail("infinite pixel values; masked pixels must be NaN")
-    if np.isnan(data).all(): fail("every pixel is NaN (masked); the manifest should not list this image")
+    grid = pixel_grid_fault(header_wcs(header), info)
+    if grid: fail(grid)
+
+# %% ../nbs/30_surveys.ipynb #c038
+def load_survey_cutout(path: "str | Path",           # the .fits file
+                       survey: "str | SurveyInfo",   # the survey it must belong to
+                       sample_id: str | None = None, # for error messages
+                       size: int | None = None,      # side in pixels (default: the stamp size; 0: any)
+                       ) -> SurveyCutout:
+    """Load and check one cutout: flux `[band, y, x]`, native float32 (big-endian FITS data are converted),
+    in the survey's unit, NaN = masked, a wholly NaN band = not observed. Raises `FileNotFoundError` for a
+    missing file and `SurveyDataError` otherwise (header, WCS, shape, NaN policy), naming sample, survey and
+    file."""
+    info, path = survey_info(survey), Path(path)
+    who = f"{info.title} ({info.name})"
+    if sample_id is not None: who = f"sample {sample_id!r}, {who}"
+    def fail(msg): raise SurveyDataError(f"{who}: {msg} [{path}]")
+    if not path.is_file(): raise FileNotFoundError(f"{who}: cutout file not found: {path}")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            header, data = hdul[0].header.copy(), hdul[0].data
+            data = None if data is None else np.array(data, dtype=np.float32)   # native byte order
+    except (OSError, ValueError) as e: fail(f"not a readable FITS file ({e})")
+    _check_cutout_header(header, info, fail)
+    if data is None or data.ndim != 3 or data.shape[0] != info.n_bands:
+        fail(f"expected a [{info.n_bands}, y, x] cube ({', '.join(info.bands)}), got data of shape "
+             f"{None if data is None else data.shape}")
+    n = info.stamp_size if size is None else size
+    if n and data.shape[1:] != (n, n): fail(f"expected {n}×{n} pixels, got {data.shape[2]}×{data.shape[1]}")
+    fault = pixel_fault(data[None], info.bands, [path.name if sample_id is None else sample_id])
+    if fault: fail(fault)
     return SurveyCutout(data, header)
 
 # %% ../nbs/30_surveys.ipynb #c039
 def survey_image(survey: "str | SurveyInfo",   # the survey of the image
-                 flux,                         # [band, y, x] or [batch, band, y, x], numpy or torch, survey unit
+                 flux,                         # [band, y, x] or [batch, band, y, x], survey unit
                  metadata: dict | None = None, # e.g. {'id': ...}
                  ) -> SurveyImage:
-    "The survey's image modality holding `flux` (float32; a single cutout becomes a batch of one)."
-    t = torch.as_tensor(np.asarray(flux) if not isinstance(flux, Tensor) else flux, dtype=torch.float32)
+    """The survey's image modality holding `flux` as native float32 (any float dtype or byte order; a single
+    cutout becomes a batch of one). The modality applies the loader's rules to the array — band count and
+    names, the NaN policy (`pixel_fault`) — and raises `ModalityError` naming class, field and sample."""
+    if isinstance(flux, Tensor): t = flux.to(torch.float32)
+    else: t = torch.from_numpy(np.array(flux, dtype=np.float32))     # a copy, in native byte order
     if t.ndim == 3: t = t.unsqueeze(0)
     return image_modality(survey)(flux=t, metadata=metadata)
 
@@ -556,3 +629,10 @@ class SurveyImageLoader(Loader):
         except (SurveyDataError, FileNotFoundError) as e: raise DataError(sample_id, source, str(e)) from None
         return survey_image(self.survey, flux,
                             metadata={'id': sample_id, 'file': value, 'header': header.tostring()})
+
+# %% ../nbs/30_surveys.ipynb #i14s06
+@patch_to(SurveyImage, cls_method=True)
+def default_loader(cls, size: int | None = None,  # side in pixels (default: the survey's stamp size; 0: any)
+                   ) -> SurveyImageLoader:
+    "The strict `SurveyImageLoader` of this modality's survey (`KeyError` for the base class: it has none)."
+    return SurveyImageLoader(cls.survey, size)
