@@ -117,6 +117,12 @@ def vocab_size(self: Codec) -> int:
     "Codebook size of the quantizer."
     return int(self.quantizer.codebook_size)
 
+# %% ../nbs/02_codec.ipynb #at002
+@patch(as_prop=True)
+def allowed_targets(self: Codec) -> Tensor | None:
+    "Bool `[num_tokens, vocab_size]`: the tokens a prediction may choose at each position; None: any token."
+    return None
+
 # %% ../nbs/02_codec.ipynb #s036
 @patch(as_prop=True)
 def token_key(self: Codec) -> str: return self.modality.token_key

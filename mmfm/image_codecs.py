@@ -277,6 +277,14 @@ def tokens_band_present(self, tokens: Tensor) -> Tensor | None:
     "Bool `[batch, band]`: False where a band's flux token is 0; None without flux tokens (they do not say)."
     return tokens[:, :self.n_bands] != ABSENT_FLUX_TOKEN if self.flux_tokens else None
 
+# %% ../nbs/33_image_codecs.ipynb #at004
+@patch_to(ImageCodecBase, as_prop=True)
+def allowed_targets(self) -> Tensor:
+    "Bool `[num_tokens, vocab_size]`: every token, except `ABSENT_FLUX_TOKEN` at the flux positions."
+    allowed = torch.ones(self.num_tokens, self.vocab_size, dtype=torch.bool)
+    if self.flux_tokens: allowed[:self.n_bands, ABSENT_FLUX_TOKEN] = False
+    return allowed
+
 # %% ../nbs/33_image_codecs.ipynb #v3s021
 @patch_to(ImageCodecBase)
 def calibrate_flux(self, out: Float[Tensor, "batch band h w"],   # decoder output (stretched space)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PredictionError', 'resolve_targets', 'sample_logits', 'commit_schedule', 'TokenPrediction', 'DecodeStep',
-           'predict_tokens', 'predict', 'build_parser', 'main']
+           'allowed_targets', 'predict_tokens', 'predict', 'build_parser', 'main']
 
 # %% ../nbs/13_predict.ipynb #c002
 import argparse, json, math, sys
@@ -132,7 +132,7 @@ class DecodeStep(NamedTuple):
 
 # %% ../nbs/13_predict.ipynb #c023
 def _decode_group(model, tokens, is_input, present, masked, steps, schedule, temperature, top_k,
-                  choice_temperature, generator, confidence, committed_at, on_step):
+                  choice_temperature, generator, confidence, committed_at, on_step, allowed=None):
     """Iteratively decode the `masked` tokens of one group of keys; update `tokens`, `is_input`,
     `confidence`, `committed_at`."""
     keys = list(masked)
@@ -145,8 +145,9 @@ def _decode_group(model, tokens, is_input, present, masked, steps, schedule, tem
             drawn[k] = torch.zeros_like(tokens[k])
             prob[k] = torch.zeros(tokens[k].shape, device=tokens[k].device)
             if masked[k].any():
-                drawn[k][masked[k]], prob[k][masked[k]] = sample_logits(
-                    logits[k][masked[k]], temperature, top_k, generator)
+                lg = logits[k]
+                if allowed and k in allowed: lg = lg.masked_fill(~allowed[k].to(lg.device)[None], -math.inf)
+                drawn[k][masked[k]], prob[k][masked[k]] = sample_logits(lg[masked[k]], temperature, top_k, generator)
         score = torch.cat([torch.where(masked[k], prob[k].clamp(min=1e-30).log(), -math.inf) for k in keys],
                           1)
         if choice_temperature > 0:
@@ -175,6 +176,13 @@ def _chain_groups(chain, targets: list[str]) -> list[list[str]]:
 def _names(rows: Tensor, ids) -> list:
     return [ids[i] if ids is not None else i for i in rows.nonzero().flatten().tolist()]
 
+# %% ../nbs/13_predict.ipynb #at007
+def allowed_targets(manager: CodecManager,  # the codecs that will decode the targets
+                    keys: Sequence[str],    # target token keys
+                    ) -> dict[str, Tensor]:
+    "`{key: Bool[N_key, V_key]}` for the targets whose codec rules some tokens out."
+    return {k: m for k in keys if (m := manager.codec_for(k).allowed_targets) is not None}
+
 # %% ../nbs/13_predict.ipynb #s005
 def predict_tokens(model,                                  # a MultimodalTransformer
                    tokens: Mapping[str, Tensor],           # {token_key: Long[B, N_key]}
@@ -193,6 +201,8 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                    generator: torch.Generator | None = None,  # source of randomness for sampling
                    ids: Sequence[str] | None = None,       # sample ids, for error messages
                    on_step: Callable[[DecodeStep], None] | None = None,  # called after every forward pass
+                   # {key: Bool[N_key, V_key]}: tokens a prediction may choose (`allowed_targets`); None: any
+                   allowed: Mapping[str, Tensor] | None = None,
                    ) -> TokenPrediction:
     "Decode the tokens of the `targets` keys from the other present tokens, in one step or iteratively."
     targets = list(targets)
@@ -236,7 +246,7 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                 masked = {k: predict_rows[k][:, None].expand_as(tokens[k]).clone() for k in group}
                 _decode_group(model, tokens, is_input, fwd_present, masked, steps, schedule, temperature,
                               top_k,
-                              choice_temperature, generator, confidence, committed_at, on_step)
+                              choice_temperature, generator, confidence, committed_at, on_step, allowed)
     finally: model.train(was_training)
     return TokenPrediction(tokens, fwd_present, confidence, committed_at)
 
@@ -269,7 +279,7 @@ def predict(model,                         # a trained MultimodalTransformer
                          temperature=temperature,
                          top_k=top_k, choice_temperature=choice_temperature, chain=chain,
                          keep_present=keep_present,
-                         generator=generator, ids=tb.ids)
+                         generator=generator, ids=tb.ids, allowed=allowed_targets(manager, keys))
     meta = {resolve_targets(t, model)[0]: dict(kw) for t, kw in (metadata or {}).items()}
     mods = {}
     for k in keys:
@@ -304,7 +314,8 @@ def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list,
     for rows in torch.arange(len(data)).split(batch_size):
         b = data.batch(rows)
         shown = {k: (p if k in given else torch.zeros_like(p)) for k, p in b.present.items()}
-        pred = predict_tokens(model, b.tokens, shown, keys, steps=steps, ids=b.ids)
+        pred = predict_tokens(model, b.tokens, shown, keys, steps=steps, ids=b.ids,
+                              allowed=allowed_targets(codecs, keys))
         for k in keys: out[k].append(pred.tokens[k])
     return {k: torch.cat(v) for k, v in out.items()}
 

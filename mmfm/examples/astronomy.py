@@ -36,7 +36,7 @@ from ..transformer import MultimodalTransformer, TransformerConfig
 from ..tokens import TokenBatch, TokenDataset
 from ..train import Trainer, TrainConfig
 from ..masking import MaskingConfig
-from ..predict import predict_tokens
+from ..predict import predict_tokens, allowed_targets
 from ..probes import embed_samples, regression_metrics
 from ..progress import stage
 from .results import metric
@@ -156,7 +156,8 @@ def hsc_from_legacy(model, manager, data: TokenDataset, root):
     if len(rows) == 0: raise ValueError(f"no test galaxy under {root} has both a Legacy and an HSC cutout")
     r = torch.from_numpy(rows)
     out = predict_tokens(model, {k: t[r] for k, t in tokens.items()},
-                         _given({k: p[r] for k, p in present.items()}, {kl}), [kh])
+                         _given({k: p[r] for k, p in present.items()}, {kl}), [kh],
+                         allowed=allowed_targets(manager, [kh]))          # never "band not observed"
     pred = manager.codec_for(kh).decode(out.tokens[kh]).flux.double().numpy()
     gal = [ids[i] for i in rows]
     truth = noiseless_cutouts(root, gal, 'hsc')
@@ -201,7 +202,8 @@ def redshift_from_images(model, manager, data: TokenDataset, root, seed=0):
     rows = np.flatnonzero((splits == 'test') & present['tok_image_legacy'].numpy() & present['tok_catalog_legacy'].numpy())
     r = torch.from_numpy(rows)
     out = predict_tokens(model, {k: t[r] for k, t in tokens.items()},
-                         _given({k: p[r] for k, p in present.items()}, images), [kz])
+                         _given({k: p[r] for k, p in present.items()}, images), [kz],
+                         allowed=allowed_targets(manager, [kz]))
     z_model = manager.codec_for(kz).decode(out.tokens[kz]).as_matrix()[:, 0].double().numpy()
     # asinh-stretched g r i z fluxes
     fluxes = lambda x: np.arcsinh(x.as_matrix()[:, :4].double().numpy() / 0.1)
