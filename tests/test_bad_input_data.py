@@ -350,12 +350,11 @@ def test_loaders_read_big_endian_files(tmp_path):
     assert torch.equal(fits_ds(root)[2].mods["image"].flux, IMG.flux[2:3])
 
 
-@pytest.mark.xfail(strict=True, reason="mmfm.surveys.survey_image casts with torch.as_tensor before the modality's "
-                                       "door; it should pass the numpy array on (a change to nbs/30_surveys)")
 def test_survey_image_takes_big_endian():
     from mmfm.surveys import survey_image
-    flux = np.ones((4, 32, 32), ">f4")
-    assert survey_image("legacy", flux).flux.dtype == torch.float32
+    flux = np.arange(4 * 32 * 32, dtype=">f4").reshape(4, 32, 32)      # as astropy returns FITS data
+    img = survey_image("legacy", flux)
+    assert img.flux.dtype == torch.float32 and torch.equal(img.flux[0], torch.from_numpy(flux.astype("<f4")))
 
 
 def test_relative_manifest_is_read_under_data_root(tmp_path, monkeypatch):
