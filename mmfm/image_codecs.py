@@ -23,7 +23,7 @@ from jaxtyping import Float, Bool
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError
 from .quantize import FiniteScalarQuantizer, codebook_usage
-from .codec import Codec, CodecError
+from .codec import Codec, CodecError, check_point, distribution_summary
 from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyImage,
                           SurveyPreprocessor, AsinhStretch,
                           Preprocessed, SurveyDataError, to_nanomaggies, cutout_wcs, observed_bands)
@@ -334,6 +334,49 @@ def decode(self, tokens: Tensor,
     out = self.decode_stretched(self.indices_to_latent(tokens[:, nf:].reshape(B, *self.image_grid)))
     present = self.tokens_band_present(tokens)
     if nf: out = self.calibrate_flux(out, self.tokens_to_flux(tokens[:, :nf]).masked_fill(~present, 0.0))
+    if band_present is not None:
+        given = torch.as_tensor(band_present, dtype=torch.bool, device=out.device).view(B, self.n_bands)
+        present = given if present is None else present & given
+    return self._from_stretched(out, band_present=present, **metadata)
+
+# %% ../nbs/33_image_codecs.ipynb #idd02
+@patch_to(ImageCodecBase)
+def flux_levels(self) -> Float[Tensor, "vocab"]:
+    "The asinh level of each flux token (`asinh` of its aperture flux in noise units); NaN for token 0."
+    (lo, hi), V = self.flux_snr_range, self.vocab_size
+    a, c = math.asinh(lo), math.asinh(hi)
+    lv = a + (torch.arange(V, dtype=torch.float64) - 1) * (c - a) / (V - 2)
+    return lv.masked_fill(torch.arange(V) == ABSENT_FLUX_TOKEN, float('nan'))
+
+# %% ../nbs/33_image_codecs.ipynb #idd03
+@patch_to(ImageCodecBase)
+@torch.no_grad()
+def decode_distribution(self, probs: Float[Tensor, "batch num_tokens vocab"],  # each token's predicted distribution
+                        point: str | float = "mean",   # "mean", "median", a quantile level q, or "argmax"
+                        band_present: Tensor | None = None,   # [batch, band] bool: more bands to mark absent
+                        **metadata) -> BaseModality:
+    """The images at the mean (or q-quantile) of the predicted distribution: FSQ levels → decoder for the image
+    tokens, asinh flux levels for the flux tokens (bands with P(not observed) ≥ 0.5 absent). Raises
+    `CodecError` for probs that are not distributions of the right shape."""
+    point, probs = check_point(point), self._check_probs(probs)
+    if point == "argmax": return self.decode(probs.argmax(-1), band_present=band_present, **metadata)
+    B, nf, V = probs.shape[0], self.n_flux_tokens, self.vocab_size
+    (h, w) = self.image_grid
+    idx = torch.arange(V, device=self.device).view(V, 1, 1).expand(V, h, w)
+    table = self.indices_to_latent(idx).reshape(V, -1, h * w)                       # [V, C, h·w]
+    C = table.shape[1]
+    p = probs[:, nf:].transpose(1, 2)[:, :, None, :].expand(-1, -1, C, -1).reshape(B, V, C * h * w)
+    z = distribution_summary(table.reshape(V, C * h * w), p, point).reshape(B, C, h, w)
+    out = self.decode_stretched(z.to(table.dtype))
+    present = None
+    if nf:
+        pf = probs[:, :nf].double()                                                 # [B, band, V]
+        present = pf[..., ABSENT_FLUX_TOKEN] < 0.5
+        pf = pf.clone(); pf[..., ABSENT_FLUX_TOKEN] = 0
+        pf = pf / pf.sum(-1, keepdim=True).clamp_min(1e-300)
+        levels = self.flux_levels().to(pf.device).nan_to_num(0.0)
+        lv = distribution_summary(levels[:, None].expand(V, nf), pf.transpose(1, 2), point)   # [B, band]
+        out = self.calibrate_flux(out, torch.sinh(lv).float().masked_fill(~present, 0.0))
     if band_present is not None:
         given = torch.as_tensor(band_present, dtype=torch.bool, device=out.device).view(B, self.n_bands)
         present = given if present is None else present & given

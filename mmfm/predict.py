@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from .modality import BaseModality, modality_type, UnknownModalityError
-from .codec import CodecManager
+from .codec import CodecManager, check_point
 from .data import Batch
 from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens
 from .transformer import MultimodalTransformer
@@ -120,6 +120,9 @@ class TokenPrediction(NamedTuple):
     confidence: dict
     # {target key: Long[B, N_key]}: step at which each token was committed (-1: kept, not predicted)
     step: dict
+    # {target key: Float[B, N_key, V_key]}: the model's distribution each target token was chosen from (at the
+    # step it was committed; a kept token: all probability on it); None unless asked for (`keep_probs`)
+    probs: dict | None = None
 
 # %% ../nbs/13_predict.ipynb #s003
 class DecodeStep(NamedTuple):
@@ -132,7 +135,7 @@ class DecodeStep(NamedTuple):
 
 # %% ../nbs/13_predict.ipynb #c023
 def _decode_group(model, tokens, is_input, present, masked, steps, schedule, temperature, top_k,
-                  choice_temperature, generator, confidence, committed_at, on_step, allowed=None):
+                  choice_temperature, generator, confidence, committed_at, on_step, allowed=None, dist=None):
     """Iteratively decode the `masked` tokens of one group of keys; update `tokens`, `is_input`,
     `confidence`, `committed_at`."""
     keys = list(masked)
@@ -140,7 +143,7 @@ def _decode_group(model, tokens, is_input, present, masked, steps, schedule, tem
     for t in range(steps):
         if not (plan[:, t] > 0).any(): continue
         logits = model(tokens, is_input, masked, present)
-        drawn, prob = {}, {}
+        drawn, prob, full = {}, {}, {}
         for k in keys:
             drawn[k] = torch.zeros_like(tokens[k])
             prob[k] = torch.zeros(tokens[k].shape, device=tokens[k].device)
@@ -148,6 +151,7 @@ def _decode_group(model, tokens, is_input, present, masked, steps, schedule, tem
                 lg = logits[k]
                 if allowed and k in allowed: lg = lg.masked_fill(~allowed[k].to(lg.device)[None], -math.inf)
                 drawn[k][masked[k]], prob[k][masked[k]] = sample_logits(lg[masked[k]], temperature, top_k, generator)
+                if dist is not None: full[k] = lg.float().softmax(-1)
         score = torch.cat([torch.where(masked[k], prob[k].clamp(min=1e-30).log(), -math.inf) for k in keys],
                           1)
         if choice_temperature > 0:
@@ -161,6 +165,7 @@ def _decode_group(model, tokens, is_input, present, masked, steps, schedule, tem
             c = c & masked[k]
             tokens[k][c] = drawn[k][c]; is_input[k] |= c; masked[k] &= ~c
             confidence[k][c] = prob[k][c]; committed_at[k][c] = t; committed[k] = c
+            if dist is not None and k in full: dist[k][c] = full[k][c]
         if on_step: on_step(DecodeStep(keys, t, logits, before, committed))
 
 # %% ../nbs/13_predict.ipynb #c025
@@ -175,6 +180,26 @@ def _chain_groups(chain, targets: list[str]) -> list[list[str]]:
 # %% ../nbs/13_predict.ipynb #s004
 def _names(rows: Tensor, ids) -> list:
     return [ids[i] if ids is not None else i for i in rows.nonzero().flatten().tolist()]
+
+# %% ../nbs/13_predict.ipynb #pp002
+def _positions(positions, targets: list[str], model) -> dict[str, Tensor]:
+    "`{key: Bool[N_key]}`: which token positions of each target to predict (every one unless `positions` says)."
+    out = {k: torch.ones(model.num_tokens[k], dtype=torch.bool) for k in targets}
+    for k, pos in (positions or {}).items():
+        if k not in out: raise PredictionError(f"positions given for {k!r}, which is not a target ({targets})")
+        n = model.num_tokens[k]
+        pos = torch.as_tensor(pos)
+        if pos.dtype == torch.bool:
+            if tuple(pos.shape) != (n,): raise PredictionError(f"positions[{k!r}]: a bool mask needs shape ({n},)")
+            mask = pos.clone()
+        else:
+            pos = pos.long().reshape(-1)
+            if len(pos) and (pos.min() < 0 or pos.max() >= n):
+                raise PredictionError(f"positions[{k!r}] {pos.tolist()} out of range: {k!r} has {n} tokens")
+            mask = torch.zeros(n, dtype=torch.bool); mask[pos] = True
+        if not mask.any(): raise PredictionError(f"positions[{k!r}] selects no token")
+        out[k] = mask
+    return out
 
 # %% ../nbs/13_predict.ipynb #at007
 def allowed_targets(manager: CodecManager,  # the codecs that will decode the targets
@@ -203,6 +228,9 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                    on_step: Callable[[DecodeStep], None] | None = None,  # called after every forward pass
                    # {key: Bool[N_key, V_key]}: tokens a prediction may choose (`allowed_targets`); None: any
                    allowed: Mapping[str, Tensor] | None = None,
+                   # {target key: token positions (ints or Bool[N_key])} to predict; None: every position
+                   positions: Mapping[str, object] | None = None,
+                   keep_probs: bool = False,               # also return each target token's distribution
                    ) -> TokenPrediction:
     "Decode the tokens of the `targets` keys from the other present tokens, in one step or iteratively."
     targets = list(targets)
@@ -224,10 +252,12 @@ def predict_tokens(model,                                  # a MultimodalTransfo
             present[k] = torch.zeros(B, dtype=torch.bool, device=dev)
     predict_rows = {k: ~present[k] if keep_present else torch.ones(B, dtype=torch.bool, device=dev)
                     for k in targets}
-    is_input = {k: (present[k] & ~predict_rows.get(k,
-                                                   torch.zeros_like(present[k])))[:, None].expand_as(t).clone()
-                for k, t in tokens.items()}
-    for k in targets: tokens[k][predict_rows[k]] = 0  # the answer never reaches the model
+    where = _positions(positions, targets, model)
+    target_mask = {k: predict_rows[k][:, None] & where[k].to(dev)[None] for k in targets}   # [B, N_key]
+    is_input = {k: present[k][:, None].expand_as(t).clone() for k, t in tokens.items()}
+    for k in targets:
+        is_input[k] &= ~target_mask[k]
+        tokens[k][target_mask[k]] = 0  # the answer never reaches the model
     needs = torch.stack([predict_rows[k] for k in targets]).any(0)
     stranded = needs & ~torch.stack([m.any(1) for m in is_input.values()]).any(0)
     if stranded.any():
@@ -238,23 +268,41 @@ def predict_tokens(model,                                  # a MultimodalTransfo
     fwd_present = {k: present[k] | predict_rows[k] if k in predict_rows else present[k] for k in tokens}
     confidence = {k: torch.full(tokens[k].shape, math.nan, device=dev) for k in targets}
     committed_at = {k: torch.full(tokens[k].shape, -1, dtype=torch.long, device=dev) for k in targets}
+    dist = {k: torch.nn.functional.one_hot(tokens[k], model.vocab_sizes[k]).float()
+            for k in targets} if keep_probs else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for group in groups:
-                masked = {k: predict_rows[k][:, None].expand_as(tokens[k]).clone() for k in group}
+                masked = {k: target_mask[k].clone() for k in group}
                 _decode_group(model, tokens, is_input, fwd_present, masked, steps, schedule, temperature,
                               top_k,
-                              choice_temperature, generator, confidence, committed_at, on_step, allowed)
+                              choice_temperature, generator, confidence, committed_at, on_step, allowed, dist)
     finally: model.train(was_training)
-    return TokenPrediction(tokens, fwd_present, confidence, committed_at)
+    return TokenPrediction(tokens, fwd_present, confidence, committed_at, dist)
+
+# %% ../nbs/13_predict.ipynb #pp005
+def _token_positions(codec, which) -> list[int]:
+    "Token positions from ints or token names (a per-column table codec names its tokens by column)."
+    which = [which] if isinstance(which, (str, int)) else list(which)
+    names = list(getattr(codec, "token_names", None) or [])
+    out = []
+    for w in which:
+        if isinstance(w, str):
+            if w not in names:
+                raise PredictionError(f"{type(codec).__name__} has no token named {w!r}" +
+                                      (f"; its tokens: {names}" if names else "; give token positions (ints)"))
+            out.append(names.index(w))
+        else: out.append(int(w))
+    return out
 
 # %% ../nbs/13_predict.ipynb #c037
 def predict(model,                         # a trained MultimodalTransformer
             manager: CodecManager,          # the codecs the model was trained with
             sample,                         # a modality, a list of modalities, a Batch or a TokenBatch
-            targets,                        # modality classes (or token keys / class names) to predict
+            targets,                        # modality classes (or token keys / class names) to predict, or
+                                            # {target: positions or token names} to predict part of one (cells)
             steps: int = 1,                 # decoding steps (1: one-step; e.g. 8: MaskGIT)
             schedule: str = "cosine",       # tokens committed per step: "cosine" or "linear"
             temperature: float = 0.0,       # 0: most likely tokens; > 0: sample
@@ -267,10 +315,20 @@ def predict(model,                         # a trained MultimodalTransformer
             choice_temperature: float = 0.0,  # MaskGIT's annealed noise on the confidences
             metadata: Mapping | None = None,  # {target: keyword arguments for its codec's decode}
             return_tokens: bool = False,    # also return the TokenPrediction
+            # what to decode: "argmax" (the chosen tokens), or a summary of each token's predicted
+            # distribution: "mean", "median" or a quantile level q in (0, 1) (`Codec.decode_distribution`)
+            point: str | float = "argmax",
             ) -> dict | tuple[dict, TokenPrediction]:
-    "Predict the `targets` modalities of `sample` and decode them: `{ModalityClass: modality of batch B}`."
+    """Predict the `targets` modalities of `sample` and decode them: `{ModalityClass: modality of batch B}`.
+    With `point="argmax"` the decoded tokens; otherwise the mean, median or q-quantile of each target token's
+    predicted distribution (the distribution it was committed from). Raises `PredictionError` for targets
+    that cannot be served, `ValueError` for a bad `point`."""
+    point = check_point(point)
     tb = as_token_batch(sample, manager)
-    keys = resolve_targets(targets, model, manager)
+    parts = dict(targets) if isinstance(targets, Mapping) else None
+    keys = resolve_targets(list(parts) if parts is not None else targets, model, manager)
+    positions = None if parts is None else {
+        k: _token_positions(manager.codec_for(k), v) for k, v in zip(keys, parts.values()) if v is not None}
     if chain is not False and chain is not True and chain is not None:
         chain = resolve_targets(chain, model, manager)
     dev = next(model.parameters()).device
@@ -279,12 +337,14 @@ def predict(model,                         # a trained MultimodalTransformer
                          temperature=temperature,
                          top_k=top_k, choice_temperature=choice_temperature, chain=chain,
                          keep_present=keep_present,
-                         generator=generator, ids=tb.ids, allowed=allowed_targets(manager, keys))
+                         generator=generator, ids=tb.ids, allowed=allowed_targets(manager, keys),
+                         positions=positions, keep_probs=point != "argmax" or return_tokens)
     meta = {resolve_targets(t, model)[0]: dict(kw) for t, kw in (metadata or {}).items()}
     mods = {}
     for k in keys:
         codec = manager.codec_for(k)
-        mods[codec.modality] = codec.decode(out.tokens[k], **meta.get(k, {}))
+        mods[codec.modality] = (codec.decode(out.tokens[k], **meta.get(k, {})) if point == "argmax" else
+                                codec.decode_distribution(out.probs[k], point, **meta.get(k, {})))
     return (mods, out) if return_tokens else mods
 
 # %% ../nbs/13_predict.ipynb #c047
@@ -303,21 +363,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only the samples of this split")
     p.add_argument("--steps", type=int, default=1, help="decoding steps (1: one step; e.g. 8: MaskGIT)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
+    p.add_argument("--points", nargs="+", default=["argmax", "mean", "median"],
+                   help="what to decode: argmax, mean, median and/or quantile levels such as 0.16 0.84 "
+                        "(default: argmax mean median)")
     p.add_argument("--out", default="predictions.safetensors", help="output file")
     return p
 
 # %% ../nbs/13_predict.ipynb #c048
+def _point_arg(s: str) -> str | float:
+    try: return check_point(float(s))
+    except ValueError: return check_point(s)
+
 def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list, steps: int,
-                     batch_size: int) -> dict:
-    "Predicted tokens of `keys` from the `given` keys only, batch by batch: `{key: Long[n, N]}`."
-    out = {k: [] for k in keys}
+                     batch_size: int, points: Sequence = ("argmax",)) -> tuple[dict, dict]:
+    """Predicted tokens of `keys` from the `given` keys only, batch by batch, and their decoded values at each
+    point: `({key: Long[n, N]}, {(point, key, field): Float[n, ...]})`."""
+    out, decoded = {k: [] for k in keys}, {}
     for rows in torch.arange(len(data)).split(batch_size):
         b = data.batch(rows)
         shown = {k: (p if k in given else torch.zeros_like(p)) for k, p in b.present.items()}
         pred = predict_tokens(model, b.tokens, shown, keys, steps=steps, ids=b.ids,
-                              allowed=allowed_targets(codecs, keys))
-        for k in keys: out[k].append(pred.tokens[k])
-    return {k: torch.cat(v) for k, v in out.items()}
+                              allowed=allowed_targets(codecs, keys), keep_probs=any(p != "argmax" for p in points))
+        for k in keys:
+            out[k].append(pred.tokens[k])
+            codec = codecs.codec_for(k)
+            for point in points:
+                mod = codec.decode(pred.tokens[k]) if point == "argmax" else codec.decode_distribution(pred.probs[k], point)
+                for f in mod.tensor_fields():
+                    if getattr(mod, f) is not None:
+                        decoded.setdefault((point, k, f), []).append(getattr(mod, f).float())
+    return {k: torch.cat(v) for k, v in out.items()}, {key: torch.cat(v) for key, v in decoded.items()}
 
 # %% ../nbs/13_predict.ipynb #s006
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,12 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
                                 role="input") if a.given else [k for k in data.tokens if k not in keys]
-        tensors = {}
-        for k, t in _predict_dataset(model, codecs, data, keys, given, a.steps, a.batch_size).items():
-            decoded, tensors[f"tokens/{k}"] = codecs.codec_for(k).decode(t), t
-            for f in decoded.tensor_fields():
-                if getattr(decoded, f) is not None: tensors[f"decoded/{k}/{f}"] = getattr(decoded, f).float()
-        meta = {"ids": json.dumps(data.ids), "targets": json.dumps(keys), "given": json.dumps(given)}
+        points = [_point_arg(p) for p in a.points]
+        toks, decoded = _predict_dataset(model, codecs, data, keys, given, a.steps, a.batch_size, points)
+        tensors = {f"tokens/{k}": t for k, t in toks.items()}
+        for (point, k, f), v in decoded.items():
+            tensors[f"decoded/{k}/{f}" if point == "argmax" else f"{point}/{k}/{f}"] = v
+        meta = {"ids": json.dumps(data.ids), "targets": json.dumps(keys), "given": json.dumps(given),
+                "points": json.dumps(points)}
         save_safetensors(a.out, tensors, meta)
         print(f"predicted {keys} of {len(data)} samples from {given}: {a.out}")
         return 0

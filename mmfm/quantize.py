@@ -489,7 +489,13 @@ def _indices(self: ScalarQuantizer, z):
         self._count_out_of_range(flat)
         c = self._metric(self.centres)
         midpoints = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
-        return torch.searchsorted(midpoints, self._metric(flat)).t().contiguous().reshape(x.shape)
+        v = self._metric(flat)
+        i = torch.searchsorted(midpoints, v)
+        # two centres one float apart: their midpoint rounds onto one of them, so a value equal to the upper
+        # centre can land below it; the nearer centre wins (an exact match always decodes to itself)
+        up = (i + 1).clamp(max=c.shape[1] - 1)
+        i = torch.where((c.gather(1, up) - v).abs() < (v - c.gather(1, i)).abs(), up, i)
+        return i.t().contiguous().reshape(x.shape)
 
 # %% ../nbs/01_quantize.ipynb #s014
 @patch

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from fastcore.basics import patch
 from .modality import BaseModality, TableModality, modality_type, registered_modalities
 from .quantize import QuantileScalarQuantizer, VectorQuantizer
-from .codec import Codec, CodecError
+from .codec import Codec, CodecError, check_point, binned_summary
 
 # %% ../nbs/05_table_codecs.ipynb #c006
 def modality_path(cls: type) -> str:
@@ -132,6 +132,12 @@ class TableCodec(Codec):
 @patch(as_prop=True)
 def columns(self: TableCodec) -> tuple[str, ...]: return tuple(self._modality.columns)
 
+# %% ../nbs/05_table_codecs.ipynb #tn002
+@patch(as_prop=True)
+def token_names(self: TableCodec) -> tuple[str, ...] | None:
+    "The column of each token (`per_column`); None for one token per table."
+    return self.columns if self.layout == "per_column" else None
+
 # %% ../nbs/05_table_codecs.ipynb #s010
 @patch(as_prop=True)
 def token_grid(self: TableCodec) -> tuple[int, ...]:
@@ -189,6 +195,22 @@ def _decode(self: TableCodec, z: Tensor, **metadata) -> TableModality:
 def reconstruction_loss(self: TableCodec, x: TableModality, x_hat: TableModality) -> Tensor:
     "Mean squared error in standard deviations (so that no column dominates by its unit)."
     return (((x_hat.as_matrix() - x.as_matrix()) / self.std.float()) ** 2).mean()
+
+# %% ../nbs/05_table_codecs.ipynb #tdd02
+@patch
+@torch.no_grad()
+def decode_distribution(self: TableCodec,
+                        probs: Float[Tensor, "batch n_columns num_bins"],   # per column: probability of each bin
+                        point: str | float = "mean",  # "mean", "median", a quantile level q, or "argmax"
+                        **metadata) -> TableModality:
+    """The table at the mean or a quantile of each cell's predicted distribution (`per_column`: bins with their
+    fitted edges, see `binned_summary`); `per_table` as every codec (`Codec.decode_distribution`)."""
+    if self.layout != "per_column": return Codec.decode_distribution(self, probs, point, **metadata)
+    point, probs = check_point(point), self._check_probs(probs)
+    if point == "argmax": return self.decode(probs.argmax(-1), **metadata)
+    q = self._quantizer
+    x = binned_summary(q.centres.t(), q.edges.t(), probs.transpose(1, 2), point)    # [B, F]
+    return self._modality.from_matrix(x.float(), metadata=metadata or None)
 
 # %% ../nbs/05_table_codecs.ipynb #c019
 @torch.no_grad()
