@@ -8,7 +8,7 @@ __all__ = ['CODEC_CLASSES', 'POINTS', 'CodecError', 'TokenRangeError', 'CodecCon
            'check_codec', 'CodecManager']
 
 # %% ../nbs/02_codec.ipynb #c002
-import functools, importlib, inspect, json, math, tempfile
+import functools, importlib, importlib.util, inspect, json, math, tempfile
 from pathlib import Path
 from typing import Any, Iterable
 import torch
@@ -376,12 +376,51 @@ def codec_class(name,        # "module:QualName", as a codec's JSON records it
     raise CodecConfigError(f"{where}codec class {name} is not registered: import its module {module!r} "
                            "first (loading imports only mmfm's own modules, never one a file names)")
 
+# %% ../nbs/02_codec.ipynb #pt001
+def _importable(module: str) -> bool:
+    "Whether another process could import `module` (not `__main__`: a script or a notebook)."
+    if module == '__main__': return False
+    try: return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError): return False
+
+def _library_twin(cls) -> bool:
+    "Whether mmfm exports a class of this name: one that a library notebook defines again in `__main__`."
+    from mmfm._modidx import d
+    return any(f"{m}.{cls.__qualname__}" in syms for m, syms in d['syms'].items())
+
+def _portable_config(codec) -> dict:
+    """The codec's constructor arguments as saved: a modality defined in a script or notebook is stored by its
+    definition (`table_modality` & co.); a class no other process could import is refused, saying how to fix it."""
+    name, config = type(codec).__name__, json.loads(json.dumps(codec.config))
+    if not _importable(type(codec).__module__) and not _library_twin(type(codec)):
+        raise CodecConfigError(f"{name} is defined in {type(codec).__module__!r} (a script or notebook): a saved codec "
+                               "names its class by import path, so no other process could load it. Use a library "
+                               "codec (e.g. TableCodec(modality=...), SeriesCodec(modality=...)) or move the class "
+                               "into a module on the Python path")
+    mod = codec.modality
+    if not _importable(mod.__module__) and not _library_twin(mod):
+        definition = getattr(mod, 'definition', None)
+        if definition is None:
+            raise CodecConfigError(f"{name}: its modality {mod.__name__} is defined in {mod.__module__!r} (a script or "
+                                   "notebook), which no other process can import. Make it with table_modality, "
+                                   "scalar_modality or series_modality (saved by its definition) or move it into a "
+                                   "module on the Python path")
+        if config.get('modality') not in (None, f"{mod.__module__}:{mod.__qualname__}"):
+            raise CodecConfigError(f"{name}: cannot store modality {mod.__name__} by definition")
+        config['modality'] = definition
+    return config
+
 # %% ../nbs/02_codec.ipynb #c024
 @patch
-def save(self: Codec, path: str | Path) -> tuple[Path, Path]:
-    "Save weights (`path.safetensors`), then the config with their SHA-256 (`path.json`); returns both paths."
+def save(self: Codec, path: str | Path,
+         # refuse a codec that only this process could load again (its class defined in a script or notebook)
+         portable: bool = True,
+         ) -> tuple[Path, Path]:
+    """Save weights (`path.safetensors`), then the config with their SHA-256 (`path.json`); returns both paths.
+    Raises `CodecConfigError` for arguments that are not JSON values, and (with `portable`) for a class or
+    modality that no other process could import."""
     weights, meta = _paths(path)
-    try: config = json.loads(json.dumps(self.config))
+    try: config = _portable_config(self) if portable else json.loads(json.dumps(self.config))
     except TypeError as e: raise CodecConfigError(f"{type(self).__name__}: constructor arguments must be "
                                                   f"JSON values to be saved ({e})") from None
     state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
@@ -426,6 +465,8 @@ def _load_state(self: Codec, weights: Path, info: dict, state: dict) -> Codec:
         raise CodecConfigError(f"{weights}: saved from {info.get('class')}, cannot load into "
                                f"{_class_path(type(self))}")
     mine, saved = json.loads(json.dumps(self.config)), info.get('config') or {}
+    if isinstance(saved.get('modality'), dict) and getattr(self.modality, 'definition', None) == saved['modality']:
+        mine['modality'] = saved['modality']          # stored by definition: the same modality
     diff = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
     if diff:
         raise CodecConfigError(f"{weights}: config does not match this {name}: " +
@@ -502,7 +543,7 @@ def check_codec(codec: Codec,               # the codec under test
             raise AssertionError(f"{name}: decode accepted tokens equal to vocab_size")
         except TokenRangeError: pass
         with tempfile.TemporaryDirectory() as d:
-            codec.save(f"{d}/codec")
+            codec.save(f"{d}/codec", portable=False)   # loaded again in this process
             loaded = Codec.load(f"{d}/codec", map_location=codec.device).eval()
             assert torch.equal(loaded.encode(sample),
                                tokens), f"{name}: save → load → encode changed the tokens"
@@ -624,10 +665,15 @@ def decode(self: CodecManager, tokens: dict[str, Tensor] | Tensor, modality, **m
 
 # %% ../nbs/02_codec.ipynb #c043
 @patch
-def save(self: CodecManager, directory: str | Path) -> Path:
-    "Save every codec as `directory/<token_key>.{safetensors,json}` plus `directory/codecs.json`."
+def save(self: CodecManager, directory: str | Path,
+         portable: bool = True,   # refuse codecs only this process could load again (see `Codec.save`)
+         ) -> Path:
+    """Save every codec as `directory/<token_key>.{safetensors,json}` plus `directory/codecs.json`; a codec that
+    cannot be saved is refused before anything is written."""
+    if portable:
+        for c in self.codecs.values(): _portable_config(c)
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-    for key, codec in self.codecs.items(): codec.save(d/key)
+    for key, codec in self.codecs.items(): codec.save(d/key, portable=portable)
     index = {'format': 'mmfm-codec-manager',
              'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}
                                                          for k, c in self.codecs.items()}}

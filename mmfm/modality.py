@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ModalityError', 'UnknownModalityError', 'DuplicateTokenKeyError', 'modality_type', 'modality_for_token_key',
            'registered_modalities', 'as_float32', 'BaseModality', 'concat', 'TableModality', 'table_modality',
-           'SeriesModality', 'scalar_modality', 'series_modality']
+           'SeriesModality', 'scalar_modality', 'series_modality', 'modality_from_definition']
 
 # %% ../nbs/00_modality.ipynb #c002
 import dataclasses, sys, typing
@@ -326,6 +326,11 @@ def _make_modality(name, specs, bases, namespace, module):
     ns = {'__module__': module, '__qualname__': name, **namespace}
     return dataclasses.make_dataclass(name, specs, bases=bases, namespace=ns, frozen=True, eq=False)
 
+# %% ../nbs/00_modality.ipynb #def001
+def _definition(factory: str, **args) -> dict:
+    "How a factory-made modality class was made: enough to make it again where its module cannot be imported."
+    return {"factory": factory, **args}
+
 # %% ../nbs/00_modality.ipynb #c028
 def table_modality(name: str,                      # class name (assign the result to a variable of this name)
                    columns: Sequence[str],          # column names, in order
@@ -339,7 +344,9 @@ def table_modality(name: str,                      # class name (assign the resu
     if len(columns) == 0: raise ValueError(f"{name}: a table needs at least one column")
     specs = [(c, Float[Tensor, "batch 1"]) for c in columns]
     ns = dict(token_key=token_key, num_tokens=num_tokens, columns=tuple(columns), units=dict(units or {}),
-              __doc__=doc or f"Table modality with columns {', '.join(columns)}.")
+              __doc__=doc or f"Table modality with columns {', '.join(columns)}.",
+              definition=_definition("table_modality", name=name, columns=list(columns), token_key=token_key,
+                                     units=dict(units or {}), num_tokens=num_tokens, doc=doc))
     return _make_modality(name, specs, (TableModality,), ns, _caller_module())
 
 # %% ../nbs/00_modality.ipynb #c031
@@ -367,7 +374,9 @@ def scalar_modality(name: str,                 # class name (assign the result t
     "A modality holding one float per sample (a one-column table)."
     specs = [(field, Float[Tensor, "batch 1"])]
     ns = dict(token_key=token_key, num_tokens=None, columns=(field,), units={field: unit} if unit else {},
-              __doc__=doc or f"Scalar modality {field}" + (f" [{unit}]." if unit else "."))
+              __doc__=doc or f"Scalar modality {field}" + (f" [{unit}]." if unit else "."),
+              definition=_definition("scalar_modality", name=name, token_key=token_key, field=field, unit=unit,
+                                     doc=doc))
     return _make_modality(name, specs, (TableModality,), ns, _caller_module())
 
 # %% ../nbs/00_modality.ipynb #s016
@@ -385,5 +394,31 @@ def series_modality(name: str,  # class name (assign the result to a variable of
     ns = dict(token_key=token_key, num_tokens=None, signal_field=field, channels=int(channels), length=length,
               sampling_rate_hz=sampling_rate_hz, unit=unit,
               __doc__=doc or f"Time series with {channels} channel(s)"
-                                 + (f" of {length} samples" if length else "") + ".")
+                                 + (f" of {length} samples" if length else "") + ".",
+              definition=_definition("series_modality", name=name, token_key=token_key, channels=int(channels),
+                                     length=length, sampling_rate_hz=sampling_rate_hz, field=field, unit=unit,
+                                     doc=doc))
     return _make_modality(name, [(field, Float[Tensor, shape])], (SeriesModality,), ns, _caller_module())
+
+# %% ../nbs/00_modality.ipynb #def003
+_FACTORIES = {"table_modality": table_modality, "scalar_modality": scalar_modality,
+              "series_modality": series_modality}
+
+def modality_from_definition(definition: dict,         # a class's `definition` (as saved with a codec)
+                             module: str = "__main__",  # the module the class is said to live in
+                             ) -> type[BaseModality]:
+    """The modality class `definition` describes: the registered class of that name if its definition is the same,
+    else a new class from the factory. Raises `ValueError` for an unknown factory or a registered class of that
+    name with another definition."""
+    if not isinstance(definition, dict) or definition.get("factory") not in _FACTORIES:
+        raise ValueError(f"not a modality definition (its factory must be one of {sorted(_FACTORIES)}): "
+                         f"{definition!r}")
+    args = {k: v for k, v in definition.items() if k != "factory"}
+    old = _BY_NAME.get(args.get("name"))
+    if old is not None:
+        if getattr(old, "definition", None) == definition: return old
+        raise ValueError(f"a modality named {args.get('name')!r} is already defined differently "
+                         f"({getattr(old, 'definition', None) or _origin(old)}); the saved one is {definition}")
+    cls = _FACTORIES[definition["factory"]](**args)
+    cls.__module__ = module
+    return cls

@@ -14,7 +14,8 @@ from torch import nn, Tensor
 import pandas as pd
 from jaxtyping import Float
 from fastcore.basics import patch
-from .modality import BaseModality, TableModality, modality_type, registered_modalities
+from .modality import (BaseModality, TableModality, modality_type, registered_modalities,
+                           modality_from_definition)
 from .quantize import QuantileScalarQuantizer, VectorQuantizer
 from .codec import Codec, CodecError, check_point, binned_summary
 
@@ -41,14 +42,18 @@ def _modality_from_path(spec: str) -> type:
                          "defines it) before loading; a saved codec never imports code outside mmfm")
     return cls
 
-def resolve_modality(spec: str | type,
+def resolve_modality(spec: str | type | dict,     # also a factory-made class's `definition` (as saved)
                      base: type = BaseModality,    # the class it must derive from
                      ) -> type:
     "The modality class that `spec` names."
     if isinstance(spec, type): cls = spec
     elif isinstance(spec, str) and ':' in spec: cls = _modality_from_path(spec)
     elif isinstance(spec, str): cls = modality_type(spec)
-    else: raise CodecError("a modality is a class, an import path 'module:Class' or a registered name, got "
+    elif isinstance(spec, dict):
+        try: cls = modality_from_definition(spec)
+        except ValueError as e: raise CodecError(f"cannot make the saved modality: {e}") from None
+    else: raise CodecError("a modality is a class, an import path 'module:Class', a registered name or a "
+                           "definition, got "
                            f"{spec!r}")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise CodecError(f"{spec!r} is not a {base.__name__} class")
