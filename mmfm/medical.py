@@ -10,12 +10,12 @@ __all__ = ['DIABETES_COLUMNS', 'DiabetesDemographics', 'DiabetesLabs', 'Diabetes
            'CohortVitalsCodec', 'CohortEcgCodec', 'MEDICAL_CODECS', 'source_triples', 'diabetes_sources',
            'cohort_sources', 'assign_splits', 'draw_present', 'write_medical_dataset', 'DiabetesConfig',
            'diabetes_table', 'build_diabetes', 'cohort_fields', 'ecg_random_state', 'cohort_ecg', 'ecgsyn_artifact',
-           'patient_ecg', 'CohortConfig', 'build_cohort', 'check_medical_dataset', 'load_split', 'medical_codecs',
-           'ecg_heart_rate', 'main']
+           'patient_ecg', 'CohortConfig', 'build_cohort', 'cohort_shard_fields', 'build_cohort_shards',
+           'check_medical_dataset', 'load_split', 'medical_codecs', 'ecg_heart_rate', 'main']
 
 # %% ../nbs/35_medical_data.ipynb #c002
 import argparse, builtins, contextlib, importlib, json, os, sys, time, warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, asdict, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 from .modality import BaseModality, TableModality, table_modality, scalar_modality, series_modality
-from .data import DataError, Source, TableLoader, ArrayRowLoader, MultiSourceDataset, read_manifest, collate
+from .data import DataError, Source, TableLoader, ArrayRowLoader, MultiSourceDataset, read_manifest, collate, Sample
 from .codec import CodecManager
 from .files import atomic_write, write_json
+from .shards import ShardWriter, ShardDataset, write_shards
 from .progress import progress
 from .table_codecs import table_codec_class, LAYOUTS
 from .series_codecs import series_codec_class
@@ -402,12 +403,15 @@ def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: Coho
 # %% ../nbs/35_medical_data.ipynb #c038
 def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data/medical/cohort
                  config: CohortConfig | None = None,  # size, seed, missing tables, ECG simulation
+                 shards: bool = False,                # write Parquet shards (`build_cohort_shards`) instead
+                 shard_size: int = 1000,              # patients per shard, with `shards`
                  ) -> dict:
     "Write the synthetic cohort's tables, ECG array, manifest, splits and info into `out_dir`; returns the counts."
     cfg = config or CohortConfig()
     if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
     if cfg.ecg_method not in ("ecgsyn", "simple"):
         raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+    if shards: return build_cohort_shards(out_dir, cfg, shard_size)
     out_dir = Path(out_dir); t0 = time.time()
     fields = cohort_fields(cfg.n, cfg.seed); ids = list(fields.index)
     rng = np.random.default_rng([cfg.seed, 1000])
@@ -430,6 +434,70 @@ def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data
     write_medical_dataset(out_dir, ids, tables, {k: present[k] for k in tables}, splits, files, info,
                           extra={"ecg_row": ecg_rows})
     return info["counts"]
+
+# %% ../nbs/35_medical_data.ipynb #s35e01
+def cohort_shard_fields(cfg: CohortConfig, k: int, shard_size: int) -> pd.DataFrame:
+    "Table fields, ECG gain, presence (`has_<key>`) and split of the patients of shard `k`, drawn from `(seed, k)`."
+    first = k * shard_size
+    if not 0 <= first < cfg.n: raise IndexError(f"shard {k} of {shard_size} is beyond the {cfg.n} patients")
+    n = min(shard_size, cfg.n - first)
+    f = cohort_fields(n, int(np.random.SeedSequence([cfg.seed, 31, k]).generate_state(1)[0]))
+    f.index = pd.Index([f"cohort_{i:06d}" for i in range(first, first + n)], name="patient_id")
+    rng = np.random.default_rng([cfg.seed, 1000, k])
+    present = draw_present(n, {"lab_results_row": cfg.p_missing_labs, "vitals_row": cfg.p_missing_vitals,
+                               "ecg_row": cfg.p_missing_ecg}, rng)
+    for key, p in present.items(): f[f"has_{key}"] = p
+    u, (ft, fv, _) = rng.random(n), cfg.split_fractions
+    f["split"] = np.where(u < ft, "train", np.where(u < ft + fv, "val", "test"))
+    return f
+
+# %% ../nbs/35_medical_data.ipynb #s35e02
+def _cohort_shard(k: int, cfg: CohortConfig, out: str, shard_size: int) -> tuple[int, int, bool]:
+    "Write shard `k` of the sharded cohort unless it is finished; returns (k, patients, written)."
+    writer = ShardWriter(out, cohort_sources(), shard_size, info={"dataset": "cohort", "config": asdict(cfg)})
+    f = cohort_shard_fields(cfg, k, shard_size)
+    if writer.done(k, list(f.index)): return k, len(f), False
+    samples = []
+    for i, (pid, row) in enumerate(f.iterrows()):
+        meta = {"id": pid}
+        mods = {"demographics": CohortDemographics.from_matrix(
+            torch.tensor([[row[c] for c in CohortDemographics.columns]], dtype=torch.float64), metadata=meta)}
+        for name, key, mod in (("lab_results", "lab_results_row", CohortLabs), ("vitals", "vitals_row", CohortVitals)):
+            if row[f"has_{key}"]:
+                x = torch.tensor([[row[c] for c in mod.columns]], dtype=torch.float64)
+                mods[name] = mod.from_matrix(x, metadata=meta)
+        if row["has_ecg_row"]:
+            x, _ = patient_ecg(cfg.seed, k * shard_size + i, row["heart_rate"], row["ecg_gain"], cfg.ecg_method,
+                               cfg.ecg_noise)
+            mods["ecg"] = CohortEcg(ecg=torch.from_numpy(x)[None, None], metadata=meta)
+        samples.append((Sample(pid, mods), row["split"]))
+    writer.write_shard(k, samples, extras={"fields": f.reset_index()})
+    return k, len(f), True
+
+# %% ../nbs/35_medical_data.ipynb #s35e03
+def build_cohort_shards(out_dir: str | Path,      # dataset folder (shards.json, shard-*.parquet, fields/)
+                        config: CohortConfig | None = None,  # size, seed, missing tables, ECG model, workers
+                        shard_size: int = 1000,   # patients per shard (one unit of work)
+                        ) -> dict:
+    "Write the synthetic cohort as Parquet shards, resuming a killed run; returns the counts."
+    cfg = config or CohortConfig()
+    if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
+    if cfg.ecg_method not in ("ecgsyn", "simple"):
+        raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+    out, n_shards = Path(out_dir), -(-cfg.n // shard_size)
+    if (out / "manifest.json").exists(): raise FileExistsError(f"{out} holds a manifest dataset")
+    with progress(total=cfg.n, desc=f"cohort: {n_shards} shards", enable=cfg.progress) as bar:
+        if cfg.workers <= 1:
+            for k in range(n_shards): bar.update(_cohort_shard(k, cfg, str(out), shard_size)[1])
+        else:
+            with ProcessPoolExecutor(cfg.workers, mp_context=get_context("fork")) as ex:
+                futures = [ex.submit(_cohort_shard, k, cfg, str(out), shard_size) for k in range(n_shards)]
+                for fut in as_completed(futures): bar.update(fut.result()[1])
+    index = ShardWriter(out, cohort_sources(), shard_size,
+                        info={"dataset": "cohort", "config": asdict(cfg)}).finish(n_shards)
+    return {"samples": index["rows"], **{f"{n}_row": sum(e["present"][n] for e in index["shards"])
+                                         for n in index["sources"]},
+            **{f"split_{s}": index["splits"].get(s, 0) for s in SPLITS}}
 
 # %% ../nbs/35_medical_data.ipynb #c041
 def _check_table(root: Path, key: str, modality: type, file: str, refs: dict[int, list[str]]) -> None:
@@ -576,15 +644,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--ecg-method", default="ecgsyn", choices=["ecgsyn", "simple"], help="neurokit2 ECG model")
     p.add_argument("--only", choices=["diabetes", "cohort"], help="build only this dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shards", action="store_true", help="write the cohort as Parquet shards into <out>/cohort_shards "
+                   "(resumable: rerun the same command after a kill)")
+    p.add_argument("--shard-size", type=int, default=1000, help="patients per shard, with --shards (default 1000)")
     a = p.parse_args(argv)
     out, summary = Path(a.out), {}
     if a.only in (None, "diabetes"):
         summary["diabetes"] = build_diabetes(out / "diabetes", DiabetesConfig(seed=a.seed))
     if a.only in (None, "cohort"):
-        summary["cohort"] = build_cohort(out / "cohort",
+        summary["cohort"] = build_cohort(out / ("cohort_shards" if a.shards else "cohort"),
                                          CohortConfig(n=a.n_cohort, seed=a.seed, workers=a.workers,
                                                                      ecg_method=a.ecg_method,
-                                                      progress=not a.quiet))
+                                                      progress=not a.quiet),
+                                         shards=a.shards, shard_size=a.shard_size)
     for name, c in summary.items(): print(f"{out / name}: {json.dumps(c)}")
     return summary
 

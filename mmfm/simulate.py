@@ -4,13 +4,15 @@
 
 # %% auto #0
 __all__ = ['GAIA_TOPHATS_NM', 'SED_TEMPLATES', 'REFERENCE_BAND', 'Z_GRID', 'IMAGE_SOURCES', 'TABLE_FILES', 'survey_bandpass',
-           'load_sed', 'band_flux_ratios', 'SimConfig', 'true_fluxes', 'draw_galaxies', 'survey_psf', 'galaxy_profile',
-           'render_unit_images', 'render_cutout', 'cutout_noise', 'flux_errors', 'asinh_magnitude', 'catalog_softening',
-           'measure_galaxy', 'simulate_dataset', 'astro_sources', 'astro_dataset', 'load_survey_images', 'load_catalog',
-           'load_truth', 'noiseless_cutouts', 'main']
+           'load_sed', 'band_flux_ratios', 'SimConfig', 'true_fluxes', 'draw_galaxies', 'draw_shard_galaxies',
+           'survey_psf', 'galaxy_profile', 'render_unit_images', 'render_cutout', 'cutout_noise', 'flux_errors',
+           'asinh_magnitude', 'catalog_softening', 'measure_galaxy', 'simulate_dataset', 'astro_sources',
+           'astro_dataset', 'load_survey_images', 'load_catalog', 'load_truth', 'noiseless_cutouts', 'galaxy_sample',
+           'simulate_shards', 'main']
 
 # %% ../nbs/31_simulate.ipynb #c002
 import argparse, json, math, os, sys, time, multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
@@ -23,8 +25,10 @@ import astropy.units as u
 from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header,
                           write_survey_cutout, to_nanomaggies,
                           image_modality, SurveyImageLoader, CATALOGS)
-from .data import Source, TableLoader, MultiSourceDataset
+from .data import Source, TableLoader, MultiSourceDataset, Sample
 from .files import atomic_write, write_json
+from .shards import ShardWriter, ShardDataset, read_shard_index, INDEX_FILE
+from .progress import progress
 
 # %% ../nbs/31_simulate.ipynb #c006
 GAIA_TOPHATS_NM = {'BP': (330.0, 680.0), 'G': (330.0, 1050.0), 'RP': (630.0, 1050.0)}   # stand-in passbands
@@ -155,12 +159,11 @@ def true_fluxes(galaxies: pd.DataFrame, survey: str) -> np.ndarray:
     return ref_nmgy[:, None] * band_flux_ratios(galaxies['sed_t'].to_numpy(),
                                                 galaxies['z'].to_numpy(), survey)
 
-def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
-    "The truth table: parameters, true fluxes, survey membership and split of `cfg.n_galaxies` galaxies."
-    rng = np.random.default_rng([cfg.seed, 20240])
+def _truth_table(rng: np.random.Generator, n: int, cfg: SimConfig, first: int = 0) -> pd.DataFrame:
+    "`n` galaxies drawn from `rng` and selected by footprint, with ids `gal_<first>` onwards."
     chunks, n_have = [], 0
-    while n_have < cfg.n_galaxies:
-        c = _draw_candidates(rng, max(64, 2 * cfg.n_galaxies), cfg)
+    while n_have < n:
+        c = _draw_candidates(rng, max(64, 2 * n), cfg)
         c['in_legacy'] = c['dec'] < cfg.legacy_dec_max
         c['in_hsc'] = np.hypot((c['ra'] - cfg.hsc_centre[0]) * np.cos(np.radians(c['dec'])),
                                c['dec'] - cfg.hsc_centre[1]) < cfg.hsc_radius_deg
@@ -168,8 +171,8 @@ def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
         c['in_gaia'] = gaia_g < cfg.gaia_g_limit
         c = c[c['in_legacy'] | c['in_hsc'] | c['in_gaia']]
         chunks.append(c); n_have += len(c)
-    t = pd.concat(chunks, ignore_index=True).iloc[:cfg.n_galaxies].reset_index(drop=True)
-    t.insert(0, 'id', [f"gal_{i:06d}" for i in range(len(t))])
+    t = pd.concat(chunks, ignore_index=True).iloc[:n].reset_index(drop=True)
+    t.insert(0, 'id', [f"gal_{i:06d}" for i in range(first, first + len(t))])
     p_spec = np.clip(1.0 - 0.18 * (t['mag_r'] - 17), 0.1, 0.9)
     t['has_spec_z'] = t.pop('u_spec') < p_spec
     t['z_spec'] = np.where(t['has_spec_z'],
@@ -180,6 +183,22 @@ def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
     for s in ('legacy', 'hsc', 'gaia'):
         for b, f in zip(survey_info(s).bands, true_fluxes(t, s).T): t[f'flux_{s}_{b}'] = f
     return t
+
+def draw_galaxies(cfg: SimConfig = SimConfig()) -> pd.DataFrame:
+    "The truth table: parameters, true fluxes, survey membership and split of `cfg.n_galaxies` galaxies."
+    return _truth_table(np.random.default_rng([cfg.seed, 20240]), cfg.n_galaxies, cfg)
+
+# %% ../nbs/31_simulate.ipynb #s31e01
+def draw_shard_galaxies(cfg: SimConfig,   # the simulation (n_galaxies, seed, …)
+                        k: int,           # shard number
+                        shard_size: int,  # galaxies per shard
+                        ) -> pd.DataFrame:
+    "The truth table of shard `k`: galaxies `k·shard_size …` (at most `shard_size`), drawn from `(seed, k)`."
+    first = k * shard_size
+    if not 0 <= first < cfg.n_galaxies:
+        raise IndexError(f"shard {k} of {shard_size} is beyond the {cfg.n_galaxies} galaxies")
+    n = min(shard_size, cfg.n_galaxies - first)
+    return _truth_table(np.random.default_rng([cfg.seed, 20241, k]), n, cfg, first)
 
 # %% ../nbs/31_simulate.ipynb #c019
 @lru_cache(maxsize=None)
@@ -318,8 +337,12 @@ TABLE_FILES = {'legacy_catalog': 'catalogs/legacy_catalog.csv', 'hsc_catalog': '
 def simulate_dataset(out: "str | Path",           # data root to write (e.g. data/astro)
                      cfg: SimConfig = SimConfig(),
                      workers: int = 1,            # parallel processes
+                     shards: bool = False,        # write Parquet shards (`simulate_shards`) instead of files
+                     shard_size: int = 1000,      # galaxies per shard, with `shards`
+                     progress_bar: bool = False,  # progress line(s), with `shards`
                      ) -> dict:
     "Simulate `cfg.n_galaxies` galaxies and write cutouts, catalogs, manifest and truth under `out`; returns a summary."
+    if shards: return simulate_shards(out, cfg, shard_size, workers, progress_bar)
     out, t0 = Path(out), time.perf_counter()
     truth = draw_galaxies(cfg)
     records = truth.to_dict('records')
@@ -401,13 +424,17 @@ def load_catalog(root: "str | Path",          # data set root
 
 # %% ../nbs/31_simulate.ipynb #c043
 def load_truth(root: "str | Path") -> tuple[pd.DataFrame, SimConfig]:
-    "The truth table and the simulation config of a data set written by `simulate_dataset`."
+    "The truth table and the simulation config of a data set written by `simulate_dataset` (files or shards)."
     root = Path(root)
-    if not (root / 'truth' / 'truth.csv').is_file():
+    if (root / INDEX_FILE).is_file():
+        index = read_shard_index(root)
+        cfg = index['info']['config']
+        truth = ShardDataset(root, sources=list(index['sources'])[:1]).extra('truth')
+    elif not (root / 'truth' / 'truth.csv').is_file():
         raise FileNotFoundError(f"no truth table under {root / 'truth'}; run `mmfm simulate --out {root}`")
-    cfg = json.loads((root / 'truth' / 'config.json').read_text())
-    cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    return pd.read_csv(root / 'truth' / 'truth.csv'), cfg
+    else:
+        cfg, truth = json.loads((root / 'truth' / 'config.json').read_text()), pd.read_csv(root / 'truth' / 'truth.csv')
+    return truth, SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 # %% ../nbs/31_simulate.ipynb #v1s015
 def noiseless_cutouts(root: "str | Path",   # data set root
@@ -421,6 +448,87 @@ def noiseless_cutouts(root: "str | Path",   # data set root
     if missing: raise KeyError(f"galaxies not in the truth table of {root}: {missing[:5]}")
     return np.stack([render_cutout(by_id.loc[i], survey, cfg) for i in ids])
 
+# %% ../nbs/31_simulate.ipynb #s31e02
+def _source_classes() -> dict[str, type]:
+    "Source name → modality class, in the order and under the names of `astro_sources`."
+    return {s.name: s.modality for s in astro_sources()}
+
+def _header_text(survey: str, size: int, ra: float, dec: float, object_id: str) -> str:
+    "The header text of a cutout as `write_survey_cutout` writes it (and `load_survey_cutout` reads it back)."
+    from astropy.io import fits
+    from mmfm.surveys import _header_cards
+    cards, where = _header_cards(survey, size)
+    cards = list(cards)
+    cards[where['CRVAL1']] = fits.Card('CRVAL1', float(ra), '[deg] Coordinate value at reference point').image
+    cards[where['CRVAL2']] = fits.Card('CRVAL2', float(dec), '[deg] Coordinate value at reference point').image
+    cards[where['LATPOLE']] = fits.Card('LATPOLE', float(dec), '[deg] Native latitude of celestial pole').image
+    cards[where['OBJID']] = fits.Card('OBJID', str(object_id)).image
+    text = ''.join(cards) + 'END'.ljust(80)
+    return text.ljust(-(-len(text) // 2880) * 2880)
+
+# %% ../nbs/31_simulate.ipynb #s31e03
+def galaxy_sample(galaxy: Mapping,              # a row of the truth table
+                  cfg: SimConfig = SimConfig(),
+                  ) -> Sample:
+    "One galaxy as `mmfm.data.Sample`: its noisy cutouts (survey modalities) and catalog rows (table modalities)."
+    classes, mods, errors, gid = _source_classes(), {}, {}, galaxy['id']
+    for s in IMAGE_SOURCES:
+        if not galaxy[f'in_{s}']: continue
+        info = survey_info(s)
+        unit = render_unit_images(galaxy, s, cfg)
+        img = render_cutout(galaxy, s, cfg, noise=True, unit_images=unit)
+        header = _header_text(s, img.shape[-1], galaxy['ra'], galaxy['dec'], gid)
+        mods[f'{s}_image'] = classes[f'{s}_image'](flux=torch.from_numpy(img[None]),
+                                                   metadata={'id': gid, 'header': header})
+        errors[s] = flux_errors(unit, s) * info.nmgy_per_unit
+    for name, row in measure_galaxy(galaxy, errors, cfg).items():
+        cls = classes[name]
+        x = torch.tensor([[float(row[c]) for c in cls.columns]], dtype=torch.float64)
+        mods[name] = cls.from_matrix(x, metadata={'id': gid})
+    return Sample(gid, mods)
+
+# %% ../nbs/31_simulate.ipynb #s31e04
+def _shard_writer(out: "str | Path", cfg: SimConfig, shard_size: int) -> ShardWriter:
+    return ShardWriter(out, _source_classes(), shard_size,
+                       info={'name': 'mmfm simulated multi-survey galaxies', 'config': asdict(cfg)})
+
+def _simulate_shard(k: int, cfg: SimConfig, out: str, shard_size: int) -> tuple[int, int, bool]:
+    "Simulate and write shard `k` unless it is finished; returns (k, galaxies, written)."
+    writer, truth = _shard_writer(out, cfg, shard_size), draw_shard_galaxies(cfg, k, shard_size)
+    if writer.done(k, list(truth['id'])): return k, len(truth), False
+    samples = [(galaxy_sample(g, cfg), g['split']) for g in truth.to_dict('records')]
+    writer.write_shard(k, samples, extras={'truth': truth})
+    return k, len(truth), True
+
+# %% ../nbs/31_simulate.ipynb #s31e05
+def simulate_shards(out: "str | Path",          # folder to write (shards.json, shard-*.parquet, truth/)
+                    cfg: SimConfig = SimConfig(),
+                    shard_size: int = 1000,      # galaxies per shard (one unit of work)
+                    workers: int = 1,            # parallel processes
+                    progress_bar: bool = True,   # progress line(s)
+                    ) -> dict:
+    "Simulate `cfg.n_galaxies` galaxies as Parquet shards under `out`, resuming a killed run; returns a summary."
+    out, t0 = Path(out), time.perf_counter()
+    if (out / 'manifest.json').exists():
+        raise FileExistsError(f"{out} holds a manifest data set; write the shards to another folder")
+    if cfg.n_galaxies < 1: raise ValueError(f"n_galaxies must be at least 1, got {cfg.n_galaxies}")
+    n_shards, written = math.ceil(cfg.n_galaxies / shard_size), 0
+    _shard_writer(out, cfg, shard_size)                        # checks the arguments before any work
+    with progress(total=cfg.n_galaxies, desc=f"simulating {n_shards} shards", enable=progress_bar) as bar:
+        def done(k, n, w):
+            nonlocal written; written += n if w else 0; bar.update(n)
+        if workers <= 1:
+            for k in range(n_shards): done(*_simulate_shard(k, cfg, str(out), shard_size))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) as ex:
+                futures = [ex.submit(_simulate_shard, k, cfg, str(out), shard_size) for k in range(n_shards)]
+                for f in as_completed(futures): done(*f.result())
+    index = _shard_writer(out, cfg, shard_size).finish(n_shards)
+    seconds = time.perf_counter() - t0
+    present = {n: sum(e['present'][n] for e in index['shards']) for n in index['sources']}
+    return {'galaxies': index['rows'], 'shards': n_shards, 'written': written, **present, 'seconds': seconds,
+            'galaxies_per_second': written / seconds}
+
 # %% ../nbs/31_simulate.ipynb #c046
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm simulate`: write the multi-survey galaxy data set (cutouts, catalogs, manifest, truth)."
@@ -429,10 +537,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000, help="number of galaxies (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    p.add_argument("--shards", action="store_true", help="write Parquet shards instead of FITS files and CSVs "
+                   "(resumable: rerun the same command after a kill)")
+    p.add_argument("--shard-size", type=int, default=1000, help="galaxies per shard (default: 1000)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     for s in IMAGE_SOURCES: p.add_argument(f"--{s}-size", type=int, help=f"{s} cutout side in pixels")
     a = p.parse_args(argv)
     sizes = {s: getattr(a, f"{s}_size") for s in IMAGE_SOURCES if getattr(a, f"{s}_size")}
-    s = simulate_dataset(a.out, SimConfig(n_galaxies=a.n, seed=a.seed, stamp_sizes=sizes), workers=a.workers)
+    s = simulate_dataset(a.out, SimConfig(n_galaxies=a.n, seed=a.seed, stamp_sizes=sizes), workers=a.workers,
+                         shards=a.shards, shard_size=a.shard_size, progress_bar=not a.quiet)
     print(f"wrote {s['galaxies']} galaxies to {a.out} in {s['seconds']:.1f} s "
           f"({s['galaxies_per_second']:.0f}/s): "
           + ", ".join(f"{k} {v}" for k,
