@@ -14,14 +14,13 @@ from .modality import BaseModality, TableModality, SeriesModality, concat
 from .codec import CODEC_CLASSES, Codec, CodecError, CodecManager
 from .table_codecs import TableCodec
 from .series_codecs import SeriesCodec
-from .surveys import SurveyImage
-from .image_codecs import SurveyImageCodec
 from .codec_training import CodecTrainConfig, train_codec
 from .progress import progress
 
 # %% ../nbs/34_fit_codecs.ipynb #f005
 def _survey_codec_class(modality: type) -> type:
     "The registered `SurveyImageCodec` subclass whose survey's image modality is `modality`."
+    from mmfm.image_codecs import SurveyImageCodec     # the survey stack ([astro]) only when images are asked for
     found = [c for c in CODEC_CLASSES.values() if isinstance(c, type) and issubclass(c, SurveyImageCodec)
              and c.survey and getattr(modality, 'survey', None) == c.survey]
     if not found: raise CodecError(f"no image codec is registered for {modality.__name__} (survey "
@@ -39,7 +38,9 @@ def default_codec(modality: type,        # a modality class
     `TableCodec` for a table, `SeriesCodec` for a series. Raises `CodecError` naming the modality otherwise."""
     if not isinstance(modality, type) or not issubclass(modality, BaseModality):
         raise CodecError(f"default_codec needs a modality class, got {modality!r}")
-    if issubclass(modality, SurveyImage): return _survey_codec_class(modality)(**(image or {}))
+    surveys = sys.modules.get('mmfm.surveys')          # a survey image implies mmfm.surveys is imported
+    if surveys is not None and issubclass(modality, surveys.SurveyImage):
+        return _survey_codec_class(modality)(**(image or {}))
     if issubclass(modality, TableModality): return TableCodec(modality=modality, **(table or {}))
     if issubclass(modality, SeriesModality): return SeriesCodec(modality=modality, **(series or {}))
     raise CodecError(f"no default codec for {modality.__name__}: build one (a Codec subclass) and register it "
