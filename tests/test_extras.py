@@ -6,7 +6,7 @@ import configparser, pkgutil, shlex, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_PACKAGES = {"astro": ["astropy", "reproject", "galsim"], "medical": ["neurokit2"]}
+EXTRA_PACKAGES = {"astro": ["astropy", "reproject", "galsim", "speclite"], "medical": ["neurokit2"]}
 # modules that need an extra, and the worked examples (which use both)
 EXTRA_MODULES = {"mmfm.surveys", "mmfm.simulate", "mmfm.align", "mmfm.image_codecs", "mmfm.medical"}
 
