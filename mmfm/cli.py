@@ -15,6 +15,7 @@ COMMANDS = {  # subcommand → (module whose `main(argv)` runs it, what it does)
     "simulate": ("mmfm.simulate", "simulate multi-survey galaxies: FITS cutouts, catalogs, redshifts, "
                                   "manifest, truth"),
     "medical": ("mmfm.medical", "build the medical data sets (diabetes tables; synthetic cohort with ECGs)"),
+    "tokenize": ("mmfm.token_shards", "encode a data set once into token shards (parallel, resumable)"),
     "train": ("mmfm.train", "train a MultimodalTransformer on a token dataset (also under torchrun)"),
     "predict": ("mmfm.predict", "predict target modalities of a token dataset with a trained model"),
     "demo": ("mmfm.examples.demo", "run the worked examples end to end and write reports/metrics.json"),

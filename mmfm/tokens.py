@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['check_tokens', 'TokenError', 'TokenBatch', 'encode_batch', 'as_token_batch', 'collate_tokens', 'TokenDataset',
-           'synthetic_token_dataset']
+           'synthetic_token_dataset', 'codec_checksum', 'codec_checksums', 'CodecMismatchError',
+           'check_codec_checksums']
 
 # %% ../nbs/08_tokens.ipynb #t002
 import json
@@ -18,7 +19,7 @@ from fastcore.basics import patch
 from .modality import BaseModality
 from .codec import CodecError, as_grid, grid_size
 from .data import Batch
-from .files import save_safetensors, load_safetensors
+from .files import save_safetensors, load_safetensors, tensors_digest
 from .progress import progress
 
 # %% ../nbs/08_tokens.ipynb #t005
@@ -168,6 +169,8 @@ class TokenDataset(Dataset):
                  ids: Sequence[str] | None = None,  # sample ids (default: "0", "1", ...)
                  # each sample's split ("train", "val", "test"), if known
                  splits: Sequence[str] | None = None,
+                 # {token_key: codec_checksum} of the codecs that made the tokens, if known
+                 codec_checksums: Mapping[str, str] | None = None,
                  ):
         present = check_tokens(tokens, present)
         n = len(next(iter(present.values())))
@@ -182,6 +185,8 @@ class TokenDataset(Dataset):
         self.vocab_sizes = {k: int(v) for k, v in vocab.items()}
         self.token_grids = {k: as_grid((token_grids or {}).get(k, (t.shape[1],)))
                             for k, t in self.tokens.items()}
+        self.codec_checksums = (None if codec_checksums is None
+                                else {k: str(v) for k, v in codec_checksums.items()})
         self.validate()
 
 # %% ../nbs/08_tokens.ipynb #s006
@@ -235,7 +240,7 @@ def subset(self: TokenDataset, rows) -> TokenDataset:
     return TokenDataset({k: t[rows] for k, t in self.tokens.items()},
                         {k: p[rows] for k, p in self.present.items()},
                         self.vocab_sizes, self.token_grids, [self.ids[i] for i in r],
-                        None if self.splits is None else [self.splits[i] for i in r])
+                        None if self.splits is None else [self.splits[i] for i in r], self.codec_checksums)
 
 # %% ../nbs/08_tokens.ipynb #s004
 @patch
@@ -286,7 +291,7 @@ def save(self: TokenDataset, path: str | Path) -> Path:
                **{f"present/{k}": p for k, p in self.present.items()}}
     meta = {"vocab_sizes": json.dumps(self.vocab_sizes), "token_grids": json.dumps(self.token_grids),
             "ids": json.dumps(self.ids), "keys": json.dumps(list(self.tokens)),
-            "splits": json.dumps(self.splits)}
+            "splits": json.dumps(self.splits), "codec_checksums": json.dumps(self.codec_checksums)}
     return save_safetensors(path, tensors, meta)
 
 # %% ../nbs/08_tokens.ipynb #s005
@@ -298,7 +303,43 @@ def load(cls: TokenDataset, path: str | Path) -> TokenDataset:
     keys = json.loads(meta["keys"])
     return cls({k: tensors[f"tokens/{k}"] for k in keys}, {k: tensors[f"present/{k}"] for k in keys},
                json.loads(meta["vocab_sizes"]), json.loads(meta["token_grids"]), json.loads(meta["ids"]),
-               json.loads(meta.get("splits", "null")))
+               json.loads(meta.get("splits", "null")), json.loads(meta.get("codec_checksums", "null")))
+
+# %% ../nbs/08_tokens.ipynb #h002
+def codec_checksum(codec,  # a Codec
+                   ) -> str:
+    "Hex SHA-256 of a codec's tensors, class, constructor arguments, token count, vocabulary and grid."
+    meta = {"class": f"{type(codec).__module__}:{type(codec).__qualname__}",
+            "config": json.dumps(codec.config, sort_keys=True, default=repr), "token_key": codec.token_key,
+            "num_tokens": str(codec.num_tokens), "vocab_size": str(codec.vocab_size),
+            "token_grid": json.dumps(as_grid(codec.token_grid))}
+    return tensors_digest(dict(codec.state_dict()), meta)
+
+# %% ../nbs/08_tokens.ipynb #h003
+def codec_checksums(codecs,  # a CodecManager
+                    ) -> dict[str, str]:
+    "`{token_key: codec_checksum}` for every codec of the manager."
+    return {k: codec_checksum(c) for k, c in codecs.codecs.items()}
+
+# %% ../nbs/08_tokens.ipynb #h004
+class CodecMismatchError(ValueError):
+    "Tokens made by other codecs than the ones given (named by token key)."
+
+# %% ../nbs/08_tokens.ipynb #h005
+def check_codec_checksums(recorded: Mapping[str, str],  # {token_key: checksum} the token set records
+                          codecs,  # the CodecManager (or its `codec_checksums` dict) to compare with
+                          what: str = "the tokens",  # the token set, for the message
+                          ) -> None:
+    "Raise `CodecMismatchError` naming the first token key whose tokens were not made by `codecs`."
+    mine = dict(codecs) if isinstance(codecs, Mapping) else codec_checksums(codecs)
+    for k, c in recorded.items():
+        if k not in mine:
+            raise CodecMismatchError(f"token key {k!r}: {what} hold tokens of a codec the codec manager does "
+                                     f"not have (its keys: {sorted(mine)})")
+        if mine[k] != c:
+            raise CodecMismatchError(f"token key {k!r}: {what} were made with another codec (checksum "
+                                     f"{c[:12]}…) than the codec manager's ({mine[k][:12]}…); tokenize the data "
+                                     "again with these codecs, or give the codecs that made them")
 
 # %% ../nbs/08_tokens.ipynb #t034
 @patch(cls_method=True)
@@ -312,10 +353,11 @@ def from_batches(cls: TokenDataset, batches: Iterable[TokenBatch],  # token batc
     keys = list(batches[0].tokens)
     tokens = {k: torch.cat([b.tokens[k] for b in batches]) for k in keys}
     present = {k: torch.cat([b.present[k] for b in batches]) for k in keys}
-    vocab = grids = None
+    vocab = grids = sums = None
     if codecs is not None:
         vocab, grids = {k: codecs.vocab_sizes[k] for k in keys}, {k: codecs.token_grids[k] for k in keys}
-    return cls(tokens, present, vocab, grids, sum([list(b.ids) for b in batches], []), splits)
+        sums = {k: v for k, v in codec_checksums(codecs).items() if k in keys}
+    return cls(tokens, present, vocab, grids, sum([list(b.ids) for b in batches], []), splits, sums)
 
 # %% ../nbs/08_tokens.ipynb #t037
 @patch(cls_method=True)

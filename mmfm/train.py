@@ -19,7 +19,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from fastcore.basics import patch
 from .masking import MaskingConfig, Masks
-from .tokens import TokenBatch, TokenDataset, as_token_batch, collate_tokens, synthetic_token_dataset
+from .tokens import (TokenBatch, TokenDataset, as_token_batch, collate_tokens, synthetic_token_dataset,
+                         check_codec_checksums)
+from .token_shards import TokenShards, TokenStream
 from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
                         check_setting)
 from .progress import progress
@@ -271,17 +273,19 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     "One training run of a `MultimodalTransformer` on token data (single process or one `torchrun` process)."
     def __init__(self, model: MultimodalTransformer,  # the model (same initial weights on every process)
-                 data,  # TokenDataset, map-style Dataset of samples, or re-iterable of batches
+                 data,  # TokenDataset, TokenStream, map-style Dataset of samples, or re-iterable of batches
                  cfg: TrainConfig | None = None,  # optimisation settings
                  masking: MaskingConfig | None = None,  # how inputs and targets are chosen
                  out_dir: str | Path = "runs/mmfm",  # where logs and checkpoints go
-                 val_data=None,  # validation data (same kinds as `data`)
+                 val_data=None,  # validation data (as `data`, or TokenShards / a one-pass TokenStream)
                  resume: bool = False,  # continue the run in out_dir from its latest checkpoint
                  dinfo: DistInfo | None = None,  # process info (default: from the environment)
+                 codecs=None,  # CodecManager: refuse data whose recorded codec checksums differ from its
                  ):
         self.cfg, self.masking = cfg or TrainConfig(), masking or MaskingConfig()
         self.dinfo = dinfo or init_distributed()
         self.out_dir, self.data, self.val_data = Path(out_dir), data, val_data
+        self._check_data(codecs)
         self.model = model.to(self.dinfo.device)
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -308,6 +312,32 @@ class Trainer:
             ids = [self.dinfo.device.index] if self.dinfo.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
+# %% ../nbs/12_train.ipynb #b002
+@patch
+def _check_data(self: Trainer, codecs):
+    "Streams fit this run; validation token shards become a one-pass stream; recorded codecs agree."
+    W, r = self.dinfo.world_size, self.dinfo.rank
+    if isinstance(self.data, TokenStream):
+        s = self.data
+        if (s.rank, s.world_size) != (r, W):
+            raise ValueError(f"the TokenStream is for rank {s.rank} of {s.world_size}, this process is rank {r} "
+                             f"of {W}")
+        if s.batch_size * W != self.cfg.batch_size:
+            raise ValueError(f"the TokenStream gives batches of {s.batch_size} per process; {W} process(es) make "
+                             f"{s.batch_size * W}, not TrainConfig.batch_size={self.cfg.batch_size}")
+        if not s.infinite: raise ValueError("training needs an endless TokenStream (infinite=True)")
+    if isinstance(self.val_data, TokenShards):    # its val split if it has one; in memory if too few shards to share
+        v = self.val_data; split = "val" if "val" in v.splits else None
+        self.val_data = (TokenStream(v, max(1, self.cfg.batch_size // W), split, shuffle=False, infinite=False,
+                                     rank=r, world_size=W) if len(v.shards) >= W else v.to_token_dataset(split))
+    sums = [(what, getattr(d, "codec_checksums", None)) for what, d in (("the training data", self.data),
+                                                                       ("the validation data", self.val_data))]
+    sums = [(w, s) for w, s in sums if s]
+    for what, s in sums:
+        if codecs is not None: check_codec_checksums(s, codecs, what)
+    if len(sums) == 2:
+        check_codec_checksums(sums[1][1], sums[0][1], "the validation data (compared with the training data)")
+
 # %% ../nbs/12_train.ipynb #c044
 @patch
 def _epoch(self: Trainer, data, epoch: int, shuffle: bool = True) -> list:
@@ -329,10 +359,13 @@ def _load(self: Trainer, data, index) -> TokenBatch:
 # %% ../nbs/12_train.ipynb #s009
 @patch
 def _masks(self: Trainer, batch: TokenBatch, stream: int, epoch: int) -> Masks:
-    "Masks for a batch: per-sample seeds when rows have dataset indices, the trainer's generator otherwise."
+    """Masks for a batch: per-sample seeds when rows have dataset indices (and, from a stream, epochs), else the
+    trainer's generator."""
     if batch.index is None: return self.masking(batch.tokens, batch.present, self.masking_generator)
+    rows = getattr(batch, "epoch", None)        # a StreamBatch: each row's own epoch
+    epochs = [epoch] * len(batch) if rows is None else rows.tolist()
     return per_sample_masks(batch, self.masking,
-                            [sample_seed(self.cfg.seed, stream, epoch, int(i)) for i in batch.index])
+                            [sample_seed(self.cfg.seed, stream, e, int(i)) for e, i in zip(epochs, batch.index)])
 
 # %% ../nbs/12_train.ipynb #s010
 @patch
@@ -340,6 +373,7 @@ def batches(self: Trainer):
     """Yield `(epoch, batch_in_epoch, batch, masks, last_of_epoch)` from the current position, epoch after
     epoch."""
     W, r = self.dinfo.world_size, self.dinfo.rank
+    if isinstance(self.data, TokenStream): yield from self._stream_batches(); return
     while True:
         plan, start = self._epoch(self.data, self.epoch), self.batch_in_epoch
         if plan is not None: items = ((i, self._load(self.data, idx)) for i,
@@ -353,6 +387,21 @@ def batches(self: Trainer):
             (i, batch), ahead = ahead, next(items, None)
             yield epoch, i, batch, self._masks(batch, _TRAIN_STREAM, epoch), ahead is None
 
+# %% ../nbs/12_train.ipynb #b003
+@patch
+def _stream_batches(self: Trainer):
+    """`batches()` of a `TokenStream`: the stream's own endless order from its recorded position; each batch is
+    recorded as used (`advance`) when it is handed out, so a checkpoint after its step resumes after it."""
+    items = iter(self.data.loader(pin_memory=self.dinfo.device.type == "cuda"))
+    ahead = next(items)
+    while True:
+        batch, ahead = ahead, next(items)   # endless: never exhausted
+        epoch = int(batch.epoch[0])
+        if epoch != self.epoch: self.epoch, self.batch_in_epoch = epoch, 0
+        self.data.advance(batch)
+        masks = self._masks(batch, _TRAIN_STREAM, epoch)
+        yield epoch, self.batch_in_epoch, batch, masks, int(ahead.epoch[0]) != epoch
+
 # %% ../nbs/12_train.ipynb #c046
 @patch
 def train_step(self: Trainer, batch: TokenBatch, masks: Masks) -> dict:
@@ -362,10 +411,9 @@ def train_step(self: Trainer, batch: TokenBatch, masks: Masks) -> dict:
     lr = lr_at(self.step, self.cfg, self.schedule_steps)
     for g in self.optimizer.param_groups: g["lr"] = lr
     dev = self.dinfo.device
-    tokens = {k: v.to(dev) for k, v in batch.tokens.items()}
-    present = {k: v.to(dev) for k, v in batch.present.items()}
-    masks = Masks({k: v.to(dev) for k, v in masks.is_input.items()},
-                  {k: v.to(dev) for k, v in masks.is_target.items()})
+    put = lambda d: {k: v.to(dev, non_blocking=dev.type == "cuda") for k, v in d.items()}   # pinned batches: async
+    tokens, present = put(batch.tokens), put(batch.present)
+    masks = Masks(put(masks.is_input), put(masks.is_target))
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
         terms = self.ddp(tokens, *masks, present, loss_terms=True)
     share, metrics = global_loss(terms, self.dinfo)
@@ -403,7 +451,10 @@ def evaluate(self: Trainer, data=None) -> dict:
     self.model.eval()
     plan = self._epoch(data, 0, shuffle=False)
     W, r = self.dinfo.world_size, self.dinfo.rank
+    if isinstance(data, TokenStream) and data.infinite:
+        raise ValueError("validation needs a one-pass TokenStream (infinite=False) or TokenShards")
     batches = ((self._load(data, idx) for idx in plan) if plan is not None
+               else iter(data) if isinstance(data, TokenStream)        # the stream splits shards among processes
                else (as_token_batch(b) for i, b in enumerate(data) if i % W == r))
     keys = self.model.token_keys
     sums = torch.zeros(len(keys), 3, dtype=torch.float64)
@@ -445,22 +496,25 @@ def save_checkpoint(self: Trainer) -> Path | None:
     "Write a checkpoint of the current state (rank 0 writes; every process calls this); never of non-finite state."
     self._check_finite_state()
     rng_t, rng_m = rng_state(self.masking_generator)
+    stream = self.data.state_dict() if isinstance(self.data, TokenStream) else None
+    mine = ({k: v.tolist() for k, v in rng_t.items()}, rng_m, stream)
     if self.dinfo.world_size > 1:
         gathered = [None] * self.dinfo.world_size
-        dist.all_gather_object(gathered, ({k: v.tolist() for k, v in rng_t.items()}, rng_m))
-    else: gathered = [({k: v.tolist() for k, v in rng_t.items()}, rng_m)]
+        dist.all_gather_object(gathered, mine)
+    else: gathered = [mine]
     if not self.dinfo.is_main: return None
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
     opt_t, opt_m = optimizer_tensors(self.optimizer, self.names)
     tensors.update(opt_t)
-    for r, (t, _) in enumerate(gathered):
+    for r, (t, _, _) in enumerate(gathered):
         for k, v in t.items(): tensors[f"rng/{r}/{k}"] = torch.tensor(v, dtype=rng_t[k].dtype)
     meta = {"format": 1, "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": self.epoch_sums, "world_size": self.dinfo.world_size, "optimizer": opt_m,
             "schedule_steps": self.schedule_steps,
             "scheduler": {"step": self.step,
                           "lr": lr_at(max(self.step - 1, 0), self.cfg, self.schedule_steps)},
-            "rng": [m for _, m in gathered], **self._run_meta()}
+            "rng": [m for _, m, _ in gathered], **self._run_meta()}
+    if stream is not None: meta["stream"] = [s for _, _, s in gathered]
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
     write_json(self.ckpt_dir / f"step-{self.step:07d}.json",
@@ -505,6 +559,13 @@ def restore(self: Trainer, path: str | Path | None = None):
         warnings.warn(f"resuming with steps={self.cfg.steps}: the learning-rate schedule keeps the horizon "
                       f"schedule_steps={horizon} fixed when the run started (min_lr after step {horizon})",
                       UserWarning, stacklevel=3)
+    if isinstance(self.data, TokenStream):
+        if "stream" not in meta:
+            raise ValueError("the checkpoint was not made on a TokenStream: resume it on the data it used")
+        if meta["world_size"] != self.dinfo.world_size:
+            raise ValueError(f"the checkpoint's stream positions are for {meta['world_size']} process(es), this "
+                             f"run has {self.dinfo.world_size}")
+        self.data.load_state_dict(meta["stream"][self.dinfo.rank])
     r = self.dinfo.rank if self.dinfo.rank < meta["world_size"] else 0
     set_rng_state({k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"rng/{r}/")},
                   meta["rng"][r],
@@ -552,8 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     "The command-line options of `mmfm train`."
     p = argparse.ArgumentParser(prog="mmfm train",
                                 description="Train a MultimodalTransformer on pre-encoded tokens.")
-    p.add_argument("--data", help="TokenDataset file (safetensors) to train on")
-    p.add_argument("--val-data", help="TokenDataset file for validation")
+    p.add_argument("--data", help="TokenDataset file (safetensors), or token-shard folder (tokens.json; streamed)")
+    p.add_argument("--val-data", help="TokenDataset file or token-shard folder for validation (default with a "
+                   "token-shard --data: its 'val' split, if any)")
+    p.add_argument("--data-workers", type=int, default=0, help="DataLoader workers reading a token-shard folder")
+    p.add_argument("--window", type=int, default=4, help="shards whose rows a token stream shuffles together")
     p.add_argument("--synthetic", type=int, metavar="N",
                    help="train on N synthetic samples instead of --data")
     p.add_argument("--codecs", help="CodecManager directory to check the data's vocabularies against")
@@ -583,6 +647,21 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/12_train.ipynb #s015
 def _budget(x: float): return int(x) if x >= 1 else x
 
+# %% ../nbs/12_train.ipynb #b004
+def _token_data(args, cfg: TrainConfig, dinfo: DistInfo) -> tuple:
+    """Training and validation data of `--data` / `--val-data`: a token-shard folder is streamed (its `train` split
+    when it records one), a file is a `TokenDataset`."""
+    val = args.val_data and (TokenShards(args.val_data) if Path(args.val_data).is_dir()
+                             else TokenDataset.load(args.val_data))
+    if not Path(args.data).is_dir(): return TokenDataset.load(args.data), val or None
+    shards = TokenShards(args.data)
+    if cfg.batch_size % dinfo.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dinfo.world_size} processes")
+    data = TokenStream(shards, cfg.batch_size // dinfo.world_size, "train" if "train" in shards.splits else None,
+                       cfg.seed, args.window, rank=dinfo.rank, world_size=dinfo.world_size,
+                       num_workers=args.data_workers)
+    return data, val or (shards if "val" in shards.splits else None)
+
 # %% ../nbs/12_train.ipynb #c063
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mmfm train`; returns the exit status."
@@ -595,19 +674,24 @@ def main(argv: list[str] | None = None) -> int:
                                 mixture={"all-to-all": 1 - args.one_to_all, "one-to-all": args.one_to_all})
         if args.synthetic: data, val = synthetic_token_dataset(args.synthetic,
                                                                seed=0), synthetic_token_dataset(max(args.synthetic // 4, cfg.batch_size), seed=1)
-        elif args.data: data, val = TokenDataset.load(args.data), TokenDataset.load(args.val_data) if args.val_data else None
-        else: raise ValueError("give --data FILE (a TokenDataset) or --synthetic N")
+        elif args.data: data, val = _token_data(args, cfg, dinfo)
+        else: raise ValueError("give --data FILE (a TokenDataset) or FOLDER (token shards), or --synthetic N")
         codecs = None
         if args.codecs:
             from mmfm.codec import CodecManager
             codecs = CodecManager.load(args.codecs)
+            if getattr(data, "codec_checksums", None):   # tokens of other codecs: refused before anything is built
+                check_codec_checksums(data.codec_checksums, codecs, f"the tokens in {args.data}")
+            if set(codecs.token_keys) > set(data.vocab_sizes):   # the codecs of the data's keys only
+                codecs = CodecManager([codecs.codecs[k] for k in data.vocab_sizes])
         overrides = {f.name: getattr(args, f.name) for f in fields(TransformerConfig)
                      if getattr(args, f.name) is not None}
         torch.manual_seed(cfg.seed)
         model = MultimodalTransformer(data.vocab_sizes, data.num_tokens,
                                       TransformerConfig.preset(args.preset, **overrides),
                                       token_grids=data.token_grids, codecs=codecs)
-        trainer = Trainer(model, data, cfg, masking, args.out, val_data=val, resume=args.resume, dinfo=dinfo)
+        trainer = Trainer(model, data, cfg, masking, args.out, val_data=val, resume=args.resume, dinfo=dinfo,
+                          codecs=codecs)
         last = trainer.fit()
         if dinfo.is_main:
             model.save(Path(args.out) / "model")

@@ -46,3 +46,32 @@ def test_torchrun_training_equals_single_process_training(tmp_path):
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "checkpoints" / "latest.json").exists()          # rank 0 checkpointed
+
+
+def test_torchrun_on_a_token_stream_resumes_exactly(tmp_path):
+    "Two processes stream disjoint shards of a token set; a run cut after its step-3 checkpoint and resumed ends as the whole run."
+    import shutil
+    from mmfm.testing import toy_manager
+    from mmfm.token_shards import tokenize
+    from mmfm.train import read_checkpoint
+    from test_token_shards import toy_dataset
+    tokenize(toy_dataset(tmp_path / "data", n=40), toy_manager(), tmp_path / "tok", shard_size=4, verbose=False)
+    toy_manager().save(tmp_path / "codecs")
+    args = ["--data", str(tmp_path / "tok"), "--codecs", str(tmp_path / "codecs"), "--preset", "tiny", "--steps", "6",
+            "--batch-size", "8", "--input-budget", "2", "--target-budget", "1", "--lr", "3e-3", "--warmup-steps", "2",
+            "--checkpoint-every", "3", "--eval-every", "3", "--no-progress"]
+    run(TORCHRUN + ["-m", "mmfm.train", *args, "--out", str(tmp_path / "a")])
+    _, meta = read_checkpoint(tmp_path / "a")
+    assert [s["rank"] for s in meta["stream"]] == [0, 1] and meta["world_size"] == 2
+    cut = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", cut)                    # as if killed right after the step-3 checkpoint
+    shutil.rmtree(cut / "model")
+    for p in (cut / "checkpoints").glob("step-0000006.*"): p.unlink()
+    (cut / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "file": "step-0000003.safetensors"}))
+    run(TORCHRUN + ["-m", "mmfm.train", *args, "--out", str(cut), "--resume"])
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(cut / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keep = lambda d: [{k: v for k, v in r.items() if k not in ("step_s", "tokens_per_s")}
+                      for r in MetricsLog(d, [], enabled=False).rows("step")]
+    assert keep(cut) == keep(tmp_path / "a") and len(keep(cut)) == 6
