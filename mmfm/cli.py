@@ -12,9 +12,10 @@ from . import __version__
 
 # %% ../nbs/95_cli.ipynb #k005
 COMMANDS = {  # subcommand → (module whose `main(argv)` runs it, what it does)
-    "simulate": ("mmfm.simulate", "simulate multi-survey galaxies: FITS cutouts, catalogs, redshifts, "
-                                  "manifest, truth"),
+    "simulate": ("mmfm.simulate", "simulate multi-survey galaxies: FITS cutouts and catalogs (manifest), "
+                                  "or Parquet shards (--shards)"),
     "medical": ("mmfm.medical", "build the medical data sets (diabetes tables; synthetic cohort with ECGs)"),
+    "codecs": ("mmfm.fit_codecs", "fit a codec per source of a data set on a bounded training sample, save them"),
     "tokenize": ("mmfm.token_shards", "encode a data set once into token shards (parallel, resumable)"),
     "train": ("mmfm.train", "train a MultimodalTransformer on a token dataset (also under torchrun)"),
     "predict": ("mmfm.predict", "predict target modalities of a token dataset with a trained model"),

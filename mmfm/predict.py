@@ -8,6 +8,7 @@ __all__ = ['PredictionError', 'resolve_targets', 'sample_logits', 'commit_schedu
 
 # %% ../nbs/13_predict.ipynb #c002
 import argparse, json, math, sys
+from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
@@ -356,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="model directory (MultimodalTransformer.save, `mmfm train --out`/model)")
     p.add_argument("--codecs", required=True, help="CodecManager directory (CodecManager.save)")
-    p.add_argument("--data", required=True, help="TokenDataset file (TokenDataset.save)")
+    p.add_argument("--data", required=True, help="TokenDataset file (TokenDataset.save) or token-shard folder "
+                   "(mmfm tokenize)")
     p.add_argument("--targets", required=True, nargs="+",
                    help="token keys or modality class names to predict")
     p.add_argument("--given", nargs="+", help="token keys shown to the model (default: every other key)")
@@ -401,8 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         codecs = CodecManager.load(a.codecs)
         model = MultimodalTransformer.load(a.model, codecs=codecs).eval()
-        data = TokenDataset.load(a.data)
-        if a.split: data = data.split(a.split)
+        if Path(a.data).is_dir():                      # a token-shard folder: its split, read into memory
+            from mmfm.token_shards import TokenShards
+            shards = TokenShards(a.data)
+            shards.check_codecs(codecs)
+            data = shards.to_token_dataset(a.split)
+        else:
+            data = TokenDataset.load(a.data)
+            if a.split: data = data.split(a.split)
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
                                 role="input") if a.given else [k for k in data.tokens if k not in keys]

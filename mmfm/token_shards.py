@@ -115,7 +115,9 @@ def encode_unit(dataset, codecs, unit: dict,  # data set, CodecManager, one of `
                 first_index: int,  # the token-set row number of the unit's first sample
                 batch_size: int = 256,  # samples read and encoded at a time
                 ) -> tuple[TokenBatch, list]:
-    "One unit's samples encoded: a `TokenBatch` (with `index`) and the samples' splits."
+    """One unit's samples encoded: a `TokenBatch` (with `index`: the token-set row number of each sample, gaps where
+    samples were left out) and the samples' splits. A sample with none of the codecs' modalities holds no tokens
+    and is left out (the caller counts it)."""
     data, rows = _unit_data(dataset, unit)
     if len(rows) == 0: raise ValueError(f"work unit {unit}: no samples")
     parts, splits = [], []
@@ -128,10 +130,10 @@ def encode_unit(dataset, codecs, unit: dict,  # data set, CodecManager, one of `
     tb = TokenBatch(sum([p.ids for p in parts], []), {k: torch.cat([p.tokens[k] for p in parts]) for k in keys},
                     {k: torch.cat([p.present[k] for p in parts]) for k in keys},
                     torch.arange(first_index, first_index + len(rows)))
-    none = ~torch.stack(list(tb.present.values()), 1).any(1)
-    if none.any():
-        raise TokenError(f"sample {tb.ids[int(none.nonzero()[0])]!r}: none of the codecs' modalities {keys} is "
-                         "present (leave such samples out, e.g. MultiSourceDataset(drop_empty=True))")
+    keep = torch.stack(list(tb.present.values()), 1).any(1)     # samples with none of the codecs' modalities
+    if not keep.all():                                            # hold no tokens: they are left out, counted
+        rows_kept = keep.nonzero().flatten()
+        tb, splits = tb.select(rows_kept), [splits[i] for i in rows_kept.tolist()]
     return tb, splits
 
 # %% ../nbs/08a_token_shards.ipynb #a017
@@ -152,6 +154,7 @@ def _write_unit(out: str, unit: dict, first_index: int, batch_size: int, expecte
     for s in splits: counts[str(s)] = counts.get(str(s), 0) + 1
     rec = {"file": f"{name}.parquet", "rows": len(tb), "sha256": sha256_file(out / f"{name}.parquet"),
            "splits": dict(sorted(counts.items())), "unit": unit, "first_index": first_index,
+           "left_out": len(_unit_data(_WORKER["dataset"], unit)[1]) - len(tb),
            "keys": list(tb.tokens), "codecs": expected["codecs"]}
     write_json(out / f"{name}.json", rec)
     return rec
@@ -231,7 +234,11 @@ def tokenize(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map-style d
             except BaseException:
                 for fut in futures: fut.cancel()
                 raise
-    return _write_index(out, [records[u["unit"]] for u in units], codecs, dataset)
+    result = _write_index(out, [records[u["unit"]] for u in units], codecs, dataset)
+    left = result.info.get("left_out", 0)
+    if verbose and left: print(f"tokenize: {left} sample(s) left out: none of the codecs' modalities "
+                               f"{result.keys} is present in them", flush=True)
+    return result
 
 # %% ../nbs/08a_token_shards.ipynb #a021
 def _write_index(out: Path, records: list[dict], codecs, dataset) -> "TokenShards":
@@ -249,6 +256,8 @@ def _write_index(out: Path, records: list[dict], codecs, dataset) -> "TokenShard
              "token_grids": per_key(codecs.token_grids), "num_tokens": per_key(codecs.num_tokens),
              "dtypes": {k: str(token_dtype(codecs.vocab_sizes[k])) for k in keys}, "codecs": per_key(sums),
              "rows": sum(r["rows"] for r in records), "splits": dict(sorted(splits.items())),
+             # samples with none of the codecs' modalities (no tokens to hold)
+             "left_out": sum(r.get("left_out", 0) for r in records),
              "source": {"kind": type(dataset).__name__, "units": len(records)},
              "shards": [{k: r[k] for k in ("file", "rows", "sha256", "splits")} for r in records]}
     write_json(out / INDEX_FILE, index)

@@ -46,7 +46,7 @@ def test_mmfm_help_lists_every_command(installed):
     work, venv, _ = installed
     r = _run([venv / "bin" / "mmfm", "--help"], work)
     assert r.returncode == 0, r.stderr
-    for command in ("simulate", "medical", "train", "predict", "demo"):
+    for command in ("simulate", "medical", "codecs", "tokenize", "train", "predict", "demo"):
         assert f"  {command}" in r.stdout, r.stdout
         h = _run([venv / "bin" / "mmfm", command, "--help"], work)
         assert h.returncode == 0 and f"usage: mmfm {command}" in h.stdout, (command, h.stdout[-500:], h.stderr[-500:])
