@@ -25,6 +25,7 @@ from .token_shards import TokenShards, TokenStream
 from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
                         check_setting)
 from .progress import progress
+from .machine import check_threads
 from .transformer import MultimodalTransformer, TransformerConfig, average_over_modalities, spec_differences
 
 # %% ../nbs/12_train.ipynb #c017
@@ -47,15 +48,21 @@ class TrainConfig:
     checkpoint_every: int = 100    # checkpoint every n steps (0: only at the end)
     keep_checkpoints: int = 2      # how many recent checkpoints to keep on disk
     progress: bool = True          # progress bar with live loss (rank 0)
+    # early stopping: stop after this many validations without a validation loss lower than the best by
+    # min_delta, and end with the best weights (0: never stop early; needs validation data and eval_every)
+    patience: int = 0
+    min_delta: float = 0.0
 
     # fields that may change when a run is resumed (they do not change what the steps compute; a new `steps`
     # moves the end of the run, not the learning-rate schedule, which is fixed when the run starts)
-    resumable: ClassVar[tuple] = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress")
+    resumable: ClassVar[tuple] = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
+                                  "patience", "min_delta")
 
     def __post_init__(self):
         c = lambda name, kind, **rng: check_setting("TrainConfig", name, getattr(self, name), kind, **rng)
         for f in ("steps", "batch_size", "keep_checkpoints"): c(f, int, low=1)
-        for f in ("warmup_steps", "eval_every", "checkpoint_every", "seed"): c(f, int, low=0)
+        for f in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "patience"): c(f, int, low=0)
+        c("min_delta", float, low=0)
         c("lr", float, low=0, low_open=True); c("min_lr", float, low=0, high=self.lr)
         c("weight_decay", float, low=0); c("grad_clip", float, low=0)
         for f in ("beta1", "beta2"): c(f, float, low=0, high=1, high_open=True)
@@ -295,6 +302,10 @@ class Trainer:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.step, self.epoch, self.batch_in_epoch, self.schedule_steps = 0, 0, 0, self.cfg.steps
         self.epoch_sums: dict = {}
+        self.best = {"loss": None, "step": None, "bad": 0}   # early stopping: best validation loss so far
+        if self.cfg.patience and (val_data is None or not self.cfg.eval_every):
+            raise ValueError("TrainConfig.patience (early stopping) needs validation data and eval_every > 0")
+        if self.dinfo.device.type == "cpu" and self.dinfo.is_main: check_threads()
         self.masking_generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.dinfo.rank)
         torch.manual_seed(self.cfg.seed + self.dinfo.rank)
         np.random.seed(self.cfg.seed); random.seed(self.cfg.seed)
@@ -513,7 +524,7 @@ def save_checkpoint(self: Trainer) -> Path | None:
             "schedule_steps": self.schedule_steps,
             "scheduler": {"step": self.step,
                           "lr": lr_at(max(self.step - 1, 0), self.cfg, self.schedule_steps)},
-            "rng": [m for _, m, _ in gathered], **self._run_meta()}
+            "rng": [m for _, m, _ in gathered], "best": self.best, **self._run_meta()}
     if stream is not None: meta["stream"] = [s for _, _, s in gathered]
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
@@ -555,6 +566,7 @@ def restore(self: Trainer, path: str | Path | None = None):
     load_optimizer_tensors(self.optimizer, tensors, meta["optimizer"], self.names)
     self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
     self.epoch_sums, self.schedule_steps = meta["epoch_sums"], horizon
+    self.best = meta.get("best", self.best)
     if horizon != self.cfg.steps and self.dinfo.is_main:
         warnings.warn(f"resuming with steps={self.cfg.steps}: the learning-rate schedule keeps the horizon "
                       f"schedule_steps={horizon} fixed when the run started (min_lr after step {horizon})",
@@ -581,8 +593,31 @@ def _end_epoch(self: Trainer):
 
 # %% ../nbs/12_train.ipynb #s014
 @patch
+def _early_stop(self: Trainer, val_loss: float) -> bool:
+    """Record a validation loss; keep the weights of the best one (`best.safetensors`); True when `patience`
+    validations in a row have not improved on it by `min_delta`."""
+    if not self.cfg.patience: return False
+    if self.best["loss"] is None or val_loss < self.best["loss"] - self.cfg.min_delta:
+        self.best = {"loss": float(val_loss), "step": self.step, "bad": 0}
+        if self.dinfo.is_main:
+            save_safetensors(self.ckpt_dir / "best.safetensors",
+                             {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                             {"step": str(self.step), "val_loss": repr(float(val_loss))})
+        return False
+    self.best["bad"] += 1
+    return self.best["bad"] >= self.cfg.patience
+
+@patch
+def _restore_best(self: Trainer):
+    "Load the best validation weights (every process reads the same file)."
+    if self.dinfo.world_size > 1: dist.barrier()
+    tensors, _ = load_safetensors(self.ckpt_dir / "best.safetensors")
+    self.model.load_state_dict(tensors)
+
+@patch
 def fit(self: Trainer) -> dict:
-    "Train until `cfg.steps` optimizer steps; return the last step's metrics (and `val` ones if validated)."
+    """Train until `cfg.steps` optimizer steps, or until early stopping (`cfg.patience`) ends it with the best
+    weights; return the last step's metrics (and `val` ones if validated, and `stopped_early` with `best_step`)."""
     cfg, last = self.cfg, {}
     bar = progress(total=cfg.steps, initial=self.step, enable=cfg.progress and self.dinfo.is_main,
                    desc="train")
@@ -599,13 +634,22 @@ def fit(self: Trainer) -> dict:
             if last_of_epoch: self._end_epoch()
             bar.update(1); bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             last = m
-            end = self.step >= cfg.steps
+            end, stop = self.step >= cfg.steps, False
             if self.val_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or end):
                 last["val"] = v = self.evaluate()
                 self.log.write("val", step=self.step, epoch=epoch, **v)
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end: self.save_checkpoint()
-            if end: break
+                stop = self._early_stop(v["loss"])
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end or stop:
+                self.save_checkpoint()
+            if stop:
+                last.update(stopped_early=True, best_step=self.best["step"])
+                if self.dinfo.is_main:
+                    print(f"early stopping at step {self.step}: no better validation loss than "
+                          f"{self.best['loss']:.4f} (step {self.best['step']}) for {cfg.patience} validations; "
+                          "keeping those weights", flush=True)
+            if end or stop: break
     finally: bar.close()
+    if cfg.patience and self.best["step"] is not None: self._restore_best()
     return last
 
 # %% ../nbs/12_train.ipynb #c061
