@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['TrainConfig', 'lr_at', 'sample_seed', 'per_sample_masks', 'DistInfo', 'init_distributed', 'epoch_batches',
            'global_loss', 'rng_state', 'set_rng_state', 'optimizer_tensors', 'load_optimizer_tensors', 'MetricsLog',
-           'NonFiniteLossError', 'Trainer', 'read_checkpoint', 'build_parser', 'main']
+           'NonFiniteLossError', 'Trainer', 'batch_seed', 'read_checkpoint', 'build_parser', 'main']
 
 # %% ../nbs/12_train.ipynb #c002
-import argparse, csv, json, math, os, random, sys, time, warnings
+import argparse, csv, hashlib, json, math, os, random, sys, time, warnings
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from fastcore.basics import patch
-from .masking import MaskingConfig, Masks
+from .masking import MaskingConfig, Masks, batch_masks
 from .tokens import (TokenBatch, TokenDataset, as_token_batch, collate_tokens, synthetic_token_dataset,
                          check_codec_checksums)
 from .token_shards import TokenShards, TokenStream
@@ -298,7 +298,7 @@ class Trainer:
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
+                                           lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=True)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.step, self.epoch, self.batch_in_epoch, self.schedule_steps = 0, 0, 0, self.cfg.steps
         self.epoch_sums: dict = {}
@@ -368,15 +368,22 @@ def _load(self: Trainer, data, index) -> TokenBatch:
     return collate_tokens([data[i] for i in index], list(index))
 
 # %% ../nbs/12_train.ipynb #s009
+def batch_seed(seed: int, stream: int, epochs, index) -> int:
+    """A 64-bit seed for one batch's masks: BLAKE2b of the run seed, the stream (train/val) and each row's
+    (epoch, dataset index), so the same batch gets the same masks on a resume, on whichever process draws it."""
+    words = np.concatenate([[seed, stream], np.stack([np.asarray(epochs), np.asarray(index)], 1).ravel()])
+    return int.from_bytes(hashlib.blake2b(words.astype("<i8").tobytes(), digest_size=8).digest(), "little")
+
 @patch
 def _masks(self: Trainer, batch: TokenBatch, stream: int, epoch: int) -> Masks:
-    """Masks for a batch: per-sample seeds when rows have dataset indices (and, from a stream, epochs), else the
-    trainer's generator."""
-    if batch.index is None: return self.masking(batch.tokens, batch.present, self.masking_generator)
-    rows = getattr(batch, "epoch", None)        # a StreamBatch: each row's own epoch
-    epochs = [epoch] * len(batch) if rows is None else rows.tolist()
-    return per_sample_masks(batch, self.masking,
-                            [sample_seed(self.cfg.seed, stream, e, int(i)) for e, i in zip(epochs, batch.index)])
+    """Masks for a whole batch in one call (`batch_masks`), from a generator seeded by the batch's rows when they
+    have dataset indices, else the trainer's generator; errors name the sample id."""
+    if batch.index is None: g = self.masking_generator
+    else:
+        rows = getattr(batch, "epoch", None)        # a StreamBatch: each row's own epoch
+        epochs = [epoch] * len(batch) if rows is None else rows.tolist()
+        g = torch.Generator().manual_seed(batch_seed(self.cfg.seed, stream, epochs, batch.index.tolist()))
+    return batch_masks(self.masking, batch.tokens, batch.present, g, batch.ids)
 
 # %% ../nbs/12_train.ipynb #s010
 @patch

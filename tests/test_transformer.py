@@ -192,3 +192,48 @@ def test_save_load_roundtrip_and_corruption(model, tmp_path):
     raw = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(raw[:100])
     with pytest.raises(ValueError, match="truncated or corrupted"): MultimodalTransformer.load(tmp_path)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_skipping_padding_gives_the_same_loss_and_gradients(dropout):
+    """The token-wise layers run on real tokens only (skip_padding, the default): loss and every gradient equal
+    those of the plain path that runs them over the padding too (with dropout: in eval mode; in train mode both stay
+    finite and the same parameters get gradients)."""
+    torch.manual_seed(1)
+    fast = MultimodalTransformer.from_codecs(CODECS, "tiny", dropout=dropout)
+    plain = copy.deepcopy(fast)
+    plain.skip_padding = False
+    assert fast.skip_padding
+    batch = token_batch(6, 2)
+    masks = apply_masking(batch.tokens, 0.4, batch.present, torch.Generator().manual_seed(3))
+    assert len(set(masks.counts()[0].tolist())) > 1 and len(set(masks.counts()[1].tolist())) > 1   # padding
+    for m in (fast, plain): m.train(dropout == 0).zero_grad()
+    out = [m.loss(batch.tokens, *masks, batch.present) for m in (fast, plain)]
+    for o in out: o.loss.backward()
+    torch.testing.assert_close(out[0].loss, out[1].loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None: torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if dropout:
+        for m in (fast, plain): m.train().zero_grad()
+        for m in (fast, plain):
+            loss = m.loss(batch.tokens, *masks, batch.present).loss
+            loss.backward()
+            assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_skipping_padding_matches_logits_and_embeddings(model):
+    "Forward logits and packed encoder states of the real tokens are those of the plain path."
+    batch = token_batch(5, 4)
+    masks = sample_budget_masks(batch.tokens, 0.5, 0.3, batch.present, generator=torch.Generator().manual_seed(2))
+    plain = copy.deepcopy(model)
+    plain.skip_padding = False
+    with torch.no_grad():
+        a, b = model(batch.tokens, *masks, batch.present), plain(batch.tokens, *masks, batch.present)
+        for k in a: torch.testing.assert_close(a[k].nan_to_num(), b[k].nan_to_num(), rtol=1e-5, atol=1e-6)
+        ea, eb = model.embed(batch.tokens, batch.present, masks.is_input), plain.embed(batch.tokens, batch.present, masks.is_input)
+    assert not ea.valid.all()                                     # there is padding to skip
+    torch.testing.assert_close(ea.states[ea.valid], eb.states[eb.valid], rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # the skipped half under bf16 autocast too
+        la, lb = model.loss(batch.tokens, *masks, batch.present).loss, plain.loss(batch.tokens, *masks, batch.present).loss
+    torch.testing.assert_close(la, lb, rtol=2e-2, atol=1e-3)

@@ -1,6 +1,6 @@
 """Tokenizing once and streaming the tokens: throughput against the number of processes, and peak memory at two data sizes.
 
-    .venv/bin/python bench/tokenize.py [--quick] [--sizes 400 1600] [--workers 2] [--shard-size 50]
+    .venv/bin/python bench/tokenize_shards.py [--quick] [--sizes 400 1600] [--workers 2] [--shard-size 50]
 
 Data: galaxies simulated by `mmfm.simulate` (Legacy, HSC and Gaia cutouts as FITS, two catalogs), read through
 `astro_dataset` with the Legacy and HSC image codecs of `mmfm.image_codecs` (untrained: the encoding cost does not
@@ -13,8 +13,6 @@ Memory must not grow with the data set: the script prints the ratio of the peaks
 The machine may be shared: figures vary with its load, ratios within one run much less.
 """
 import os, sys
-# this file is named like the standard library's `tokenize`: take its folder off the import path before anything imports it
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)): sys.path.pop(0)
 import argparse, json, resource, shutil, subprocess, tempfile, time
 from pathlib import Path
 

@@ -1,0 +1,252 @@
+"""Training throughput at the shapes the worked examples train at: today's path (reference) against the new one.
+
+    python bench/train_speed.py              # full run (a few minutes on 2 cores)
+    python bench/train_speed.py --quick      # fewer steps, tiny and small presets at a small batch (< 2 min)
+    python bench/train_speed.py --threads 1  # one torch thread: steadier figures when other processes share the CPU
+
+REFERENCE (kept inline below, so that it stays a fixed reference): masks drawn sample by sample, each from its own
+seeded generator (the trainer's `per_sample_masks`, with the loop-over-rows `ModalityMixMasking` it used), the model's
+token-wise layers run over the padding too (`skip_padding = False`), `torch.optim.AdamW` with its defaults.
+NEW: masks for the whole batch in one call from one generator (`mmfm.masking.batch_masks`), token-wise layers on the
+real tokens only (the model's default), `AdamW(fused=True)`. Both run the trainer's step (learning rate, forward to
+the loss terms, backward, gradient clipping at 1, optimizer step) in float32, on the same batches, interleaved step by
+step (on a shared CPU other processes only add time: the best and the median of the timed steps are reported).
+
+Shapes (synthetic tokens with the examples' token counts, vocabularies and masking; presence rates approximate the
+examples' data): astronomy demo (`nbs/examples/23_astro_pipeline.ipynb`, size 'demo': tiny preset, batch 32;
+Legacy image 68 tokens, HSC image 86, Legacy catalog 7, spectroscopic redshift 1, vocabularies 1000-1024; budgets of
+half the present tokens as inputs and half as targets, all-to-all / one-to-all 50/50); medical demo
+(`nbs/examples/22_medical_pipeline.ipynb`: tiny preset, dropout 0.1, batch 32, `ModalityMixMasking`): the diabetes
+folds (3 + 6 + 1 + 1 table tokens, 8 bins; 4000 of the demo's 5200 steps) and the cohort (3 + 3 + 4 table tokens,
+16 bins, ECG 128 tokens of 512 codes, input-only).
+
+Then the model alone (new path) at the astronomy shape for the tiny, small and base presets: tokens/s and the share
+of a float32 / bfloat16 matmul peak measured in the same run (2048^3 matmul), under bf16 autocast and without.
+FLOPs are model FLOPs on the real tokens (matmuls and attention, forward + 2x for backward), as in bench/transformer.py.
+"""
+import sys
+from pathlib import Path
+import argparse, math, os, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmfm.masking import Masks, MaskingConfig, ModalityMixMasking, apply_masking, batch_masks
+from mmfm.transformer import MultimodalTransformer, TransformerConfig, average_over_modalities
+
+N_DATA = 1024  # synthetic samples per shape
+
+
+# --- the shapes -------------------------------------------------------------------------------------------------
+def astronomy():
+    keys = {"tok_image_legacy": (68, 1000, ((4,), (8, 8))), "tok_image_hsc": (86, 1000, ((5,), (9, 9))),
+            "tok_catalog_legacy": (7, 1024, (7,)), "tok_spec_z": (1, 1024, (1,))}
+    masking = MaskingConfig(input_budget=0.5, target_budget=0.5, mixture={"all-to-all": 0.5, "one-to-all": 0.5})
+    def presence(g, n):
+        legacy = torch.rand(n, generator=g) < 0.75
+        hsc = (torch.rand(n, generator=g) < 0.45) | ~legacy            # each galaxy has an image
+        return {"tok_image_legacy": legacy, "tok_image_hsc": hsc, "tok_catalog_legacy": legacy.clone(),
+                "tok_spec_z": torch.rand(n, generator=g) < 0.3}
+    return keys, presence, masking, {}
+
+
+def diabetes():
+    keys = {"tok_diabetes_demographics": (3, 8, (3,)), "tok_diabetes_labs": (6, 8, (6,)),
+            "tok_diabetes_vitals": (1, 8, (1,)), "tok_diabetes_progression": (1, 8, (1,))}
+    def presence(g, n):
+        return {k: (torch.rand(n, generator=g) < 0.9) | (k == "tok_diabetes_demographics") for k in keys}
+    return keys, presence, ModalityMixMasking(), dict(dropout=0.1, embedding_std=0.5)
+
+
+def cohort():
+    keys = {"tok_cohort_demographics": (3, 16, (3,)), "tok_cohort_labs": (3, 16, (3,)),
+            "tok_cohort_vitals": (4, 16, (4,)), "tok_cohort_ecg": (128, 512, (128,))}
+    def presence(g, n):
+        return {k: (torch.rand(n, generator=g) < 0.8) | (k == "tok_cohort_demographics") for k in keys}
+    return keys, presence, ModalityMixMasking(input_only=("tok_cohort_ecg",)), dict(dropout=0.1, embedding_std=0.5)
+
+
+SHAPES = {"astronomy": astronomy, "medical-diabetes": diabetes, "medical-cohort": cohort}
+
+
+def dataset(keys, presence, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = {k: torch.randint(0, v, (N_DATA, n), generator=g) for k, (n, v, _) in keys.items()}
+    present = presence(g, N_DATA)
+    for k in tokens: tokens[k][~present[k]] = 0
+    return tokens, present
+
+
+# --- the reference path (today's), kept inline -------------------------------------------------------------------
+def sample_seed(seed, stream, epoch, index):
+    return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
+
+
+def reference_mix(mm, tokens, present, generator):
+    "ModalityMixMasking as it was: a Python loop over the rows."
+    keys = list(tokens); B = next(iter(tokens.values())).shape[0]
+    probs = torch.tensor([mm.p_random, mm.p_leave_one_out, mm.p_one_in], dtype=torch.float64)
+    is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
+    is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
+    for b in range(B):
+        have = [k for k in keys if bool(present[k][b])]
+        can_target = [k for k in have if k not in mm.input_only]
+        u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(probs.sum())
+        strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else 1 if u < probs[:2].sum() else 2
+        if strategy == 0:
+            ratio = mm.min_ratio + (mm.max_ratio - mm.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
+            m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
+            for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
+        else:
+            pool = can_target if strategy == 1 else have
+            pick = pool[int(torch.randint(len(pool), (), generator=generator))]
+            for k in have:
+                is_input[k][b] = (k == pick) == (strategy == 2)
+                is_target[k][b] = (k == pick) == (strategy == 1)
+        for k in mm.input_only:
+            if k in have: is_input[k][b] |= is_target[k][b]; is_target[k][b] = False
+    return Masks(is_input, is_target)
+
+
+def reference_masks(masking, tokens, present, index, seed=0, epoch=0):
+    "The trainer's per_sample_masks: one seeded generator and one masking call per row."
+    call = (lambda t, p, g: reference_mix(masking, t, p, g)) if isinstance(masking, ModalityMixMasking) else masking
+    rows = []
+    for b, i in enumerate(index):
+        rows.append(call({k: t[b:b + 1] for k, t in tokens.items()}, {k: p[b:b + 1] for k, p in present.items()},
+                         torch.Generator().manual_seed(sample_seed(seed, 0, epoch, int(i)))))
+    return Masks({k: torch.cat([r.is_input[k] for r in rows]) for k in tokens},
+                 {k: torch.cat([r.is_target[k] for r in rows]) for k in tokens})
+
+
+def new_masks(masking, tokens, present, position, seed=0, epoch=0):
+    "One call for the batch, from a generator seeded by (run seed, stream, epoch, batch position)."
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0, epoch, position, 0]).generate_state(1)[0]))
+    return batch_masks(masking, tokens, present, g)
+
+
+# --- one training step, as Trainer.train_step does it -------------------------------------------------------------
+def make_path(kind, shape, preset="tiny", batch=32, bf16=False, seed=0):
+    keys, presence, masking, overrides = SHAPES[shape]()
+    tokens, present = dataset(keys, presence, seed)
+    torch.manual_seed(seed)
+    model = MultimodalTransformer({k: v for k, (_, v, _) in keys.items()}, {k: n for k, (n, _, _) in keys.items()},
+                                  TransformerConfig.preset(preset, **overrides),
+                                  token_grids={k: g for k, (_, _, g) in keys.items()})
+    model.skip_padding = kind == "new"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05,
+                            **({"fused": True} if kind == "new" else {}))
+    def step(position):
+        "One step on batch `position`; returns (mask seconds, step seconds, tokens, model FLOPs)."
+        t0 = time.perf_counter()
+        index = torch.arange(position * batch, (position + 1) * batch) % N_DATA
+        tok = {k: v[index] for k, v in tokens.items()}; pres = {k: v[index] for k, v in present.items()}
+        masks = (reference_masks(masking, tok, pres, index) if kind == "reference"
+                 else new_masks(masking, tok, pres, position))
+        t1 = time.perf_counter()
+        model.train()
+        for g in opt.param_groups: g["lr"] = 1e-3
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            terms = model(tok, *masks, pres, loss_terms=True)
+        loss = average_over_modalities(terms.ce_sum, terms.n_targets)
+        if not math.isfinite(float(loss.detach())): raise RuntimeError(f"{kind} {shape}: non-finite loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0, *work(model, masks)
+    return step
+
+
+def work(model, masks):
+    "Input + target tokens of a batch, and the model FLOPs of one training step on its real tokens."
+    d, cfg = model.config.d_model, model.config
+    n_in = sum(m.sum(1) for m in masks.is_input.values()).double()
+    n_tgt = sum(m.sum(1) for m in masks.is_target.values()).double()
+    enc = cfg.n_encoder_layers * (24 * d * d * n_in + 4 * n_in ** 2 * d)
+    dec = cfg.n_decoder_layers * (28 * d * d * n_tgt + 4 * d * d * n_in + 4 * n_tgt ** 2 * d + 4 * n_tgt * n_in * d)
+    head = sum(2 * d * model.vocab_sizes[k] * m.sum() for k, m in masks.is_target.items())
+    return int((n_in + n_tgt).sum()), float(3 * ((enc + dec).sum() + head))
+
+
+def matmul_peak(dtype, reps=4) -> tuple[float, int]:
+    "FLOP/s of the best of `reps` n×n matmuls: n = 2048, or 512 where a 512 one is slow (no native kernel)."
+    def best(n):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        dt = math.inf
+        for _ in range(reps):
+            t = time.perf_counter(); a @ b; dt = min(dt, time.perf_counter() - t)
+        return 2 * n ** 3 / dt
+    small = best(512)
+    return (small, 512) if small < 20e9 else (max(small, best(2048)), 2048)
+
+
+# --- the benchmark -----------------------------------------------------------------------------------------------
+def compare(shape, steps, warmup=2):
+    paths = {kind: make_path(kind, shape) for kind in ("reference", "new")}
+    for p in range(warmup):
+        for kind in paths: paths[kind](p)
+    out = {kind: [] for kind in paths}
+    for p in range(warmup, warmup + steps):                        # interleaved, order alternating
+        for kind in (("reference", "new") if p % 2 else ("new", "reference")): out[kind].append(paths[kind](p))
+    return out
+
+
+def summarise(rows):
+    mask, step, tok, _ = map(np.array, zip(*rows))
+    return {"best": step.min(), "median": float(np.median(step)), "tokens": tok.mean(),
+            "mask_share": float(np.median(mask / step))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer steps; presets tiny and small only, small batches")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    a = p.parse_args()
+    if a.threads: torch.set_num_threads(a.threads)
+    steps = 4 if a.quick else 24
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
+          f"(a shared CPU adds noise; reference and new are timed interleaved in this run)")
+    print(f"\ntraining step at the examples' shapes, float32, {steps} timed steps per path after 2 warm-up steps")
+    print(f"{'shape':<18}{'path':<11}{'steps/s':>9}{'(median)':>10}{'tokens/s':>10}{'masks':>8}")
+    ratios = {}
+    for shape in SHAPES:
+        res = {k: summarise(v) for k, v in compare(shape, steps).items()}
+        for kind, r in res.items():
+            print(f"{shape:<18}{kind:<11}{1 / r['best']:>9.2f}{1 / r['median']:>10.2f}{r['tokens'] / r['best']:>10.0f}"
+                  f"{r['mask_share']:>8.0%}")
+        ratios[shape] = (res["reference"]["best"] / res["new"]["best"], res["reference"]["median"] / res["new"]["median"])
+        print(f"{shape:<18}{'new / reference':<20} {ratios[shape][0]:.2f}x best, {ratios[shape][1]:.2f}x median")
+
+    (p32, n32), (p16, n16) = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    peak = {"fp32": p32, "bf16": p16}
+    print(f"\nmatmul peak: fp32 {p32 / 1e9:.0f} GFLOP/s ({n32}^3), bf16 {p16 / 1e9:.1f} GFLOP/s ({n16}^3)"
+          + ("; no native bf16 matmul on this CPU (emulated): bf16 autocast only slows training here" if p16 < p32 else ""))
+    presets = {"tiny": 32, "small": 8} if a.quick else {"tiny": 32, "small": 16, "base": 4}
+    n = 1 if a.quick else 3
+    print(f"model alone (new path) at the astronomy shape; best of {n} timed steps after 1 warm-up")
+    print(f"{'preset':<8}{'batch':>6}{'prec':>6}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>9}")
+    fp32_step = {}
+    for preset, batch in presets.items():
+        for prec in ("fp32", "bf16"):
+            if prec == "bf16" and fp32_step[preset] * peak["fp32"] / peak["bf16"] > (10 if a.quick else 60):
+                print(f"{preset:<8}{batch:>6}{prec:>6}  skipped: about {fp32_step[preset] * peak['fp32'] / peak['bf16']:.0f} s "
+                      "a step at the measured bf16 matmul rate")
+                continue
+            step = make_path("new", "astronomy", preset, batch, bf16=prec == "bf16")
+            step(0)
+            rows = [step(i + 1) for i in range(n)]
+            best = min(rows, key=lambda r: r[1] - r[0])
+            dt = best[1] - best[0]                                   # model step, without the masks
+            if prec == "fp32": fp32_step[preset] = dt
+            print(f"{preset:<8}{batch:>6}{prec:>6}{dt:>9.3f}{best[2] / dt:>10.0f}{best[3] / dt / 1e9:>9.1f}"
+                  + (f"{best[3] / dt / peak[prec]:>9.1%}" if peak[prec] >= peak["fp32"] or prec == "fp32" else f"{'-':>9}"))
+    print("\nnew / reference (best step): " + ", ".join(f"{s} {r[0]:.2f}x" for s, r in ratios.items())
+          + "  (goal: >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
