@@ -23,7 +23,7 @@ from jaxtyping import Float, Bool
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError
 from .quantize import FiniteScalarQuantizer, codebook_usage
-from .codec import Codec, CodecError, check_point, distribution_summary
+from .codec import Codec, CodecError, check_point, distribution_summary, ABSENT_TOKEN
 from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyImage,
                           SurveyPreprocessor, AsinhStretch,
                           Preprocessed, SurveyDataError, to_nanomaggies, cutout_wcs, observed_bands)
@@ -242,7 +242,7 @@ def aperture_snr(self, signal: Float[Tensor, "batch band h w"]) -> Float[Tensor,
     return (signal * ap).sum((-1, -2)) / math.sqrt(float(ap.sum()))
 
 # %% ../nbs/33_image_codecs.ipynb #v3s019
-ABSENT_FLUX_TOKEN = 0   # the flux token of a band that was not observed; flux levels are tokens 1 … V−1
+ABSENT_FLUX_TOKEN = ABSENT_TOKEN   # the flux token of a band not observed (0); flux levels are tokens 1 … V−1
 
 @patch_to(ImageCodecBase)
 def flux_to_tokens(self, snr: Tensor, ids=None) -> Tensor:
@@ -284,6 +284,13 @@ def allowed_targets(self) -> Tensor:
     allowed = torch.ones(self.num_tokens, self.vocab_size, dtype=torch.bool)
     if self.flux_tokens: allowed[:self.n_bands, ABSENT_FLUX_TOKEN] = False
     return allowed
+
+@patch_to(ImageCodecBase, as_prop=True)
+def absent_positions(self) -> Tensor | None:
+    "Bool `[num_tokens]`: the flux tokens (token 0 there: the band was not observed); None without flux tokens."
+    if not self.flux_tokens: return None
+    pos = torch.zeros(self.num_tokens, dtype=torch.bool); pos[:self.n_bands] = True
+    return pos
 
 # %% ../nbs/33_image_codecs.ipynb #v3s021
 @patch_to(ImageCodecBase)

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .modality import (BaseModality, TableModality, modality_type, registered_modalities,
                            modality_from_definition)
 from .quantize import QuantileScalarQuantizer, VectorQuantizer
-from .codec import Codec, CodecError, check_point, binned_summary
+from .codec import Codec, CodecError, check_point, binned_summary, ABSENT_TOKEN
 
 # %% ../nbs/05_table_codecs.ipynb #c006
 def modality_path(cls: type) -> str:
@@ -66,20 +66,25 @@ class MissingCellError(CodecError):
 # %% ../nbs/05_table_codecs.ipynb #s002
 def table_matrix(x: TableModality,   # a batch of a table modality
                  where: str = "",    # what is asking, for the error message
+                 allow_nan: bool = False,   # NaN cells are missing cells (still refused: ±inf)
                  ) -> Float[Tensor, "batch n_columns"]:
     """The `[batch, n_columns]` matrix of `x`; raises `MissingCellError` naming columns and rows of
-    non-finite cells."""
+    non-finite cells (only of infinite ones with `allow_nan`)."""
     m = x.as_matrix()
-    bad = ~torch.isfinite(m)
+    bad = torch.isinf(m) if allow_nan else ~torch.isfinite(m)
     if bad.any():
         cols = [f"{x.columns[j]!r} (rows {bad[:, j].nonzero().flatten().tolist()[:10]})"
                 for j in range(m.shape[1]) if bad[:, j].any()]
         ids = (x.metadata or {}).get('per_sample')
         who = f"; sample ids {[ids[i].get('id') for i in bad.any(1).nonzero().flatten().tolist()[:10]]}" if ids else ""
+        if allow_nan:
+            raise MissingCellError(f"{where}{type(x).__name__}: infinite cells in column(s) {', '.join(cols)}{who}. "
+                                   "A missing cell is NaN; an infinite value is not a measurement")
         raise MissingCellError(f"{where}{type(x).__name__}: NaN or infinite cells in column(s) "
                                f"{', '.join(cols)}{who}. "
-                               "A table codec does not encode missing cells: mark the table absent for those "
-                               "samples (present=False) instead of filling in a value")
+                               "This codec does not encode missing cells: build it with missing_cells=True (NaN "
+                               "cells become absent tokens), or mark the table absent for those samples "
+                               "(present=False) instead of filling in a value")
     return m
 
 # %% ../nbs/05_table_codecs.ipynb #c012
@@ -106,6 +111,8 @@ class TableCodec(Codec):
                  code_dim: int = 16,                  # per_table: dimension of the VQ codes
                  hidden: int = 128,                   # per_table: width of the MLPs
                  vq_decay: float = 0.9,               # per_table: EMA decay of the codebook
+                 # per_column: NaN cells are missing (token 0, decoded as NaN, never a prediction); else refused
+                 missing_cells: bool = False,
                  ):
         super().__init__()
         spec = modality if modality is not None else self.default_modality
@@ -117,6 +124,10 @@ class TableCodec(Codec):
         if layout not in LAYOUTS:
             raise CodecError(f"{type(self).__name__}: layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout, self.density_floor, self.range_margin = layout, int(density_floor), float(range_margin)
+        self.missing_cells = bool(missing_cells)
+        if self.missing_cells and layout != "per_column":
+            raise CodecError(f"{type(self).__name__}: missing_cells needs layout='per_column' (one token per row "
+                             "cannot leave a cell out)")
         F = len(self._modality.columns)
         self.register_buffer('mean', torch.zeros(F, dtype=torch.float64))
         self.register_buffer('std', torch.ones(F, dtype=torch.float64))
@@ -153,20 +164,26 @@ def token_grid(self: TableCodec) -> tuple[int, ...]:
 @torch.no_grad()
 def prepare(self: TableCodec, train: TableModality) -> TableCodec:
     "Fit the column means and standard deviations (and, per column, the quantile bins) on the training rows."
-    x = table_matrix(self._check_modality(train), f"{type(self).__name__}.prepare: ").double()
+    x = table_matrix(self._check_modality(train), f"{type(self).__name__}.prepare: ", self.missing_cells).double()
     if x.shape[0] < 2: raise CodecError(f"{type(self).__name__}.prepare: needs at least 2 training rows, got "
                                         f"{x.shape[0]}")
-    mean, std = x.mean(0), x.std(0)
+    seen = (~torch.isnan(x)).sum(0)
+    if (seen < 2).any():
+        raise CodecError(f"{type(self).__name__}.prepare: column(s) {[self.columns[j] for j in (seen < 2).nonzero().flatten().tolist()]} "
+                         "have fewer than 2 measured values in the training rows")
+    mean = x.nanmean(0)
+    std = ((x - mean).pow(2).nansum(0) / (seen - 1)).sqrt()
     std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
     self.mean.copy_(mean); self.std.copy_(std)
     # bins in the columns' own units: a decoded value is a training value, exactly
     if self.layout == "per_column":
-        lo, hi = x.min(0).values, x.max(0).values
+        lo = torch.where(torch.isnan(x), torch.inf, x).min(0).values
+        hi = torch.where(torch.isnan(x), -torch.inf, x).max(0).values
         width = torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
         pad = self.range_margin * width
         grid = torch.linspace(0, 1, self.density_floor,
                               dtype=x.dtype)[:, None] * (hi - lo + 2 * pad) + (lo - pad)
-        self._quantizer.fit(torch.cat([x, grid]).float().unsqueeze(-1))
+        self._quantizer.fit(torch.cat([x, grid]).float().unsqueeze(-1), skip_nan=self.missing_cells)
     self.prepared.fill_(True)
     return self
 
@@ -186,7 +203,9 @@ def denormalize(self: TableCodec, z: Float[Tensor, "batch n_columns"], **metadat
 @patch
 def _encode(self: TableCodec, x: TableModality) -> Tensor:
     if self.layout == "per_column":
-        return table_matrix(x, f"{type(self).__name__}: ").unsqueeze(1)   # [B, 1, F]
+        m = table_matrix(x, f"{type(self).__name__}: ", self.missing_cells)
+        if self.missing_cells: m = torch.where(torch.isnan(m), self.mean.to(m), m)   # quantised, then token 0
+        return m.unsqueeze(1)   # [B, 1, F]
     return self.encoder(self.normalize(x).float()).unsqueeze(-1)  # [B, code_dim, 1]
 
 # %% ../nbs/05_table_codecs.ipynb #s007
@@ -198,8 +217,50 @@ def _decode(self: TableCodec, z: Tensor, **metadata) -> TableModality:
 # %% ../nbs/05_table_codecs.ipynb #s008
 @patch
 def reconstruction_loss(self: TableCodec, x: TableModality, x_hat: TableModality) -> Tensor:
-    "Mean squared error in standard deviations (so that no column dominates by its unit)."
-    return (((x_hat.as_matrix() - x.as_matrix()) / self.std.float()) ** 2).mean()
+    "Mean squared error in standard deviations (so that no column dominates by its unit), over measured cells."
+    err = ((x_hat.as_matrix() - x.as_matrix()) / self.std.float()) ** 2
+    return err.nanmean() if self.missing_cells else err.mean()
+
+# %% ../nbs/05_table_codecs.ipynb #mc002
+@patch(as_prop=True)
+def vocab_size(self: TableCodec) -> int:
+    "Bins per column (+ 1 for the absent token with `missing_cells`), or the VQ codebook size."
+    return int(self._quantizer.codebook_size) + (1 if self.missing_cells else 0)
+
+@patch(as_prop=True)
+def absent_positions(self: TableCodec) -> Tensor | None:
+    "Every column with `missing_cells` (token 0: the cell was not measured); None otherwise."
+    return torch.ones(self.num_tokens, dtype=torch.bool) if self.missing_cells else None
+
+@patch(as_prop=True)
+def allowed_targets(self: TableCodec) -> Tensor | None:
+    "With `missing_cells`: every bin of every column, never the absent token; None otherwise."
+    if not self.missing_cells: return None
+    allowed = torch.ones(self.num_tokens, self.vocab_size, dtype=torch.bool)
+    allowed[:, ABSENT_TOKEN] = False
+    return allowed
+
+# %% ../nbs/05_table_codecs.ipynb #mc003
+@patch
+@torch.no_grad()
+def encode(self: TableCodec, x: TableModality) -> Tensor:
+    "Tokens `[batch, n_columns]` (or `[batch, 1]` per table); with `missing_cells`, 0 for a NaN cell, bins from 1."
+    if not self.missing_cells: return Codec.encode(self, x)
+    x = self._check_modality(x).to(self.device)
+    missing = torch.isnan(table_matrix(x, f"{type(self).__name__}: ", True))
+    idx = Codec.encode(self, x) + 1
+    return idx.masked_fill(missing.to(idx.device), ABSENT_TOKEN)
+
+@patch
+@torch.no_grad()
+def decode(self: TableCodec, tokens: Tensor, **metadata) -> TableModality:
+    "The table that `tokens` stand for; with `missing_cells`, NaN where a token is 0."
+    if not self.missing_cells: return Codec.decode(self, tokens, **metadata)
+    tokens = self._check_tokens(tokens).to(self.device)
+    absent = tokens == ABSENT_TOKEN
+    z = self.indices_to_latent((tokens - 1).clamp(min=0).reshape(tokens.shape[0], *self.token_grid))
+    m = z[:, 0, :].masked_fill(absent, float('nan'))
+    return self._modality.from_matrix(m, metadata=metadata or None)
 
 # %% ../nbs/05_table_codecs.ipynb #tdd02
 @patch
@@ -213,8 +274,12 @@ def decode_distribution(self: TableCodec,
     if self.layout != "per_column": return Codec.decode_distribution(self, probs, point, **metadata)
     point, probs = check_point(point), self._check_probs(probs)
     if point == "argmax": return self.decode(probs.argmax(-1), **metadata)
-    q = self._quantizer
+    q, absent = self._quantizer, None
+    if self.missing_cells:            # P(not measured) >= 1/2: NaN; else the bins' distribution, renormalised
+        absent = probs[..., ABSENT_TOKEN] >= 0.5
+        probs = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True).clamp_min(1e-30)
     x = binned_summary(q.centres.t(), q.edges.t(), probs.transpose(1, 2), point)    # [B, F]
+    if absent is not None: x = x.masked_fill(absent, float('nan'))
     return self._modality.from_matrix(x.float(), metadata=metadata or None)
 
 # %% ../nbs/05_table_codecs.ipynb #c019
