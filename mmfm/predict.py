@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from .modality import BaseModality, modality_type, UnknownModalityError
-from .codec import CodecManager, check_point
+from .codec import CodecManager, check_point, token_presence
 from .data import Batch
 from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens
 from .transformer import MultimodalTransformer
@@ -232,6 +232,9 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                    # {target key: token positions (ints or Bool[N_key])} to predict; None: every position
                    positions: Mapping[str, object] | None = None,
                    keep_probs: bool = False,               # also return each target token's distribution
+                   # {key: Bool[N_key]}: where token 0 means "not measured" (`CodecManager.absent_positions`):
+                   # such tokens are never inputs
+                   absent_positions: Mapping[str, Tensor] | None = None,
                    ) -> TokenPrediction:
     "Decode the tokens of the `targets` keys from the other present tokens, in one step or iteratively."
     targets = list(targets)
@@ -255,7 +258,9 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                     for k in targets}
     where = _positions(positions, targets, model)
     target_mask = {k: predict_rows[k][:, None] & where[k].to(dev)[None] for k in targets}   # [B, N_key]
-    is_input = {k: present[k][:, None].expand_as(t).clone() for k, t in tokens.items()}
+    cells = token_presence(tokens, present, absent_positions or {})   # absent cells are never inputs
+    is_input = {k: (cells[k] if cells[k].dim() == 2 else present[k][:, None]).expand_as(t).clone()
+                for k, t in tokens.items()}
     for k in targets:
         is_input[k] &= ~target_mask[k]
         tokens[k][target_mask[k]] = 0  # the answer never reaches the model
@@ -339,7 +344,8 @@ def predict(model,                         # a trained MultimodalTransformer
                          top_k=top_k, choice_temperature=choice_temperature, chain=chain,
                          keep_present=keep_present,
                          generator=generator, ids=tb.ids, allowed=allowed_targets(manager, keys),
-                         positions=positions, keep_probs=point != "argmax" or return_tokens)
+                         positions=positions, keep_probs=point != "argmax" or return_tokens,
+                         absent_positions=manager.absent_positions)
     meta = {resolve_targets(t, model)[0]: dict(kw) for t, kw in (metadata or {}).items()}
     mods = {}
     for k in keys:
@@ -385,7 +391,8 @@ def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list,
         b = data.batch(rows)
         shown = {k: (p if k in given else torch.zeros_like(p)) for k, p in b.present.items()}
         pred = predict_tokens(model, b.tokens, shown, keys, steps=steps, ids=b.ids,
-                              allowed=allowed_targets(codecs, keys), keep_probs=any(p != "argmax" for p in points))
+                              allowed=allowed_targets(codecs, keys), keep_probs=any(p != "argmax" for p in points),
+                              absent_positions=codecs.absent_positions)
         for k in keys:
             out[k].append(pred.tokens[k])
             codec = codecs.codec_for(k)
