@@ -8,7 +8,7 @@ __all__ = ['CODEC_CLASSES', 'ABSENT_TOKEN', 'POINTS', 'CodecError', 'TokenRangeE
            'binned_summary', 'codec_class', 'check_codec', 'CodecManager']
 
 # %% ../nbs/02_codec.ipynb #c002
-import functools, importlib, importlib.util, inspect, json, math, tempfile
+import functools, importlib, importlib.util, inspect, json, math, sys, tempfile
 from pathlib import Path
 from typing import Any, Iterable
 import torch
@@ -406,8 +406,15 @@ def _importable(module: str) -> bool:
     try: return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError): return False
 
+def _resolvable(cls) -> bool:
+    "Whether `module:QualName` finds `cls` again: an importable module that (once loaded) holds it by that name."
+    if not _importable(cls.__module__): return False
+    mod = sys.modules.get(cls.__module__)
+    return mod is None or getattr(mod, cls.__qualname__, None) is cls
+
 def _library_twin(cls) -> bool:
     "Whether mmfm exports a class of this name: one that a library notebook defines again in `__main__`."
+    if cls.__module__ != '__main__': return False
     from mmfm._modidx import d
     return any(f"{m}.{cls.__qualname__}" in syms for m, syms in d['syms'].items())
 
@@ -421,7 +428,7 @@ def _portable_config(codec) -> dict:
                                "codec (e.g. TableCodec(modality=...), SeriesCodec(modality=...)) or move the class "
                                "into a module on the Python path")
     mod = codec.modality
-    if not _importable(mod.__module__) and not _library_twin(mod):
+    if not _resolvable(mod) and not _library_twin(mod):
         definition = getattr(mod, 'definition', None)
         if definition is None:
             raise CodecConfigError(f"{name}: its modality {mod.__name__} is defined in {mod.__module__!r} (a script or "
