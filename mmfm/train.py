@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from fastcore.basics import patch
-from .masking import MaskingConfig, Masks, batch_masks
+from .masking import MaskingConfig, ModalityMixMasking, Masks, batch_masks, check_masking, masking_meta
 from .tokens import (TokenBatch, TokenDataset, as_token_batch, collate_tokens, synthetic_token_dataset,
                          check_codec_checksums)
 from .token_shards import TokenShards, TokenStream
+from .codec import token_presence
 from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
                         check_setting)
 from .progress import progress
@@ -282,7 +283,8 @@ class Trainer:
     def __init__(self, model: MultimodalTransformer,  # the model (same initial weights on every process)
                  data,  # TokenDataset, TokenStream, map-style Dataset of samples, or re-iterable of batches
                  cfg: TrainConfig | None = None,  # optimisation settings
-                 masking: MaskingConfig | None = None,  # how inputs and targets are chosen
+                 # how inputs and targets are chosen (or a masking of your own: see check_masking)
+                 masking: MaskingConfig | ModalityMixMasking | None = None,
                  out_dir: str | Path = "runs/mmfm",  # where logs and checkpoints go
                  val_data=None,  # validation data (as `data`, or TokenShards / a one-pass TokenStream)
                  resume: bool = False,  # continue the run in out_dir from its latest checkpoint
@@ -290,9 +292,12 @@ class Trainer:
                  codecs=None,  # CodecManager: refuse data whose recorded codec checksums differ from its
                  ):
         self.cfg, self.masking = cfg or TrainConfig(), masking or MaskingConfig()
+        check_masking(self.masking)   # a plain function would run every step, then fail at the first checkpoint
         self.dinfo = dinfo or init_distributed()
         self.out_dir, self.data, self.val_data = Path(out_dir), data, val_data
         self._check_data(codecs)
+        # where token 0 means "not measured" (a missing table cell, a band not observed): never input nor target
+        self.absent = dict(codecs.absent_positions) if codecs is not None else {}
         self.model = model.to(self.dinfo.device)
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -377,13 +382,15 @@ def batch_seed(seed: int, stream: int, epochs, index) -> int:
 @patch
 def _masks(self: Trainer, batch: TokenBatch, stream: int, epoch: int) -> Masks:
     """Masks for a whole batch in one call (`batch_masks`), from a generator seeded by the batch's rows when they
-    have dataset indices, else the trainer's generator; errors name the sample id."""
+    have dataset indices, else the trainer's generator; absent tokens (the codecs' `absent_positions`) are never
+    chosen; errors name the sample id."""
     if batch.index is None: g = self.masking_generator
     else:
         rows = getattr(batch, "epoch", None)        # a StreamBatch: each row's own epoch
         epochs = [epoch] * len(batch) if rows is None else rows.tolist()
         g = torch.Generator().manual_seed(batch_seed(self.cfg.seed, stream, epochs, batch.index.tolist()))
-    return batch_masks(self.masking, batch.tokens, batch.present, g, batch.ids)
+    present = token_presence(batch.tokens, batch.present, self.absent) if self.absent else batch.present
+    return batch_masks(self.masking, batch.tokens, present, g, batch.ids)
 
 # %% ../nbs/12_train.ipynb #s010
 @patch
@@ -493,7 +500,7 @@ def evaluate(self: Trainer, data=None) -> dict:
 @patch
 def _run_meta(self: Trainer) -> dict:
     return {"model_spec": self.model.spec(), "train_config": asdict(self.cfg),
-            "masking": asdict(self.masking)}
+            "masking": masking_meta(self.masking)}
 
 # %% ../nbs/12_train.ipynb #s030
 @patch
