@@ -13,7 +13,7 @@ def two_runs(tmp_path_factory):
 
 def test_metrics_finite_with_baselines(two_runs):
     a, _, _ = two_runs
-    assert set(a) == {'hsc_from_legacy_rms_sigma', 'photoz_sigma_nmad', 'photoz_outlier_fraction',
+    assert set(a) == {'hsc_from_legacy_rms_sigma', 'photoz_sigma_nmad', 'photoz_sigma_nmad_argmax', 'photoz_outlier_fraction',
                       'probe_r2_mag', 'probe_r2_size', 'probe_r2_ellipticity'}
     for name, m in a.items():
         assert math.isfinite(m['model']) and m['baseline'] is not None and math.isfinite(m['baseline']), name
