@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from fastcore.basics import patch
 from .modality import BaseModality, ModalityError, modality_type, UnknownModalityError
 from .data import DataError, Sample, Batch, Source, collate
-from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError
+from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index
 from .progress import progress
 
 # %% ../nbs/04a_shards.ipynb #a005
@@ -362,14 +362,7 @@ def read_shard_index(root: str | Path) -> dict:
     if not path.is_file():
         hint = " (the write has not finished: rerun it to resume)" if (Path(root) / JOURNAL_DIR).is_dir() else ""
         raise FileNotFoundError(f"no shard index {path}{hint}")
-    index = read_json(path, "shard index")
-    if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
-        raise FileFormatError(f"{path} is not an {SHARD_FORMAT} index")
-    if index.get("version") != SHARD_FORMAT_VERSION:
-        raise FileFormatError(f"{path}: format version {index.get('version')}, this library reads "
-                              f"{SHARD_FORMAT_VERSION}")
-    for key in ("sources", "shards"):
-        if key not in index: raise FileFormatError(f"{path}: no {key!r}")
+    index = read_index(path, SHARD_FORMAT, SHARD_FORMAT_VERSION, "shard index", ("sources", "shards"))
     return index
 
 # %% ../nbs/04a_shards.ipynb #a044

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fastcore.basics import patch
 from .codec import as_grid
 from .data import MultiSourceDataset
-from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError
+from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index
 from .tokens import (TokenBatch, TokenDataset, TokenError, encode_batch, codec_checksums,
                          check_codec_checksums)
 
@@ -274,12 +274,8 @@ class TokenShards:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: not a token set, or tokenize has not finished (rerun "
                                     "it to resume)")
-        info = read_json(path, "token-set index")
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise FileFormatError(f"{path}: not an mmfm token-set index")
-        if info.get("version") != FORMAT_VERSION:
-            raise FileFormatError(f"{path}: token-set format version {info.get('version')}, this mmfm reads "
-                                  f"{FORMAT_VERSION}")
+        info = read_index(path, FORMAT, FORMAT_VERSION, "token-set index",
+                          ("keys", "vocab_sizes", "token_grids", "num_tokens", "codecs", "shards", "splits", "rows"))
         self.info, self.keys = info, list(info["keys"])
         self.vocab_sizes = {k: int(v) for k, v in info["vocab_sizes"].items()}
         self.token_grids = {k: as_grid(v) for k, v in info["token_grids"].items()}
