@@ -84,4 +84,4 @@ def test_shard_removed_after_opening_is_named(tmp_path):
 def test_index_of_another_format_is_refused(tmp_path):
     (tmp_path / "shards.json").write_text(json.dumps({"format": "something-else"}))
     from mmfm.files import FileFormatError
-    with pytest.raises(FileFormatError, match="not an mmfm-shards index"): ShardDataset(tmp_path)
+    with pytest.raises(FileFormatError, match="not an mmfm-shards shard index"): ShardDataset(tmp_path)
