@@ -3,6 +3,7 @@
     python bench/train_speed.py              # full run (a few minutes on 2 cores)
     python bench/train_speed.py --quick      # fewer steps, tiny and small presets at a small batch (< 2 min)
     python bench/train_speed.py --threads 1  # one torch thread: steadier figures when other processes share the CPU
+    python bench/train_speed.py --compile    # also the new path with compiled blocks (minutes of compiling per shape)
 
 REFERENCE (kept inline below, so that it stays a fixed reference): masks drawn sample by sample, each from its own
 seeded generator (the trainer's `per_sample_masks`, with the loop-over-rows `ModalityMixMasking` it used), the model's
@@ -19,6 +20,15 @@ half the present tokens as inputs and half as targets, all-to-all / one-to-all 5
 (`nbs/examples/22_medical_pipeline.ipynb`: tiny preset, dropout 0.1, batch 32, `ModalityMixMasking`): the diabetes
 folds (3 + 6 + 1 + 1 table tokens, 8 bins; 4000 of the demo's 5200 steps) and the cohort (3 + 3 + 4 table tokens,
 16 bins, ECG 128 tokens of 512 codes, input-only).
+
+Beside them, at the same shapes (same tokens per sample, same masking), other settings of the new path, each in
+tokens/s and as a ratio to the reference at the demos' batch of 32 (tokens/s is what the throughput goal counts):
+batches of 64 and 128 (learning rate scaled by sqrt(batch / 32), the square-root rule for Adam-type optimisers of
+Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"; the rate does not change the
+time of a step, and how many steps a larger batch needs to reach the same loss is not measured here); for the medical
+shapes, `attn_dropout=0` (dropout 0.1 kept on the residual branches: attention dropout takes SDPA off its fused
+flash kernel), at batch 32 and 128; with `--compile`, the blocks compiled (`MultimodalTransformer.compile_blocks`,
+symbolic lengths), with the compile time of its warm-up steps.
 
 Then the model alone (new path) at the astronomy shape for the tiny, small and base presets: tokens/s and the share
 of a float32 / bfloat16 matmul peak measured in the same run (2048^3 matmul), under bf16 autocast and without.
@@ -127,15 +137,21 @@ def new_masks(masking, tokens, present, position, seed=0, epoch=0):
 
 
 # --- one training step, as Trainer.train_step does it -------------------------------------------------------------
-def make_path(kind, shape, preset="tiny", batch=32, bf16=False, seed=0):
+DEMO_BATCH, DEMO_LR = 32, 1e-3
+
+
+def make_path(kind, shape, preset="tiny", batch=DEMO_BATCH, bf16=False, seed=0, compile=False, **config):
+    "A training step of `kind` ('reference' or 'new') at `shape`; `config`: TransformerConfig fields to change."
     keys, presence, masking, overrides = SHAPES[shape]()
     tokens, present = dataset(keys, presence, seed)
     torch.manual_seed(seed)
     model = MultimodalTransformer({k: v for k, (_, v, _) in keys.items()}, {k: n for k, (n, _, _) in keys.items()},
-                                  TransformerConfig.preset(preset, **overrides),
+                                  TransformerConfig.preset(preset, **{**overrides, **config}),
                                   token_grids={k: g for k, (_, _, g) in keys.items()})
     model.skip_padding = kind == "new"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05,
+    if compile: model.compile_blocks()
+    lr = DEMO_LR * math.sqrt(batch / DEMO_BATCH)                 # square-root scaling (Malladi et al. 2022)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05,
                             **({"fused": True} if kind == "new" else {}))
     def step(position):
         "One step on batch `position`; returns (mask seconds, step seconds, tokens, model FLOPs)."
@@ -146,7 +162,7 @@ def make_path(kind, shape, preset="tiny", batch=32, bf16=False, seed=0):
                  else new_masks(masking, tok, pres, position))
         t1 = time.perf_counter()
         model.train()
-        for g in opt.param_groups: g["lr"] = 1e-3
+        for g in opt.param_groups: g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             terms = model(tok, *masks, pres, loss_terms=True)
         loss = average_over_modalities(terms.ce_sum, terms.n_targets)
@@ -185,14 +201,44 @@ def matmul_peak(dtype, reps=4) -> tuple[float, int]:
 
 
 # --- the benchmark -----------------------------------------------------------------------------------------------
-def compare(shape, steps, warmup=2):
-    paths = {kind: make_path(kind, shape) for kind in ("reference", "new")}
-    for p in range(warmup):
-        for kind in paths: paths[kind](p)
-    out = {kind: [] for kind in paths}
-    for p in range(warmup, warmup + steps):                        # interleaved, order alternating
-        for kind in (("reference", "new") if p % 2 else ("new", "reference")): out[kind].append(paths[kind](p))
+def variants(shape, compile=False):
+    "{name: (kind, batch, TransformerConfig changes, compile)}: the paths timed at `shape`."
+    out = {"reference": ("reference", DEMO_BATCH, {}, False), "new": ("new", DEMO_BATCH, {}, False)}
+    out.update({f"new b{b}": ("new", b, {}, False) for b in (64, 128)})
+    if SHAPES[shape]()[3].get("dropout"):                          # the medical demos train with dropout 0.1
+        out.update({f"new attn-drop 0{'' if b == DEMO_BATCH else f' b{b}'}": ("new", b, {"attn_dropout": 0.0}, False)
+                    for b in (DEMO_BATCH, 128)})
+    if compile: out["new compiled"] = ("new", DEMO_BATCH, {}, True)
     return out
+
+
+def compare(shape, steps, warmup=2, compile=False, preset="tiny"):
+    "Time every variant at `shape`, interleaved step by step (order rotating); also the time of the warm-up steps."
+    spec = variants(shape, compile)
+    paths = {name: make_path(kind, shape, preset, batch=b, compile=c, **cfg) for name, (kind, b, cfg, c) in spec.items()}
+    names, warm = list(paths), {}
+    for name in names:
+        t = time.perf_counter()
+        for p in range(warmup): paths[name](p)
+        warm[name] = time.perf_counter() - t
+    out = {name: [] for name in names}
+    for p in range(warmup, warmup + steps):
+        for name in names[p % len(names):] + names[:p % len(names)]: out[name].append(paths[name](p))
+    return out, warm, {name: spec[name][1] for name in names}
+
+
+def padding(shape, batches=16):
+    "Real / packed tokens and real / packed self-attention scores, encoder and decoder, over the new path's batches."
+    keys, presence, masking, _ = SHAPES[shape]()
+    tokens, present = dataset(keys, presence)
+    out = np.zeros(4)
+    for pos in range(batches):
+        index = torch.arange(pos * DEMO_BATCH, (pos + 1) * DEMO_BATCH) % N_DATA
+        m = new_masks(masking, {k: v[index] for k, v in tokens.items()}, {k: v[index] for k, v in present.items()}, pos)
+        for i, flags in enumerate((m.is_input, m.is_target)):
+            n = sum(f.sum(1) for f in flags.values()).double()
+            out[i] += float(n.mean() / n.max()); out[2 + i] += float((n ** 2).mean() / n.max() ** 2)
+    return out / batches
 
 
 def summarise(rows):
@@ -201,38 +247,20 @@ def summarise(rows):
             "mask_share": float(np.median(mask / step))}
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="fewer steps; presets tiny and small only, small batches")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    a = p.parse_args()
-    if a.threads: torch.set_num_threads(a.threads)
-    steps = 4 if a.quick else 24
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
-          f"(a shared CPU adds noise; reference and new are timed interleaved in this run)")
-    print(f"\ntraining step at the examples' shapes, float32, {steps} timed steps per path after 2 warm-up steps")
-    print(f"{'shape':<18}{'path':<11}{'steps/s':>9}{'(median)':>10}{'tokens/s':>10}{'masks':>8}")
-    ratios = {}
-    for shape in SHAPES:
-        res = {k: summarise(v) for k, v in compare(shape, steps).items()}
-        for kind, r in res.items():
-            print(f"{shape:<18}{kind:<11}{1 / r['best']:>9.2f}{1 / r['median']:>10.2f}{r['tokens'] / r['best']:>10.0f}"
-                  f"{r['mask_share']:>8.0%}")
-        ratios[shape] = (res["reference"]["best"] / res["new"]["best"], res["reference"]["median"] / res["new"]["median"])
-        print(f"{shape:<18}{'new / reference':<20} {ratios[shape][0]:.2f}x best, {ratios[shape][1]:.2f}x median")
-
+def model_alone(quick):
+    "The model alone (new path) at the astronomy shape, per preset, in float32 and bf16, against a matmul peak."
     (p32, n32), (p16, n16) = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     peak = {"fp32": p32, "bf16": p16}
     print(f"\nmatmul peak: fp32 {p32 / 1e9:.0f} GFLOP/s ({n32}^3), bf16 {p16 / 1e9:.1f} GFLOP/s ({n16}^3)"
           + ("; no native bf16 matmul on this CPU (emulated): bf16 autocast only slows training here" if p16 < p32 else ""))
-    presets = {"tiny": 32, "small": 8} if a.quick else {"tiny": 32, "small": 16, "base": 4}
-    n = 1 if a.quick else 3
+    presets = {"tiny": 32, "small": 8} if quick else {"tiny": 32, "small": 16, "base": 4}
+    n = 1 if quick else 3
     print(f"model alone (new path) at the astronomy shape; best of {n} timed steps after 1 warm-up")
     print(f"{'preset':<8}{'batch':>6}{'prec':>6}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>9}")
     fp32_step = {}
     for preset, batch in presets.items():
         for prec in ("fp32", "bf16"):
-            if prec == "bf16" and fp32_step[preset] * peak["fp32"] / peak["bf16"] > (10 if a.quick else 60):
+            if prec == "bf16" and fp32_step[preset] * peak["fp32"] / peak["bf16"] > (10 if quick else 60):
                 print(f"{preset:<8}{batch:>6}{prec:>6}  skipped: about {fp32_step[preset] * peak['fp32'] / peak['bf16']:.0f} s "
                       "a step at the measured bf16 matmul rate")
                 continue
@@ -244,8 +272,49 @@ def main():
             if prec == "fp32": fp32_step[preset] = dt
             print(f"{preset:<8}{batch:>6}{prec:>6}{dt:>9.3f}{best[2] / dt:>10.0f}{best[3] / dt / 1e9:>9.1f}"
                   + (f"{best[3] / dt / peak[prec]:>9.1%}" if peak[prec] >= peak["fp32"] or prec == "fp32" else f"{'-':>9}"))
-    print("\nnew / reference (best step): " + ", ".join(f"{s} {r[0]:.2f}x" for s, r in ratios.items())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer steps; presets tiny and small only, small batches")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also time the new path with compiled blocks (slow to start)")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to time")
+    p.add_argument("--preset", default="tiny", choices=list(TransformerConfig.presets),
+                   help="model size of the comparison (the demos train 'tiny')")
+    p.add_argument("--no-model-alone", action="store_true", help="skip the model-alone table")
+    a = p.parse_args()
+    if a.threads: torch.set_num_threads(a.threads)
+    steps = 4 if a.quick else 24
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
+          f"(a shared CPU adds noise; reference and new are timed interleaved in this run)")
+    print(f"\ntraining step at the examples' shapes, preset {a.preset!r}, float32, {steps} timed steps per path after 2 warm-up steps; "
+          f"tokens/s from the best (and the median) step; 'x ref': tokens/s over the reference's at batch {DEMO_BATCH}")
+    print(f"{'shape':<18}{'path':<22}{'batch':>6}{'steps/s':>9}{'tokens/s':>10}{'(median)':>10}{'x ref':>7}{'(median)':>9}"
+          f"{'masks':>7}{'warm-up s':>11}")
+    ratios, best_variant = {}, {}
+    for shape in a.shapes:
+        rows, warm, batch = compare(shape, steps, compile=a.compile, preset=a.preset)
+        res = {k: summarise(v) for k, v in rows.items()}
+        ref = res["reference"]
+        x = {k: ((r["tokens"] / r["best"]) / (ref["tokens"] / ref["best"]),
+                 (r["tokens"] / r["median"]) / (ref["tokens"] / ref["median"])) for k, r in res.items()}
+        for kind, r in res.items():
+            print(f"{shape:<18}{kind:<22}{batch[kind]:>6}{1 / r['best']:>9.2f}{r['tokens'] / r['best']:>10.0f}"
+                  f"{r['tokens'] / r['median']:>10.0f}{x[kind][0]:>6.2f}x{x[kind][1]:>8.2f}x{r['mask_share']:>7.0%}"
+                  f"{warm[kind]:>11.1f}")
+        ratios[shape] = (ref["best"] / res["new"]["best"], ref["median"] / res["new"]["median"])
+        best_variant[shape] = max(x, key=lambda k: x[k][0]), x
+        print(f"{shape:<18}{'new / reference (steps/s, batch 32)':<40} {ratios[shape][0]:.2f}x best, {ratios[shape][1]:.2f}x median")
+        pad = padding(shape)
+        print(f"{shape:<18}real / packed tokens: inputs {pad[0]:.0%}, targets {pad[1]:.0%}; real / packed self-attention "
+              f"scores: inputs {pad[2]:.0%}, targets {pad[3]:.0%} (batch {DEMO_BATCH})")
+
+    if not a.no_model_alone: model_alone(a.quick)
+    print("\nnew / reference (best step, batch 32): " + ", ".join(f"{s} {r[0]:.2f}x" for s, r in ratios.items())
           + "  (goal: >= 2x)")
+    print("fastest setting in tokens/s / reference: " + ", ".join(f"{s} {k!r} {x[k][0]:.2f}x (median {x[k][1]:.2f}x)"
+                                                                for s, (k, x) in best_variant.items()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/transformer.py            # full run (a few minutes on 2 cores)
     python bench/transformer.py --quick    # one timed step per configuration, shorter sweep
     python bench/transformer.py --threads 1   # one thread: much steadier figures when other processes share the CPU
+    python bench/transformer.py --compile     # also both models under torch.compile, fp32 (adds minutes of compiling)
 
 Reference shape: d_model 256, 4 heads, MLP 4x, 4 encoder + 4 decoder layers, batch 32, 256 input + 256 target tokens
 (4 image-like modalities of 16x16 tokens, vocabulary 1024 each, 4M-style budgets). One training step = forward,
@@ -12,6 +13,9 @@ and reported against a matmul peak measured in the same run. Then the step time 
 batch 8) as the number of modalities grows. Memory: peak resident memory during each configuration's first step
 (Linux VmHWM of a fresh process that builds the configuration and runs one step), and its rise during that step.
 FLOP/s are model FLOPs (analytical matmul + attention count, forward + 2x for backward), the same for both models.
+With --compile, two more fp32 rows: ours with its block stacks compiled (`MultimodalTransformer.compile_blocks`,
+symbolic lengths, as training would use it) and PyTorch's layers with the whole module compiled (`torch.compile`),
+each with its compile time (the warm-up step), and the ratios against PyTorch's layers in eager mode.
 """
 import sys
 from pathlib import Path
@@ -104,12 +108,15 @@ def reference_setup(seed=0):
 
 
 def step_fn(kind, bf16):
-    if kind == "ours":
+    "A training step of 'ours' or 'reference' (PyTorch's layers); a kind ending in ' compiled': under torch.compile."
+    if kind.startswith("ours"):
         model, tokens, masks, opt = modality_setup(4, 256, N_IN, N_TGT)
+        if kind.endswith(" compiled"): model.compile_blocks()
         loss = lambda: model.loss(tokens, *masks).loss
     else:
         model, batch, opt = reference_setup()
-        loss = lambda: model(*batch)
+        run = torch.compile(model) if kind.endswith(" compiled") else model
+        loss = lambda: run(*batch)
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             l = loss()
@@ -149,6 +156,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one timed step per configuration and a shorter sweep")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is far less sensitive to a busy CPU")
+    p.add_argument("--compile", action="store_true", help="also both models under torch.compile (fp32)")
     p.add_argument("--memory", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
@@ -161,25 +169,34 @@ def main():
     precs = ("fp32", "bf16") if native_bf16() else ("fp32",)
     if not native_bf16(): print("no native bf16 matmul on this CPU (emulated, far slower): bf16 configurations skipped")
     configs = [(k, prec) for prec in precs for k in ("ours", "reference")]
+    if a.compile: configs += [("ours compiled", "fp32"), ("reference compiled", "fp32")]
     steps = {c: step_fn(c[0], c[1] == "bf16") for c in configs}
-    for c in configs: steps[c]()                                  # warm-up (allocations, oneDNN primitives)
+    warm = {c: _time(steps[c]) for c in configs}                  # warm-up (allocations, oneDNN primitives, compiling)
     times = {c: [] for c in configs}
     for r in range(rounds):                                       # interleaved, order rotated: noise hits all alike
         for c in configs[r % len(configs):] + configs[:r % len(configs)]: times[c].append(_time(steps[c]))
         for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)): peak[prec] = max(peak[prec], matmul_peak(dt, reps=2))
-    mem = {c: measure_memory(f"{c[0]}:{c[1]}") for c in configs}
+    mem = {c: (measure_memory(f"{c[0]}:{c[1]}") if "compiled" not in c[0] else (float("nan"), float("nan")))
+           for c in configs}                                      # compiled: not probed (it would compile again)
     print(f"matmul peak (2048^3, best over the run): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     flops = model_flops()
     tok = B * (N_IN + N_TGT)
     print(f"\nreference shape: d_model {D}, {LAYERS}+{LAYERS} layers, batch {B}, {N_IN} input + {N_TGT} target tokens, "
           f"vocab {VOCAB}; {flops / 1e9:.0f} GFLOP per step; best of {rounds} timed steps after 1 warm-up")
-    print(f"{'config':<16}{'step s':>9}{'tokens/s':>11}{'GFLOP/s':>9}{'of peak':>9}{'peak RSS MiB':>14}{'step +MiB':>11}")
+    print(f"{'config':<25}{'step s':>9}{'tokens/s':>11}{'GFLOP/s':>9}{'of peak':>9}{'peak RSS MiB':>14}{'step +MiB':>11}"
+          f"{'warm-up s':>11}")
     med = {c: min(t) for c, t in times.items()}                  # other processes only ever add time: take the best
     for c in configs:
-        print(f"{c[0] + ' ' + c[1]:<16}{med[c]:>9.3f}{tok / med[c]:>11.0f}{flops / med[c] / 1e9:>9.0f}"
-              f"{flops / med[c] / peak[c[1]]:>9.1%}{mem[c][0]:>14.0f}{mem[c][1]:>11.0f}")
+        print(f"{c[0] + ' ' + c[1]:<25}{med[c]:>9.3f}{tok / med[c]:>11.0f}{flops / med[c] / 1e9:>9.0f}"
+              f"{flops / med[c] / peak[c[1]]:>9.1%}{mem[c][0]:>14.0f}{mem[c][1]:>11.0f}{warm[c]:>11.1f}")
     for prec in precs:
         print(f"ours / PyTorch layers, speed ({prec}): {med[('reference', prec)] / med[('ours', prec)]:.2f}x  (goal: >= 1.2x)")
+    if a.compile:
+        eager_ref = med[("reference", "fp32")]
+        for k in ("ours compiled", "reference compiled"):
+            print(f"{k} / PyTorch layers eager, speed (fp32): {eager_ref / med[(k, 'fp32')]:.2f}x"
+                  + ("  (goal: >= 1.2x)" if k == "ours compiled" else ""))
+        print(f"ours compiled / PyTorch layers compiled (fp32): {med[('reference compiled', 'fp32')] / med[('ours compiled', 'fp32')]:.2f}x")
     if "bf16" in precs:
         print(f"bf16 / fp32 speed: ours {med[('ours', 'fp32')] / med[('ours', 'bf16')]:.2f}x, "
               f"PyTorch layers {med[('reference', 'fp32')] / med[('reference', 'bf16')]:.2f}x")

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TransformerConfig', 'sincos_1d', 'position_table', 'attention_mask', 'Attention', 'MLP', 'residual_on_rows',
-           'EncoderBlock', 'DecoderBlock', 'model_spec', 'MultimodalTransformer', 'pack', 'LossTerms', 'LossOutput',
-           'average_over_modalities', 'EncoderOutput', 'spec_differences']
+           'EncoderBlock', 'DecoderBlock', 'model_spec', 'MultimodalTransformer', 'pack', 'run_blocks', 'LossTerms',
+           'LossOutput', 'average_over_modalities', 'EncoderOutput', 'spec_differences']
 
 # %% ../nbs/11_transformer.ipynb #c002
 import json, math
@@ -32,10 +32,15 @@ class TransformerConfig:
     # decoder blocks: self-attention over target queries, cross-attention to the encoder
     n_decoder_layers: int = 4
     mlp_ratio: float = 4.0        # hidden width of each MLP, as a multiple of d_model
-    dropout: float = 0.0          # dropout on attention and residual branches (0 keeps runs bit-reproducible)
+    # dropout on the residual branches, and on the attention weights unless attn_dropout is set (0 keeps runs
+    # bit-reproducible)
+    dropout: float = 0.0
     norm_eps: float = 1e-5        # LayerNorm epsilon
     # initial std of the token and modality embeddings (comparable to the unit-size positions)
     embedding_std: float = 0.5
+    # dropout on the attention weights; None: `dropout` (as in configs saved before this field existed). 0 keeps
+    # SDPA on its fused CPU flash kernel: any dropout there falls back to the unfused path (bench/train_speed.py)
+    attn_dropout: float | None = None
 
     def __post_init__(self):
         c = lambda name, kind, **rng: check_setting("TransformerConfig", name, getattr(self, name), kind,
@@ -43,6 +48,7 @@ class TransformerConfig:
         for f in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers"): c(f, int, low=1)
         for f in ("mlp_ratio", "norm_eps", "embedding_std"): c(f, float, low=0, low_open=True)
         c("dropout", float, low=0, high=1, high_open=True)
+        c("attn_dropout", float, low=0, high=1, high_open=True, allow_none=True)
         if self.d_model % self.n_heads:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} is not divisible by n_heads "
                              f"{self.n_heads}")
@@ -106,7 +112,8 @@ class Attention(nn.Module):
     "Multi-head attention via `F.scaled_dot_product_attention`; self-attention when no `context` is given."
     def __init__(self, cfg: TransformerConfig, cross: bool = False):
         super().__init__()
-        d, self.n_heads, self.dropout = cfg.d_model, cfg.n_heads, cfg.dropout
+        d, self.n_heads = cfg.d_model, cfg.n_heads
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout   # on the attention weights
         if cross: self.q, self.kv = nn.Linear(d, d), nn.Linear(d, 2 * d)
         else: self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -256,6 +263,7 @@ class MultimodalTransformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in self.vocab_sizes.items()})
         self.skip_padding = True   # token-wise layers on real tokens only (False: over the padding too; same result)
+        self.compile_options = None   # torch.compile options of the blocks in training (`compile_blocks`); None: eager
         self.reset_parameters()
 
 # %% ../nbs/11_transformer.ipynb #s014
@@ -352,6 +360,48 @@ def pack(chosen: Bool[Tensor, "batch n"]) -> tuple[Int[Tensor, "batch l"], Bool[
     order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :L]
     return order, torch.arange(L, device=chosen.device)[None] < counts[:, None]
 
+# %% ../nbs/11_transformer.ipynb #v11c02
+def run_blocks(blocks: nn.ModuleList,  # EncoderBlocks or DecoderBlocks
+               x: Float[Tensor, "batch l d"],  # packed token states
+               *args,  # the blocks' other arguments: masks, memory, rows
+               ) -> Float[Tensor, "batch l d"]:
+    "`x` through each block of a stack in turn: the unit that `compile_blocks` compiles (one graph per stack)."
+    for block in blocks: x = block(x, *args)
+    return x
+
+_COMPILED_RUNS = {}
+def _compiled_run_blocks(options: dict):
+    """`torch.compile(run_blocks, **options)`, made once per set of options and shared by all models (it holds no
+    reference to any model, so copies of a model never run another's weights)."""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED_RUNS: _COMPILED_RUNS[key] = torch.compile(run_blocks, **options)
+    return _COMPILED_RUNS[key]
+
+# %% ../nbs/11_transformer.ipynb #v11c03
+@patch
+def compile_blocks(self: MultimodalTransformer,
+                   enable: bool = True,  # False: back to eager blocks
+                   # symbolic lengths, one graph for every packed length (False: one graph per length; None: torch's
+                   # automatic choice, which recompiles once when the length first changes)
+                   dynamic: bool | None = True,
+                   **options,  # further `torch.compile` options: backend=, mode=, fullgraph=, options=
+                   ) -> "MultimodalTransformer":
+    """Run the encoder and decoder stacks through `torch.compile` in training mode (eval mode stays eager); the
+    parameters and their names do not change. Compilation happens at the first training forward (about a minute
+    per stack and padding case on a 2-core CPU). Returns the model. Raises `TypeError` for options `torch.compile`
+    does not take."""
+    if not enable: self.compile_options = None; return self
+    opts = {"dynamic": dynamic, **options}
+    _compiled_run_blocks(opts)   # torch.compile checks its options here; compiling itself waits for the first call
+    self.compile_options = opts
+    return self
+
+@patch
+def _stack(self: MultimodalTransformer, blocks: nn.ModuleList, x: Tensor, *args) -> Tensor:
+    "A stack of blocks over `x`: compiled in training when `compile_blocks` was called, eager otherwise."
+    opts = getattr(self, "compile_options", None)
+    return (_compiled_run_blocks(opts) if opts is not None and self.training else run_blocks)(blocks, x, *args)
+
 # %% ../nbs/11_transformer.ipynb #c032
 @patch
 def _embed_tokens(self: MultimodalTransformer, ids: Tensor, key_index: Tensor) -> Tensor:
@@ -379,7 +429,7 @@ def _encoder_states(self: MultimodalTransformer, ids: Tensor, inp: Tensor) -> tu
          + self._embed_tokens(ids.gather(1, order), key_index))
     mask = attention_mask(valid)
     rows = self._rows(valid, mask)
-    for block in self.encoder: x = block(x, mask, rows)
+    x = self._stack(self.encoder, x, mask, rows)
     return self.encoder_norm(x), valid, order
 
 # %% ../nbs/11_transformer.ipynb #c034
@@ -392,7 +442,7 @@ def _decode(self: MultimodalTransformer, memory: Tensor, memory_valid: Tensor,
     x = self.mask_embedding + self.positions[order] + self.modality_embeddings[key_index]
     mask, memory_mask = attention_mask(valid), attention_mask(memory_valid)
     rows = self._rows(valid, mask)
-    for block in self.decoder: x = block(x, mask, memory, memory_mask, rows)
+    x = self._stack(self.decoder, x, mask, memory, memory_mask, rows)
     return self.decoder_norm(x), valid, order
 
 # %% ../nbs/11_transformer.ipynb #c036
@@ -522,8 +572,10 @@ def spec_differences(expected: Mapping, actual: Mapping, prefix: str = "") -> li
 # %% ../nbs/11_transformer.ipynb #c053
 @patch
 def spec(self: MultimodalTransformer) -> dict:
-    "Everything needed to rebuild this model's architecture, as JSON-able data."
-    return {"config": asdict(self.config), "vocab_sizes": self.vocab_sizes, "num_tokens": self.num_tokens,
+    """Everything needed to rebuild this model's architecture, as JSON-able data. Config fields left unset (None)
+    are left out, so the spec of a model that does not use a newer field equals the one saved before it existed."""
+    config = {k: v for k, v in asdict(self.config).items() if v is not None}
+    return {"config": config, "vocab_sizes": self.vocab_sizes, "num_tokens": self.num_tokens,
             "token_grids": {k: list(v) for k, v in self.token_grids.items()}}
 
 # %% ../nbs/11_transformer.ipynb #s012

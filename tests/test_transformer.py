@@ -2,12 +2,14 @@
 leaks between samples, a tiny model overfits, and bad input raises clear errors. Uses the real toy CodecManager."""
 import copy
 import math
+import os
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 from mmfm.masking import sample_budget_masks, apply_masking
-from mmfm.transformer import MultimodalTransformer, TransformerConfig
+from torch._dynamo.utils import counters
+from mmfm.transformer import Attention, MultimodalTransformer, TransformerConfig
 from mmfm.testing import toy_manager, toy_table, toy_image, toy_series
 from mmfm.tokens import TokenBatch, encode_batch
 
@@ -237,3 +239,98 @@ def test_skipping_padding_matches_logits_and_embeddings(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):              # the skipped half under bf16 autocast too
         la, lb = model.loss(batch.tokens, *masks, batch.present).loss, plain.loss(batch.tokens, *masks, batch.present).loss
     torch.testing.assert_close(la, lb, rtol=2e-2, atol=1e-3)
+
+
+# --- compiled blocks (MultimodalTransformer.compile_blocks) and attention dropout (TransformerConfig.attn_dropout) ---
+SLOW = bool(os.environ.get("MMFM_SLOW"))
+# "eager" captures the stacks as torch.compile does (guards, symbolic lengths, no graph break) in seconds; "aot_eager"
+# adds the traced backward, "inductor" (torch.compile's default) generates code: tens of seconds to minutes on 2 cores
+BACKENDS = ["eager"] + [pytest.param(b, marks=pytest.mark.skipif(not SLOW, reason=f"compiling with {b} takes "
+                                                                  "minutes on 2 cores; set MMFM_SLOW=1"))
+                        for b in ("aot_eager", "inductor")]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    "An empty torch.compile cache and graph counters before the test, and no compiled graphs left after it."
+    torch._dynamo.reset(); counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def varied_batches():
+    "Fixed batches whose sizes and packed input / target lengths all differ (padding in each)."
+    for seed, (B, ratio) in enumerate([(3, 0.3), (4, 0.45), (5, 0.6), (4, 0.2)]):
+        batch = token_batch(B, seed)
+        yield batch, apply_masking(batch.tokens, ratio, batch.present, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_blocks_give_the_same_loss_and_gradients(backend, fresh_dynamo):
+    torch.manual_seed(0)
+    plain = MultimodalTransformer.from_codecs(CODECS, "tiny")
+    comp = copy.deepcopy(plain).compile_blocks(backend=backend)
+    assert list(comp.state_dict()) == list(plain.state_dict())
+    lengths = set()
+    for m in (plain, comp): m.train()
+    for batch, masks in varied_batches():
+        lengths.add(tuple(int(c.max()) for c in masks.counts()))
+        out = [m.loss(batch.tokens, *masks, batch.present).loss for m in (plain, comp)]
+        torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+        grads = [torch.autograd.grad(o, list(m.parameters()), allow_unused=True) for o, m in zip(out, (plain, comp))]
+        for (name, _), a, b in zip(plain.named_parameters(), *grads):
+            assert (a is None) == (b is None), name
+            if a is not None: torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+    assert len(lengths) == 4                                          # four packed lengths ...
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2                # ... one graph per stack (symbolic lengths)
+    comp.eval()
+    with torch.no_grad(): comp(batch.tokens, *masks, batch.present)  # evaluation runs the eager blocks
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_trained_compiled_load_into_a_plain_model(backend, fresh_dynamo, tmp_path):
+    torch.manual_seed(0)
+    comp = MultimodalTransformer.from_codecs(CODECS, "tiny").compile_blocks(backend=backend)
+    twin = copy.deepcopy(comp).compile_blocks(enable=False)          # the same weights, trained eagerly
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (comp, twin)]
+    for batch, masks in varied_batches():
+        for m, opt in zip((comp, twin), opts):
+            m.train()
+            loss = m.loss(batch.tokens, *masks, batch.present).loss
+            opt.zero_grad(); loss.backward(); opt.step()
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2                # the compiled path did train
+    comp.save(tmp_path)
+    back = MultimodalTransformer.load(tmp_path, codecs=CODECS)
+    assert back.compile_options is None and list(back.state_dict()) == list(twin.state_dict())
+    for (name, a), b, c in zip(comp.state_dict().items(), back.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=name)   # compiled training = eager training
+    back.eval(); comp.eval()
+    a, b = comp(batch.tokens, *masks, batch.present), back(batch.tokens, *masks, batch.present)
+    assert all(torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a)
+
+
+def test_compile_blocks_rejects_unknown_options():
+    m = MultimodalTransformer.from_codecs(CODECS, "tiny")
+    with pytest.raises(TypeError, match="no_such_option"): m.compile_blocks(no_such_option=1)
+    assert m.compile_options is None
+
+
+def test_attention_dropout_is_its_own_setting_and_old_specs_load(tmp_path):
+    x = torch.randn(2, 5, 64)
+    for attn_dropout, random in ((None, True), (0.0, False), (0.3, True)):
+        cfg = TransformerConfig.preset("tiny", dropout=0.5, attn_dropout=attn_dropout)
+        att = Attention(cfg).train()
+        assert (not torch.equal(att(x, None), att(x, None))) == random, attn_dropout
+        torch.manual_seed(0)
+        m = MultimodalTransformer.from_codecs(CODECS, cfg)
+        assert {b.drop.p for b in [*m.encoder, *m.decoder]} == {0.5}          # residual dropout unchanged
+    m.save(tmp_path)
+    assert MultimodalTransformer.load(tmp_path).config.attn_dropout == 0.3
+    old = MultimodalTransformer.from_codecs(CODECS, "tiny", dropout=0.1)
+    assert "attn_dropout" not in old.spec()["config"]         # unset: the spec is the one written before the field
+    old.save(tmp_path)
+    back = MultimodalTransformer.load(tmp_path, codecs=CODECS)
+    assert back.config == old.config and back.config.attn_dropout is None
+    assert {a.dropout for a in back.modules() if isinstance(a, Attention)} == {0.1}
