@@ -44,6 +44,9 @@ class TrainConfig:
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # max global gradient norm (0: no clipping)
     bf16: bool = False             # bfloat16 autocast for the forward pass (loss in float32)
+    # torch.compile the encoder/decoder stacks for training steps (MultimodalTransformer.compile_blocks); measured
+    # no faster on a 2-core AVX2 CPU (bench/train_speed.py --compile): for GPUs
+    compile: bool = False
     seed: int = 0                  # seeds model init, data order, masks and dropout
     eval_every: int = 100  # validate every n steps (0: never; also at the end when validation data is given)
     checkpoint_every: int = 100    # checkpoint every n steps (0: only at the end)
@@ -57,7 +60,7 @@ class TrainConfig:
     # fields that may change when a run is resumed (they do not change what the steps compute; a new `steps`
     # moves the end of the run, not the learning-rate schedule, which is fixed when the run starts)
     resumable: ClassVar[tuple] = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
-                                  "patience", "min_delta")
+                                  "patience", "min_delta", "compile")
 
     def __post_init__(self):
         c = lambda name, kind, **rng: check_setting("TrainConfig", name, getattr(self, name), kind, **rng)
@@ -67,7 +70,7 @@ class TrainConfig:
         c("lr", float, low=0, low_open=True); c("min_lr", float, low=0, high=self.lr)
         c("weight_decay", float, low=0); c("grad_clip", float, low=0)
         for f in ("beta1", "beta2"): c(f, float, low=0, high=1, high_open=True)
-        for f in ("bf16", "progress"): c(f, bool)
+        for f in ("bf16", "progress", "compile"): c(f, bool)
 
 # %% ../nbs/12_train.ipynb #c019
 def lr_at(step: int,  # optimizer steps already taken (0 for the first step)
@@ -299,6 +302,7 @@ class Trainer:
         # where token 0 means "not measured" (a missing table cell, a band not observed): never input nor target
         self.absent = dict(codecs.absent_positions) if codecs is not None else {}
         self.model = model.to(self.dinfo.device)
+        if self.cfg.compile: self.model.compile_blocks()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
