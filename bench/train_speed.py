@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmfm.testing import per_row_mix_masking
 from mmfm.masking import Masks, MaskingConfig, ModalityMixMasking, apply_masking, batch_masks
 from mmfm.transformer import MultimodalTransformer, TransformerConfig, average_over_modalities
 
@@ -93,35 +94,11 @@ def sample_seed(seed, stream, epoch, index):
     return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
 
 
-def reference_mix(mm, tokens, present, generator):
-    "ModalityMixMasking as it was: a Python loop over the rows."
-    keys = list(tokens); B = next(iter(tokens.values())).shape[0]
-    probs = torch.tensor([mm.p_random, mm.p_leave_one_out, mm.p_one_in], dtype=torch.float64)
-    is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
-    is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
-    for b in range(B):
-        have = [k for k in keys if bool(present[k][b])]
-        can_target = [k for k in have if k not in mm.input_only]
-        u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(probs.sum())
-        strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else 1 if u < probs[:2].sum() else 2
-        if strategy == 0:
-            ratio = mm.min_ratio + (mm.max_ratio - mm.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
-            m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
-            for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
-        else:
-            pool = can_target if strategy == 1 else have
-            pick = pool[int(torch.randint(len(pool), (), generator=generator))]
-            for k in have:
-                is_input[k][b] = (k == pick) == (strategy == 2)
-                is_target[k][b] = (k == pick) == (strategy == 1)
-        for k in mm.input_only:
-            if k in have: is_input[k][b] |= is_target[k][b]; is_target[k][b] = False
-    return Masks(is_input, is_target)
 
 
 def reference_masks(masking, tokens, present, index, seed=0, epoch=0):
     "The trainer's per_sample_masks: one seeded generator and one masking call per row."
-    call = (lambda t, p, g: reference_mix(masking, t, p, g)) if isinstance(masking, ModalityMixMasking) else masking
+    call = (lambda t, p, g: per_row_mix_masking(masking, t, p, g)) if isinstance(masking, ModalityMixMasking) else masking
     rows = []
     for b, i in enumerate(index):
         rows.append(call({k: t[b:b + 1] for k, t in tokens.items()}, {k: p[b:b + 1] for k, p in present.items()},

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ToyTable', 'ToySeries', 'ToyImage', 'toy_table', 'toy_image', 'toy_series', 'ToyTableCodec', 'ToyImageCodec',
-           'ToySeriesCodec', 'toy_manager']
+           'ToySeriesCodec', 'toy_manager', 'per_row_mix_masking']
 
 # %% ../nbs/03_testing.ipynb #c002
 import torch
@@ -16,6 +16,7 @@ from .modality import BaseModality, ModalityError, table_modality, series_modali
 import torch.nn.functional as F
 from .codec import Codec, CodecManager
 from .quantize import LinearScalarQuantizer, FiniteScalarQuantizer
+from .masking import apply_masking, Masks
 
 # %% ../nbs/03_testing.ipynb #c005
 ToyTable = table_modality("ToyTable", ["age", "sex", "bmi"], "tok_toy_table",
@@ -118,3 +119,34 @@ class ToySeriesCodec(Codec):
 def toy_manager() -> CodecManager:
     "A `CodecManager` with the three toy codecs."
     return CodecManager([ToyTableCodec(), ToyImageCodec(), ToySeriesCodec()])
+
+# %% ../nbs/03_testing.ipynb #tm002
+def per_row_mix_masking(mm,                  # a ModalityMixMasking
+                        tokens: dict,        # {token_key: Long[B, N]}
+                        present: dict,       # {token_key: Bool[B]}
+                        generator: torch.Generator,
+                        ) -> Masks:
+    """`ModalityMixMasking` drawn the way it was before it was vectorised, a Python loop over the rows: the
+    reference the vectorised masks are tested against (same distribution) and the speed benchmark's reference."""
+    keys = list(tokens); B = next(iter(tokens.values())).shape[0]
+    probs = torch.tensor([mm.p_random, mm.p_leave_one_out, mm.p_one_in], dtype=torch.float64)
+    is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
+    is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
+    for b in range(B):
+        have = [k for k in keys if bool(present[k][b])]
+        can_target = [k for k in have if k not in mm.input_only]
+        u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(probs.sum())
+        strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else 1 if u < probs[:2].sum() else 2
+        if strategy == 0:
+            ratio = mm.min_ratio + (mm.max_ratio - mm.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
+            m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
+            for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
+        else:
+            pool = can_target if strategy == 1 else have
+            pick = pool[int(torch.randint(len(pool), (), generator=generator))]
+            for k in have:
+                is_input[k][b] = (k == pick) == (strategy == 2)
+                is_target[k][b] = (k == pick) == (strategy == 1)
+        for k in mm.input_only:
+            if k in have: is_input[k][b] |= is_target[k][b]; is_target[k][b] = False
+    return Masks(is_input, is_target)

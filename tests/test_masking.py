@@ -4,6 +4,7 @@ distribution."""
 import math
 import pytest
 import torch
+from mmfm.testing import per_row_mix_masking
 from hypothesis import given, settings, strategies as st, HealthCheck, assume
 from dataclasses import dataclass
 from mmfm.masking import (apply_masking, sample_budget_masks, split_budget, sample_dirichlet, MaskingConfig, Masks,
@@ -232,30 +233,6 @@ def test_masking_config_dispatch():
 
 # --- whole-batch masks (batch_masks) against draws made sample by sample ------------------------------------------
 
-def per_row_mix(mm: ModalityMixMasking, tokens, present, generator) -> Masks:
-    "The loop-over-rows ModalityMixMasking that the vectorised one replaced: the reference for its distribution."
-    keys = list(tokens); B = next(iter(tokens.values())).shape[0]
-    probs = torch.tensor([mm.p_random, mm.p_leave_one_out, mm.p_one_in], dtype=torch.float64)
-    is_input = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
-    is_target = {k: torch.zeros_like(t, dtype=torch.bool) for k, t in tokens.items()}
-    for b in range(B):
-        have = [k for k in keys if bool(present[k][b])]
-        can_target = [k for k in have if k not in mm.input_only]
-        u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(probs.sum())
-        strategy = 0 if (u < probs[0] or len(have) < 2 or not can_target) else 1 if u < probs[:2].sum() else 2
-        if strategy == 0:
-            ratio = mm.min_ratio + (mm.max_ratio - mm.min_ratio) * float(torch.rand((), generator=generator, dtype=torch.float64))
-            m = apply_masking({k: tokens[k][b:b + 1] for k in keys}, ratio, {k: present[k][b:b + 1] for k in keys}, generator)
-            for k in keys: is_input[k][b], is_target[k][b] = m.is_input[k][0], m.is_target[k][0]
-        else:
-            pool = can_target if strategy == 1 else have
-            pick = pool[int(torch.randint(len(pool), (), generator=generator))]
-            for k in have:
-                is_input[k][b] = (k == pick) == (strategy == 2)
-                is_target[k][b] = (k == pick) == (strategy == 1)
-        for k in mm.input_only:
-            if k in have: is_input[k][b] |= is_target[k][b]; is_target[k][b] = False
-    return Masks(is_input, is_target)
 
 
 def repeated_batch(n_repeats: int):
@@ -294,7 +271,7 @@ def test_mix_masking_batch_matches_per_row_marginals(mm):
     "The vectorised ModalityMixMasking draws each row from the same distribution as the loop over rows did."
     tokens, present = repeated_batch(1500)
     new = mm(tokens, present, torch.Generator().manual_seed(0))
-    old = per_row_mix(mm, tokens, present, torch.Generator().manual_seed(1))
+    old = per_row_mix_masking(mm, tokens, present, torch.Generator().manual_seed(1))
     check_batch_masks(tokens, present, new, mm.input_only)
     check_batch_masks(tokens, present, old, mm.input_only)
     (p_new, c_new), (p_old, c_old) = marginals(new), marginals(old)
