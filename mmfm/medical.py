@@ -400,6 +400,13 @@ def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: Coho
     atomic_write(path, write)
     return redraws[0]
 
+# %% ../nbs/35_medical_data.ipynb #cc001
+def _check_cohort(cfg: CohortConfig) -> None:
+    "Refuse a cohort configuration that cannot be built (`ValueError` naming the field)."
+    if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
+    if cfg.ecg_method not in ("ecgsyn", "simple"):
+        raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+
 # %% ../nbs/35_medical_data.ipynb #c038
 def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data/medical/cohort
                  config: CohortConfig | None = None,  # size, seed, missing tables, ECG simulation
@@ -408,9 +415,7 @@ def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data
                  ) -> dict:
     "Write the synthetic cohort's tables, ECG array, manifest, splits and info into `out_dir`; returns the counts."
     cfg = config or CohortConfig()
-    if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
-    if cfg.ecg_method not in ("ecgsyn", "simple"):
-        raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+    _check_cohort(cfg)
     if shards: return build_cohort_shards(out_dir, cfg, shard_size)
     out_dir = Path(out_dir); t0 = time.time()
     fields = cohort_fields(cfg.n, cfg.seed); ids = list(fields.index)
@@ -481,9 +486,7 @@ def build_cohort_shards(out_dir: str | Path,      # dataset folder (shards.json,
                         ) -> dict:
     "Write the synthetic cohort as Parquet shards, resuming a killed run; returns the counts."
     cfg = config or CohortConfig()
-    if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
-    if cfg.ecg_method not in ("ecgsyn", "simple"):
-        raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+    _check_cohort(cfg)
     out, n_shards = Path(out_dir), -(-cfg.n // shard_size)
     if (out / "manifest.json").exists(): raise FileExistsError(f"{out} holds a manifest dataset")
     with progress(total=cfg.n, desc=f"cohort: {n_shards} shards", enable=cfg.progress) as bar:
