@@ -34,11 +34,11 @@ def codecs():
 def child_tokenize(data: str, out: str, workers: int, shard_size: int) -> dict:
     import torch
     from mmfm.simulate import astro_dataset
-    from mmfm.token_shards import tokenize
+    from mmfm.token_shards import tokenize_dataset
     torch.set_num_threads(1)
     ds = astro_dataset(data, images=("legacy", "hsc"), tables=())
     t0 = time.perf_counter()
-    shards = tokenize(ds, codecs(), out, shard_size=shard_size, workers=workers, batch_size=32, verbose=False)
+    shards = tokenize_dataset(ds, codecs(), out, shard_size=shard_size, workers=workers, batch_size=32, verbose=False)
     dt = time.perf_counter() - t0
     return {"seconds": dt, "galaxies": len(shards), "shards": len(shards.shards), "peak_main_mib": peak_mib(),
             "peak_worker_mib": peak_mib(resource.RUSAGE_CHILDREN) if workers > 1 else None}

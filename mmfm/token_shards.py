@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'INDEX_FILE', 'DATA_FORMATS', 'token_dtype', 'shard_table', 'read_shard_table',
-           'work_units', 'encode_unit', 'tokenize', 'TokenShards', 'StreamBatch', 'TokenStream', 'detect_format',
-           'format_sources', 'open_dataset', 'build_parser', 'main']
+           'work_units', 'encode_unit', 'tokenize_dataset', 'TokenShards', 'StreamBatch', 'TokenStream',
+           'detect_format', 'format_sources', 'open_dataset', 'build_parser', 'main']
 
 # %% ../nbs/08a_token_shards.ipynb #a002
 import argparse, json, math, multiprocessing, sys, time
@@ -188,15 +188,15 @@ def _progress_line(done: int, total: int, rows: int, t0: float, skipped: int) ->
             f"{rows / dt:.1f} samples/s, {(done - skipped) / dt:.2f} shards/s")
 
 # %% ../nbs/08a_token_shards.ipynb #a020
-def tokenize(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map-style data set (MultiSourceDataset)
+def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map-style data set (MultiSourceDataset)
              codecs,  # the CodecManager: one codec per modality of the data set
              out: str | Path,  # the token-set folder (created; a rerun resumes it)
              shard_size: int = 1024,  # samples per token shard (data sets without shards of their own)
              workers: int = 1,  # processes (1: this one)
              batch_size: int = 256,  # samples encoded at a time
              verbose: bool = True,  # print a progress line per shard
-             ) -> "TokenShards":
-    "Encode every sample of `dataset` once into a folder of token shards; returns its reader."
+             ):
+    "Encode every sample of `dataset` once into a folder of token shards; returns its reader (a `TokenShards`)."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     for name, v in (("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -584,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         codecs = CodecManager.load(args.codecs).freeze()
         data = open_dataset(args.data, codecs, args.format, args.split)
         t0 = time.perf_counter()
-        out = tokenize(data, codecs, args.out, args.shard_size, args.workers, args.batch_size, verbose=not args.quiet)
+        out = tokenize_dataset(data, codecs, args.out, args.shard_size, args.workers, args.batch_size, verbose=not args.quiet)
         splits = ", ".join(f"{k}: {v}" for k, v in out.splits.items())
         print(f"done: {len(out)} samples in {len(out.shards)} token shards ({splits}), keys {out.keys}, "
               f"{time.perf_counter() - t0:.1f} s; {args.out}")

@@ -1,5 +1,7 @@
 """DDP on CPU (gloo) with torchrun: gradients equal those of one process on the concatenated batch, and the training
-command gives the same run (losses, gradient norms, weights) with 2 processes as with 1."""
+command under torchrun is deterministic (the same run twice: losses, gradient norms, weights). Masks are drawn for
+each process's part of the batch at once (seeded by its rows), so a 2-process run draws other masks than a 1-process
+run on the same data: its mathematics are the first test's, its draws are its own."""
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
@@ -28,11 +30,11 @@ def test_ddp_gradients_equal_single_process_on_the_concatenated_batch(tmp_path):
     assert r["naive_max_abs_diff"] > 100 * max(r["max_abs_diff"], 1e-8), r
 
 
-def test_torchrun_training_equals_single_process_training(tmp_path):
+def test_torchrun_training_is_deterministic(tmp_path):
     args = ["--synthetic", "64", "--preset", "tiny", "--steps", "6", "--batch-size", "8", "--input-budget", "6",
             "--target-budget", "6", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3", "--checkpoint-every", "3",
             "--no-progress"]
-    run([sys.executable, "-m", "mmfm.train", *args, "--out", str(tmp_path / "one")])
+    run(TORCHRUN + ["-m", "mmfm.train", *args, "--out", str(tmp_path / "one")])
     run(TORCHRUN + ["-m", "mmfm.train", *args, "--out", str(tmp_path / "two")])
     for kind in ("step", "val"):
         one = MetricsLog(tmp_path / "one", [], enabled=False).rows(kind)
@@ -41,10 +43,10 @@ def test_torchrun_training_equals_single_process_training(tmp_path):
         for a, b in zip(one, two):
             for k in a:
                 if k.startswith(("loss", "acc")) or k in ("grad_norm", "targets", "lr"):
-                    assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (kind, a["step"], k, a[k], b[k])
+                    assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (kind, a["step"], k, a[k], b[k])
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
-    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert (tmp_path / "two" / "checkpoints" / "latest.json").exists()          # rank 0 checkpointed
 
 
@@ -52,10 +54,10 @@ def test_torchrun_on_a_token_stream_resumes_exactly(tmp_path):
     "Two processes stream disjoint shards of a token set; a run cut after its step-3 checkpoint and resumed ends as the whole run."
     import shutil
     from mmfm.testing import toy_manager
-    from mmfm.token_shards import tokenize
+    from mmfm.token_shards import tokenize_dataset
     from mmfm.train import read_checkpoint
     from test_token_shards import toy_dataset
-    tokenize(toy_dataset(tmp_path / "data", n=40), toy_manager(), tmp_path / "tok", shard_size=4, verbose=False)
+    tokenize_dataset(toy_dataset(tmp_path / "data", n=40), toy_manager(), tmp_path / "tok", shard_size=4, verbose=False)
     toy_manager().save(tmp_path / "codecs")
     args = ["--data", str(tmp_path / "tok"), "--codecs", str(tmp_path / "codecs"), "--preset", "tiny", "--steps", "6",
             "--batch-size", "8", "--input-budget", "2", "--target-budget", "1", "--lr", "3e-3", "--warmup-steps", "2",

@@ -12,7 +12,7 @@ from mmfm.files import sha256_file
 from mmfm.masking import MaskingConfig
 from mmfm.testing import ToyTable, ToyImage, ToyImageCodec, toy_manager, toy_table, toy_image
 from mmfm.tokens import TokenDataset, CodecMismatchError
-from mmfm.token_shards import tokenize, TokenShards, TokenStream, main as tokenize_main
+from mmfm.token_shards import tokenize_dataset, TokenShards, TokenStream, main as tokenize_main
 from mmfm.train import Trainer, TrainConfig, DistInfo, MetricsLog
 from mmfm.transformer import MultimodalTransformer
 
@@ -46,7 +46,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(data, tmp_path_factory):
-    return tokenize(data, toy_manager(), tmp_path_factory.mktemp("tok") / "t", shard_size=4, verbose=False)
+    return tokenize_dataset(data, toy_manager(), tmp_path_factory.mktemp("tok") / "t", shard_size=4, verbose=False)
 
 
 def test_shards_equal_token_dataset_encode_with_an_uneven_last_shard(data, tokens):
@@ -63,7 +63,7 @@ def test_shards_equal_token_dataset_encode_with_an_uneven_last_shard(data, token
 
 
 def test_parallel_tokenize_writes_the_same_bytes(data, tokens, tmp_path):
-    two = tokenize(data, toy_manager(), tmp_path / "two", shard_size=4, workers=2, verbose=False)
+    two = tokenize_dataset(data, toy_manager(), tmp_path / "two", shard_size=4, workers=2, verbose=False)
     assert digests(two.root) == digests(tokens.root)
 
 
@@ -79,13 +79,13 @@ class Dies:
 
 def test_tokenize_interrupted_then_rerun_equals_uninterrupted(data, tokens, tmp_path, capsys):
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt): tokenize(Dies(data, 13), toy_manager(), out, shard_size=4)
+    with pytest.raises(KeyboardInterrupt): tokenize_dataset(Dies(data, 13), toy_manager(), out, shard_size=4)
     done = sorted(p.name for p in out.glob("shard-*.parquet"))
     assert done == [f"shard-0000{k}.parquet" for k in range(3)]          # shards 0-2 finished, 3 never written
     assert not (out / "tokens.json").exists() and not list(out.glob(".*.tmp"))
     with pytest.raises(FileNotFoundError, match="tokenize has not finished"): TokenShards(out)
     capsys.readouterr()
-    tokenize(data, toy_manager(), out, shard_size=4)
+    tokenize_dataset(data, toy_manager(), out, shard_size=4)
     assert "3 of 8 shards already done" in capsys.readouterr().out
     assert digests(out) == digests(tokens.root)
 
