@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['Masks', 'MaskingError', 'token_level_presence', 'apply_masking', 'sample_dirichlet', 'split_budget',
-           'sample_budget_masks', 'MaskingConfig', 'ModalityMixMasking', 'batch_masks', 'check_masking', 'masking_meta']
+           'sample_budget_masks', 'MaskingConfig', 'ModalityMixMasking', 'batch_masks', 'check_masking', 'masking_meta',
+           'DirectedMasking']
 
 # %% ../nbs/10_masking.ipynb #c002
 import inspect, json, math
@@ -545,3 +546,58 @@ def masking_meta(masking,  # a masking that passes `check_masking`
         for k in _ADDED_LATER:
             if not meta[k]: meta.pop(k)                       # None, () or {}: as before these fields existed
     return meta
+
+# %% ../nbs/10_masking.ipynb #e10d02
+@dataclass
+class DirectedMasking:
+    """A share of the samples practise named directions (every present token of the input keys → every present
+    token of the target keys); the rest follow `base`. Call it on `(tokens, present, generator)`; returns `Masks`.
+    Raises `ValueError` for bad settings, `KeyError` for a direction naming keys the tokens lack."""
+    base: MaskingConfig | ModalityMixMasking = field(default_factory=MaskingConfig)   # the masking of the others
+    directions: dict = field(default_factory=dict)   # {name: [input token keys, target token keys]}
+    share: float = 0.25                # probability that a sample able to serve a direction practises one
+    max_inputs: int | None = None      # at most this many input tokens in a directed sample (None: all present)
+    max_targets: int | None = None     # at most this many target tokens in a directed sample (None: all present)
+
+    def __post_init__(self):
+        if not isinstance(self.base, (MaskingConfig, ModalityMixMasking)):
+            raise ValueError(f"DirectedMasking.base must be a MaskingConfig or a ModalityMixMasking, got "
+                             f"{type(self.base).__name__}")
+        check_setting("DirectedMasking", "share", self.share, float, low=0, high=1)
+        for f in ("max_inputs", "max_targets"):
+            check_setting("DirectedMasking", f, getattr(self, f), int, low=1, allow_none=True)
+        if not isinstance(self.directions, Mapping) or not self.directions:
+            raise ValueError("DirectedMasking.directions must be a non-empty dict {name: [input keys, target keys]}")
+        for name, d in self.directions.items():
+            ok = (isinstance(d, (list, tuple)) and len(d) == 2
+                  and all(isinstance(s, (list, tuple)) and s and all(isinstance(k, str) for k in s) for s in d))
+            if not ok: raise ValueError(f"DirectedMasking.directions[{name!r}] must be [input keys, target keys], "
+                                        f"two non-empty lists of token keys, got {d!r}")
+            if set(d[0]) & set(d[1]):
+                raise ValueError(f"DirectedMasking.directions[{name!r}]: {sorted(set(d[0]) & set(d[1]))} are both "
+                                 "input and target")
+        self.directions = {n: [list(d[0]), list(d[1])] for n, d in self.directions.items()}   # JSON: lists
+
+    def __call__(self, tokens, present=None, generator=None) -> Masks:
+        masks = self.base(tokens, present, generator)
+        tp, keys = token_level_presence(tokens, present), list(tokens)
+        named = {k for d in self.directions.values() for s in d for k in s}
+        if named - set(keys):
+            raise KeyError(f"DirectedMasking.directions name token keys {sorted(named - set(keys))} that the tokens "
+                           f"do not have ({keys})")
+        has = torch.stack([tp[k].any(1) for k in keys], 1)                                   # [B, K]
+        dev = has.device
+        role = lambda j: torch.tensor([[k in d[j] for k in keys] for d in self.directions.values()], device=dev)
+        d_in, d_tgt = role(0), role(1)                                                       # [D, K] each
+        able = (has[:, None] & d_in).any(-1) & (has[:, None] & d_tgt).any(-1)                 # [B, D]
+        B, D = able.shape
+        pick = (torch.rand(B, D, generator=generator, device=dev) + 2.0 * able).argmax(1)     # uniform among able
+        chosen = able.any(1) & (torch.rand(B, generator=generator, device=dev) < self.share)
+        cut = lambda m, n: m if n is None else m & (_ranks(torch.rand(m.shape, generator=generator, device=dev)
+                                                             .masked_fill(~m, 2.0)) < n)
+        widths = [tokens[k].shape[1] for k in keys]
+        full = lambda role_k: torch.cat([tp[k] & role_k[pick][:, i:i + 1] for i, k in enumerate(keys)], 1)
+        ins, tgts = cut(full(d_in), self.max_inputs).split(widths, 1), cut(full(d_tgt), self.max_targets).split(widths, 1)
+        c = chosen[:, None]
+        return Masks({k: torch.where(c, ins[i], masks.is_input[k]) for i, k in enumerate(keys)},
+                     {k: torch.where(c, tgts[i], masks.is_target[k]) for i, k in enumerate(keys)})
