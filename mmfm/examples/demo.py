@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from ..files import write_json
 from ..progress import stage
-from .results import metric, results_table
+from .results import metric, results_table, seed_summary
 
 # %% ../../nbs/examples/90_demo.ipynb #c005
 EXAMPLES = {'medical': 'mmfm.examples.medical', 'astronomy': 'mmfm.examples.astronomy'}
@@ -23,28 +23,39 @@ def run_demo(size: str = 'demo',                     # 'tiny' (seconds), 'demo' 
              data_dir: str | Path = 'data',          # built data go here
              examples: Sequence[str] = tuple(EXAMPLES),  # which examples to run
              seed: int = 0,                          # one seed for data, codecs, transformer and evaluation
+             seeds: Sequence[int] | None = None,     # several seeds: each figure as mean ± sd over them
              ) -> dict:
-    "Run the worked examples, write `out_dir/metrics.json`, and return the results."
+    """Run the worked examples, write `out_dir/metrics.json`, and return the report. With `seeds`, every example runs
+    once per seed (figures under `out_dir/seed<s>/`), and `results` holds `seed_summary` records (mean, sd, per seed);
+    `per_seed` keeps each run's results."""
     out_dir, data_dir = Path(out_dir), Path(data_dir)
+    unknown = [n for n in examples if n not in EXAMPLES]
+    if unknown: raise ValueError(f"unknown example {unknown[0]!r}; known: {list(EXAMPLES)}")
+    if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, timing = {}, {}
-    for name in examples:
-        if name not in EXAMPLES: raise ValueError(f"unknown example {name!r}; known: {list(EXAMPLES)}")
-        module = importlib.import_module(EXAMPLES[name])
-        t0 = time.time()
-        with stage(f"== {name} example ({size})"):
-            results[name] = module.run(size=size, out_dir=out_dir / name, data_dir=data_dir, seed=seed)
-        timing[name] = round(time.time() - t0, 1)
-    report = {'results': results, 'seconds': timing, 'size': size, 'seed': seed,
+    runs, timing = {}, {}
+    for s in (seeds if seeds is not None else [seed]):
+        where = out_dir if seeds is None else out_dir / f'seed{s}'
+        runs[s] = {}
+        for name in examples:
+            module = importlib.import_module(EXAMPLES[name])
+            t0 = time.time()
+            with stage(f"== {name} example ({size}, seed {s})"):
+                runs[s][name] = module.run(size=size, out_dir=where / name, data_dir=data_dir, seed=s)
+            timing[name] = round(timing.get(name, 0) + time.time() - t0, 1)
+    report = {'results': runs[seed] if seeds is None else seed_summary(runs), 'seconds': timing, 'size': size,
+              'seed': seed if seeds is None else list(seeds),
               'machine': {'python': platform.python_version(), 'torch': torch.__version__,
                           'cpus': os.cpu_count(),
                           'threads': torch.get_num_threads()}}
+    if seeds is not None: report['per_seed'] = {str(s): r for s, r in runs.items()}
     write_json(out_dir / 'metrics.json', report)
     return report
 
 # %% ../../nbs/examples/90_demo.ipynb #v9s029
 def main(argv: Sequence[str] | None = None) -> dict:
-    "Command line: `mmfm demo [--size demo] [--only medical] [--out reports] [--data data] [--seed 0]`."
+    "Command line: `mmfm demo [--size demo] [--only medical] [--out reports] [--data data] [--seed 0 | --seeds 0 1 2]`."
     p = argparse.ArgumentParser(prog='mmfm demo', description=main.__doc__)
     p.add_argument('--size', default='demo', choices=['tiny', 'demo', 'full'])
     p.add_argument('--only', action='append', choices=list(EXAMPLES),
@@ -52,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument('--out', default='reports'); p.add_argument('--data',
                                                                default='data'); p.add_argument('--seed',
                                                                                                type=int, default=0)
+    p.add_argument('--seeds', type=int, nargs='+', default=None,
+                   help='run every example once per seed and report mean ± sd (e.g. --seeds 0 1 2)')
     a = p.parse_args(argv)
-    report = run_demo(a.size, a.out, a.data, a.only or tuple(EXAMPLES), a.seed)
+    report = run_demo(a.size, a.out, a.data, a.only or tuple(EXAMPLES), a.seed, a.seeds)
     print('\n' + results_table(report['results']))
     print(f"\nwritten: {Path(a.out) / 'metrics.json'}  (seconds: {report['seconds']})")
     return report
