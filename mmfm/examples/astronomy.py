@@ -77,7 +77,7 @@ class AstroSize:
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s019
 SIZES = {'tiny': AstroSize(),
          'demo': AstroSize(n_galaxies=2000, codec_epochs=10, codec_hidden=32, codec_depth=1,
-                           codec_patch=(4, 6), d_model=None, layers=None, steps=5000, batch_size=32,
+                           codec_patch=(4, 6), d_model=None, layers=None, steps=2500, batch_size=64, lr=1.4e-3,
                            cnn_width=16, cnn_epochs=30, cnn_min_steps=150,
                            hsc_cnn_width=32, hsc_cnn_steps=600),
          'full': AstroSize(n_galaxies=4000, codec_epochs=20, codec_hidden=64, codec_depth=2, model='small',
@@ -649,7 +649,7 @@ ASTRO_METRICS = ('hsc_from_legacy_rms_sigma', 'hsc_from_legacy_rms_sigma_mean', 
                  'probe_r2_mag', 'probe_r2_size', 'probe_r2_ellipticity')   # what `run` reports (with all three surveys)
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c061
-def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minutes on 2 CPU cores) or 'full'
+def run(size: str | AstroSize = 'tiny',       # 'tiny' (seconds), 'demo' (minutes on 2 CPU cores), 'full', or an AstroSize
         out_dir: str | Path = 'reports/astronomy',  # figures and the transformer's log go here
         data_dir: str
         | Path = 'data',        # simulated galaxies are written (or reused) under data_dir/astro
@@ -657,8 +657,9 @@ def run(size: str = 'tiny',                   # 'tiny' (seconds), 'demo' (minute
         progress: bool = True,                # a line per stage with its time, and the training bar
         ) -> dict:
     "The astronomy example end to end: simulate, codecs, tokens, transformer, evaluation; returns `{name: metric}`."
-    if size not in SIZES: raise ValueError(f"unknown size {size!r}; choose from {list(SIZES)}")
-    cfg, out_dir = SIZES[size], Path(out_dir)
+    if not isinstance(size, AstroSize) and size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {list(SIZES)} or pass an AstroSize")
+    cfg, out_dir = (size if isinstance(size, AstroSize) else SIZES[size]), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed); np.random.seed(seed)
     with stage(f"simulate {cfg.n_galaxies} galaxies (or reuse them)", progress):
