@@ -73,7 +73,8 @@ class ImageCodecBase(Codec):
                stretch: AsinhStretch, bright_weight: float, augment: bool, flux_weight: float = 0.0,
                flux_pools: Sequence[int] = (4, 8, 16, 32), pixel_scale: float = 1.0,
                flux_tokens: bool = False,
-               flux_aperture: float = 2.5, flux_snr_range: Sequence[float] = (-100.0, 1e8)):
+               flux_aperture: float = 2.5, flux_snr_range: Sequence[float] = (-100.0, 1e8),
+               fit_margin: float = 1.0):
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)
@@ -91,6 +92,7 @@ class ImageCodecBase(Codec):
         self.unprojection = nn.Conv2d(len(levels), hidden, 1)
         self.decoder = ImageDecoder(n_bands, hidden, patch, depth)
         self._build_flux_tokens(bool(flux_tokens), float(pixel_scale), float(flux_aperture), flux_snr_range)
+        self._build_fit_range(fit_margin)
 
     @property
     def quantizer(self) -> FiniteScalarQuantizer: return self._quantizer
@@ -101,7 +103,7 @@ class ImageCodecBase(Codec):
 
     def _encode(self, x: BaseModality) -> Tensor: return self._latent(self._preprocess(x))
     def _decode(self, z: Tensor, **metadata) -> BaseModality:
-        return self._from_stretched(self.decode_stretched(z), **metadata)
+        return self._from_stretched(self.bound_stretched(self.decode_stretched(z)), **metadata)
 
 # %% ../nbs/33_image_codecs.ipynb #v33002
 @patch_to(ImageCodecBase, as_prop=True)
@@ -228,6 +230,24 @@ def _build_flux_tokens(self, on: bool, pixel_scale: float, aperture: float, snr_
     self.flux_tokens, self.pixel_scale, self.flux_aperture, self.flux_snr_range = on, pixel_scale, aperture, (lo, hi)
     self.register_buffer('aperture', torch.from_numpy(mask), persistent=False)
 
+# %% ../nbs/33_image_codecs.ipynb #bd001
+@patch_to(ImageCodecBase)
+def _build_fit_range(self, margin: float):
+    """Check `fit_margin` (asinh units, at least half a flux-token level) and make the fitted-range buffers (NaN:
+    nothing recorded yet, see `prepare`) and the decoding counters (not saved)."""
+    lo, hi = self.flux_snr_range
+    half_level = (math.asinh(hi) - math.asinh(lo)) / (self.vocab_size - 2) / 2
+    if not (math.isfinite(margin) and margin >= half_level):
+        raise ValueError(f"{type(self).__name__}: fit_margin must be finite and >= half a flux-token level "
+                         f"({half_level:.3g} asinh units), got {margin}")
+    self.fit_margin = float(margin)
+    unrecorded = torch.full((self.n_bands, 2), float('nan'))
+    self.register_buffer('flux_fit_range', unrecorded.clone())     # asinh(aperture S/N): [band, (min, max)]
+    self.register_buffer('pixel_fit_range', unrecorded.clone())    # asinh(pixel flux / σ): [band, (min, max)]
+    for counter in ('n_pixels_decoded', 'n_pixels_below', 'n_pixels_above', 'n_fluxes_decoded',
+                    'n_fluxes_outside'):
+        self.register_buffer(counter, torch.zeros(self.n_bands, dtype=torch.long), persistent=False)
+
 # %% ../nbs/33_image_codecs.ipynb #v3s017
 @patch_to(ImageCodecBase)
 def _signal(self, stretched: Tensor) -> Tensor:
@@ -280,9 +300,12 @@ def tokens_band_present(self, tokens: Tensor) -> Tensor | None:
 # %% ../nbs/33_image_codecs.ipynb #at004
 @patch_to(ImageCodecBase, as_prop=True)
 def allowed_targets(self) -> Tensor:
-    "Bool `[num_tokens, vocab_size]`: every token, except `ABSENT_FLUX_TOKEN` at the flux positions."
+    """Bool `[num_tokens, vocab_size]`: every image token; at the flux positions the flux levels from
+    `flux_token_bounds` (the fitted range ± `fit_margin`; every level before `prepare`), never `ABSENT_FLUX_TOKEN`."""
     allowed = torch.ones(self.num_tokens, self.vocab_size, dtype=torch.bool)
-    if self.flux_tokens: allowed[:self.n_bands, ABSENT_FLUX_TOKEN] = False
+    if self.flux_tokens:
+        token, bounds = torch.arange(self.vocab_size), self.flux_token_bounds()
+        allowed[:self.n_bands] = (token >= bounds[:, :1]) & (token <= bounds[:, 1:])   # token 0 < bounds[:, 0]
     return allowed
 
 @patch_to(ImageCodecBase, as_prop=True)
@@ -332,19 +355,23 @@ def encode(self, x: BaseModality) -> Tensor:
 def decode(self, tokens: Tensor,
            band_present: Tensor | None = None,   # [batch, band] bool: more bands to mark absent (optional)
            **metadata) -> BaseModality:
-    """The images that `tokens` stand for, `[batch, band, size, size]` in the modality's unit. With flux
-    tokens, each band is rescaled to its token's aperture flux, and a band whose flux token is 0 was not
-    observed: it is all NaN, never the decoder's guess. Raises `TokenRangeError` for bad tokens and
-    `CodecError` for a row with every band absent."""
+    """The images that `tokens` stand for, `[batch, band, size, size]` in the modality's unit. The decoder's output
+    is kept within the fitted pixel range ± `fit_margin` (`bound_stretched`, counted); with flux tokens, each band
+    is then rescaled to its token's aperture flux (not bounded: a real galaxy's own tokens decode to its flux), and
+    a band whose flux token is 0 was not observed: it is all NaN, never the decoder's guess. Raises
+    `TokenRangeError` for bad tokens and `CodecError` for a row with every band absent."""
     tokens = self._check_tokens(tokens).to(self.device)
     B, nf = tokens.shape[0], self.n_flux_tokens
-    out = self.decode_stretched(self.indices_to_latent(tokens[:, nf:].reshape(B, *self.image_grid)))
-    present = self.tokens_band_present(tokens)
-    if nf: out = self.calibrate_flux(out, self.tokens_to_flux(tokens[:, :nf]).masked_fill(~present, 0.0))
+    present = shown = self.tokens_band_present(tokens)
     if band_present is not None:
-        given = torch.as_tensor(band_present, dtype=torch.bool, device=out.device).view(B, self.n_bands)
-        present = given if present is None else present & given
-    return self._from_stretched(out, band_present=present, **metadata)
+        given = torch.as_tensor(band_present, dtype=torch.bool, device=tokens.device).view(B, self.n_bands)
+        shown = given if present is None else present & given
+    out = self.decode_stretched(self.indices_to_latent(tokens[:, nf:].reshape(B, *self.image_grid)))
+    out = self.bound_stretched(out, shown)
+    if nf:
+        self._count_fluxes(self.flux_levels().to(tokens.device)[tokens[:, :nf]], shown)
+        out = self.calibrate_flux(out, self.tokens_to_flux(tokens[:, :nf]).masked_fill(~present, 0.0))
+    return self._from_stretched(out, band_present=shown, **metadata)
 
 # %% ../nbs/33_image_codecs.ipynb #idd02
 @patch_to(ImageCodecBase)
@@ -363,7 +390,9 @@ def decode_distribution(self, probs: Float[Tensor, "batch num_tokens vocab"],  #
                         band_present: Tensor | None = None,   # [batch, band] bool: more bands to mark absent
                         **metadata) -> BaseModality:
     """The images at the mean (or q-quantile) of the predicted distribution: FSQ levels → decoder for the image
-    tokens, asinh flux levels for the flux tokens (bands with P(not observed) ≥ 0.5 absent). Raises
+    tokens (the decoder's output bounded as in `decode`), asinh flux levels for the flux tokens (bands with
+    P(not observed) ≥ 0.5 absent); a distribution from a prediction that used `allowed_targets` keeps the flux in
+    the fitted range ± `fit_margin`. Raises
     `CodecError` for probs that are not distributions of the right shape."""
     point, probs = check_point(point), self._check_probs(probs)
     if point == "argmax": return self.decode(probs.argmax(-1), band_present=band_present, **metadata)
@@ -374,8 +403,7 @@ def decode_distribution(self, probs: Float[Tensor, "batch num_tokens vocab"],  #
     C = table.shape[1]
     p = probs[:, nf:].transpose(1, 2)[:, :, None, :].expand(-1, -1, C, -1).reshape(B, V, C * h * w)
     z = distribution_summary(table.reshape(V, C * h * w), p, point).reshape(B, C, h, w)
-    out = self.decode_stretched(z.to(table.dtype))
-    present = None
+    out, present = self.decode_stretched(z.to(table.dtype)), None
     if nf:
         pf = probs[:, :nf].double()                                                 # [B, band, V]
         present = pf[..., ABSENT_FLUX_TOKEN] < 0.5
@@ -383,11 +411,15 @@ def decode_distribution(self, probs: Float[Tensor, "batch num_tokens vocab"],  #
         pf = pf / pf.sum(-1, keepdim=True).clamp_min(1e-300)
         levels = self.flux_levels().to(pf.device).nan_to_num(0.0)
         lv = distribution_summary(levels[:, None].expand(V, nf), pf.transpose(1, 2), point)   # [B, band]
-        out = self.calibrate_flux(out, torch.sinh(lv).float().masked_fill(~present, 0.0))
+    shown = present
     if band_present is not None:
         given = torch.as_tensor(band_present, dtype=torch.bool, device=out.device).view(B, self.n_bands)
-        present = given if present is None else present & given
-    return self._from_stretched(out, band_present=present, **metadata)
+        shown = given if present is None else present & given
+    out = self.bound_stretched(out, shown)
+    if nf:
+        self._count_fluxes(lv, shown)
+        out = self.calibrate_flux(out, torch.sinh(lv).float().masked_fill(~present, 0.0))
+    return self._from_stretched(out, band_present=shown, **metadata)
 
 # %% ../nbs/33_image_codecs.ipynb #i14s01
 @patch_to(ImageCodecBase)
@@ -404,6 +436,115 @@ def _from_stretched(self, out: Tensor,                        # decoder output, 
                              f"{empty[:10]}; such an image holds no data (mark the modality absent instead)")
         flux = flux.masked_fill(~keep[..., None, None], float('nan'))
     return self.modality(flux=flux, metadata=metadata or None)
+
+# %% ../nbs/33_image_codecs.ipynb #bd003
+@patch_to(ImageCodecBase)
+@torch.no_grad()
+def prepare(self, train: BaseModality,   # the training images (the codec's modality)
+            batch_size: int = 256,       # images measured at a time
+            ) -> 'ImageCodecBase':
+    """Record, per band, the range of the training images' aperture flux (`flux_fit_range`, asinh of the aperture
+    S/N, masked pixels as 0) and pixel values (`pixel_fit_range`, asinh of flux / σ over valid pixels); bands never
+    observed stay NaN (unbounded). Returns the codec. With flux tokens, a flux outside `flux_snr_range` raises
+    `CodecError` naming the sample and band, as `encode` does."""
+    train = self._check_modality(train)
+    lo = torch.full((2, self.n_bands), math.inf, dtype=torch.float64)     # rows: flux, pixels
+    hi = torch.full((2, self.n_bands), -math.inf, dtype=torch.float64)
+    for i in range(0, train.batch_size, batch_size):
+        mb = train.select(list(range(i, min(i + batch_size, train.batch_size)))).to(self.device)
+        pre, present = self._preprocess(mb), observed_bands(mb.flux)
+        snr = self.aperture_snr(self._signal(pre.x)).masked_fill(~present, 0.0)
+        if self.flux_tokens: self.flux_to_tokens(snr, self._ids(mb))      # refuses a flux beyond the range
+        flux, pixels = torch.asinh(snr.double()), pre.x.double() * self.stretch.scale
+        valid = pre.valid.transpose(0, 1).flatten(1)                          # [band, pixels]
+        for row, (v, keep) in enumerate([(flux.t(), present.t()), (pixels.transpose(0, 1).flatten(1), valid)]):
+            lo[row] = torch.minimum(lo[row], v.masked_fill(~keep, math.inf).min(1).values.cpu())
+            hi[row] = torch.maximum(hi[row], v.masked_fill(~keep, -math.inf).max(1).values.cpu())
+    fitted = torch.stack([lo, hi], -1).masked_fill(torch.isinf(lo)[..., None], float('nan'))   # [2, band, 2]
+    self.flux_fit_range.copy_(fitted[0]); self.pixel_fit_range.copy_(fitted[1])
+    self.reset_fit_range_report()
+    return self
+
+@patch_to(ImageCodecBase, as_prop=True)
+def fit_range_recorded(self) -> bool:
+    "Whether `prepare` recorded a range for some band (False: a codec never prepared, or saved before the ranges)."
+    return bool(torch.isfinite(self.flux_fit_range).any() or torch.isfinite(self.pixel_fit_range).any())
+
+# %% ../nbs/33_image_codecs.ipynb #bd004
+@patch_to(ImageCodecBase)
+def flux_token_bounds(self) -> Tensor:
+    """Long `[band, 2]`: the lowest and highest flux token a prediction may take, the levels whose asinh S/N lies
+    within `flux_fit_range` ± `fit_margin`; 1 and V−1 (every level) for a band without a recorded range."""
+    (lo, hi), V = self.flux_snr_range, self.vocab_size
+    a, per = math.asinh(lo), (V - 2) / (math.asinh(hi) - math.asinh(lo))      # tokens per asinh unit
+    r = self.flux_fit_range.double().cpu()
+    first = 1 + torch.ceil((r[:, 0] - self.fit_margin - a) * per)
+    last = 1 + torch.floor((r[:, 1] + self.fit_margin - a) * per)
+    unknown = torch.isnan(r).any(1)
+    first = torch.where(unknown, 1.0, first).clamp(1, V - 1)
+    last = torch.where(unknown, V - 1.0, last).clamp(1, V - 1)
+    return torch.stack([first, last], 1).long()
+
+# %% ../nbs/33_image_codecs.ipynb #bd005
+@patch_to(ImageCodecBase)
+def bound_stretched(self, out: Float[Tensor, "batch band h w"],   # decoder output (stretched space)
+                    present: Tensor | None = None,   # [batch, band] bool: the bands to count (None: all)
+                    ) -> Float[Tensor, "batch band h w"]:
+    """`out` clamped per band to `pixel_fit_range` ± `fit_margin` (asinh units; ÷ `scale` in the stretched space);
+    bands without a recorded range are left as they are. Counts the decoded pixels and those clamped from below and
+    above per band, over the `present` bands (`fit_range_report`)."""
+    r = self.pixel_fit_range.to(out.device)
+    has = torch.isfinite(r).all(1)
+    if not has.any(): return out
+    low = torch.where(has, (r[:, 0] - self.fit_margin) / self.stretch.scale, -math.inf).to(out.dtype)
+    high = torch.where(has, (r[:, 1] + self.fit_margin) / self.stretch.scale, math.inf).to(out.dtype)
+    low, high = low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
+    counted = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device) if present is None else present
+    counted = (counted.to(out.device) & has)[..., None, None]
+    self.n_pixels_decoded += counted.expand_as(out).sum((0, 2, 3))
+    self.n_pixels_below += ((out < low) & counted).sum((0, 2, 3))
+    self.n_pixels_above += ((out > high) & counted).sum((0, 2, 3))
+    return torch.minimum(torch.maximum(out, low), high)
+
+@patch_to(ImageCodecBase)
+def _count_fluxes(self, level: Tensor, present: Tensor | None):
+    "Count decoded fluxes (asinh levels `[batch, band]`) and those outside what a prediction may take."
+    bounds = self.flux_levels()[self.flux_token_bounds()].to(level.device)          # [band, 2]
+    has = torch.isfinite(self.flux_fit_range).all(1).to(level.device)
+    counted = (torch.ones_like(level, dtype=torch.bool) if present is None else present.to(level.device)) & has
+    outside = (level < bounds[:, 0] - 1e-9) | (level > bounds[:, 1] + 1e-9)
+    self.n_fluxes_decoded += counted.sum(0); self.n_fluxes_outside += (outside & counted).sum(0)
+
+# %% ../nbs/33_image_codecs.ipynb #bd006
+@patch_to(ImageCodecBase)
+def fit_range_report(self) -> pd.DataFrame:
+    """One row per band: the recorded ranges (`flux_asinh_*`: aperture S/N, `pixel_asinh_*`: pixel flux / σ, both
+    asinh; NaN: none, unbounded), the flux tokens a prediction may take, and what decoding met since the last
+    `reset_fit_range_report`: pixels decoded and clamped below / above, fluxes decoded and outside the range ±
+    `fit_margin` (a real galaxy's own tokens, decoded as they are)."""
+    n = lambda t: t.cpu().numpy()
+    b, f, p = self.flux_token_bounds(), n(self.flux_fit_range.double()), n(self.pixel_fit_range.double())
+    return pd.DataFrame(dict(flux_asinh_low=f[:, 0], flux_asinh_high=f[:, 1], token_low=n(b[:, 0]),
+                             token_high=n(b[:, 1]), pixel_asinh_low=p[:, 0], pixel_asinh_high=p[:, 1],
+                             pixels_decoded=n(self.n_pixels_decoded), pixels_clamped_low=n(self.n_pixels_below),
+                             pixels_clamped_high=n(self.n_pixels_above), fluxes_decoded=n(self.n_fluxes_decoded),
+                             fluxes_outside=n(self.n_fluxes_outside)),
+                        index=pd.Index(list(self.stretch.bands or range(self.n_bands)), name='band'))
+
+@patch_to(ImageCodecBase)
+def reset_fit_range_report(self):
+    "Zero the decoding counters of `fit_range_report`."
+    for t in (self.n_pixels_decoded, self.n_pixels_below, self.n_pixels_above, self.n_fluxes_decoded,
+              self.n_fluxes_outside): t.zero_()
+
+# %% ../nbs/33_image_codecs.ipynb #bd008
+@patch_to(ImageCodecBase)
+def _load_state(self, weights: Path, info: dict, state: dict) -> 'ImageCodecBase':
+    "`Codec._load_state`, accepting a codec saved before the fitted ranges (no `fit_margin`, no range buffers)."
+    config = {'fit_margin': self.fit_margin, **(info.get('config') or {})}
+    state = {'flux_fit_range': torch.full_like(self.flux_fit_range, float('nan')).cpu(),
+             'pixel_fit_range': torch.full_like(self.pixel_fit_range, float('nan')).cpu(), **state}
+    return Codec._load_state(self, weights, {**info, 'config': config}, state)
 
 # %% ../nbs/33_image_codecs.ipynb #c012
 DEFAULT_PATCH = {'legacy': 2, 'hsc': 3, 'gaia': 2}   # pixels per token side: 16², 17², 6² tokens
@@ -428,6 +569,7 @@ class SurveyImageCodec(ImageCodecBase):
                  flux_tokens: bool = True,                # one aperture-flux token per band before the image tokens
                  flux_aperture: float = 2.5,              # radius (arcsec) of the flux tokens' aperture
                  flux_snr_range: Sequence[float] = (-100.0, 1e8),  # range of the flux tokens, in units of the aperture noise
+                 fit_margin: float = 1.0,                 # asinh units: how far decoded values may pass the training range (prepare)
                  ):
         super().__init__()
         if not self.survey:
@@ -437,7 +579,7 @@ class SurveyImageCodec(ImageCodecBase):
         self._build(info.n_bands, size or info.stamp_size, patch or DEFAULT_PATCH[info.name],
                     hidden, depth, levels,
                     SurveyPreprocessor(info, scale=scale), bright_weight, augment, flux_weight, flux_pools,
-                    info.pixel_scale_arcsec, flux_tokens, flux_aperture, flux_snr_range)
+                    info.pixel_scale_arcsec, flux_tokens, flux_aperture, flux_snr_range, fit_margin)
 
     @property
     def modality(self) -> type[SurveyImage]: return image_modality(self.survey)
@@ -544,6 +686,7 @@ class SharedImageCodec(ImageCodecBase):
                  flux_aperture: float = 2.5,              # radius (arcsec) of the flux tokens' aperture
                  flux_snr_range: Sequence[float] = (-100.0, 1e8),  # range of the flux tokens, in units of the aperture noise
                  survey_dropout: float = 0.3,             # while training, drop each present survey with this probability
+                 fit_margin: float = 1.0,                 # asinh units: how far decoded values may pass the training range (prepare)
                  ):
         super().__init__()
         self.survey_dropout = float(survey_dropout)
@@ -553,7 +696,7 @@ class SharedImageCodec(ImageCodecBase):
                                  bands=MULTISURVEY_BANDS),
                     bright_weight, augment,
                     flux_weight, flux_pools, survey_info(MULTISURVEY_GRID).pixel_scale_arcsec, flux_tokens,
-                    flux_aperture, flux_snr_range)
+                    flux_aperture, flux_snr_range, fit_margin)
 
     @property
     def modality(self) -> type[MultiSurveyImage]: return MultiSurveyImage

@@ -9,6 +9,7 @@ __all__ = ['ResBlock1d', 'series_encoder', 'series_decoder', 'SeriesCodec', 'ser
 import math, sys
 from typing import ClassVar, Sequence
 import torch
+import pandas as pd
 from torch import nn, Tensor
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -64,6 +65,8 @@ class SeriesCodec(Codec):
                  # widths per resolution (1 + log2(downsample)); None: 32, 32, 64, 64, ... (at most 128)
                  channels: Sequence[int] | None = None,
                  res_blocks: int = 1,                       # residual blocks per resolution
+                 # decoded values stay within the training range ± this × its width, per channel (see prepare)
+                 range_margin: float = 0.5,
                  ):
         super().__init__()
         spec = modality if modality is not None else self.default_modality
@@ -89,6 +92,13 @@ class SeriesCodec(Codec):
         self.register_buffer('mean', torch.zeros(mod.channels, 1))
         self.register_buffer('std', torch.ones(mod.channels, 1))
         self.register_buffer('prepared', torch.tensor(False))
+        if not (math.isfinite(range_margin) and range_margin >= 0):
+            raise CodecError(f"{type(self).__name__}: range_margin must be a finite number >= 0, got {range_margin}")
+        self.range_margin = float(range_margin)
+        # the training series' min and max per channel (NaN: not recorded, decoding unbounded)
+        self.register_buffer('fit_range', torch.full((mod.channels, 2), float('nan')))
+        for counter in ('n_values_decoded', 'n_values_below', 'n_values_above'):
+            self.register_buffer(counter, torch.zeros(mod.channels, dtype=torch.long), persistent=False)
 
     modality = property(lambda self: self._modality)
     quantizer = property(lambda self: self._quantizer)
@@ -109,12 +119,14 @@ def _finite_values(x: SeriesModality, where: str) -> Tensor:
 @patch
 @torch.no_grad()
 def prepare(self: SeriesCodec, train: SeriesModality) -> SeriesCodec:
-    "Fit the per-channel mean and standard deviation on the training series."
+    "Fit the per-channel mean and standard deviation on the training series, and record their range (`fit_range`)."
     v = _finite_values(self._check_modality(train), f"{type(self).__name__}.prepare: ").double()
     self.mean.copy_(v.mean(dim=(0, 2)).unsqueeze(-1))
     std = v.std(dim=(0, 2)).unsqueeze(-1)
     self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+    self.fit_range.copy_(torch.stack([v.amin(dim=(0, 2)), v.amax(dim=(0, 2))], 1))
     self.prepared.fill_(True)
+    self.reset_fit_range_report()
     return self
 
 # %% ../nbs/06_series_codecs.ipynb #s004
@@ -124,9 +136,63 @@ def _encode(self: SeriesCodec, x: SeriesModality) -> Tensor:
 
 # %% ../nbs/06_series_codecs.ipynb #s005
 @patch
+def _decoder_values(self: SeriesCodec, z: Tensor) -> Tensor:
+    "The decoder's output in the series' units, unbounded."
+    return self.decoder(z) * self.std + self.mean
+
+@patch
 def _decode(self: SeriesCodec, z: Tensor, **metadata) -> SeriesModality:
-    return self._modality(**{self._modality.signal_field: self.decoder(z) * self.std + self.mean},
+    return self._modality(**{self._modality.signal_field: self.bound_values(self._decoder_values(z))},
                           metadata=metadata or None)
+
+@patch
+def forward(self: SeriesCodec, x: SeriesModality):
+    "As `Codec.forward`, with the decoder's unbounded output: the training loss sees values beyond the fitted range."
+    z_q, idx, aux = self.quantize(self._encode(self._check_modality(x)))
+    return self._modality(**{self._modality.signal_field: self._decoder_values(z_q)}), idx, aux
+
+# %% ../nbs/06_series_codecs.ipynb #bd101
+@patch
+def value_bounds(self: SeriesCodec) -> Float[Tensor, "channels 2"]:
+    """Per channel, the lowest and highest value decoding gives: `fit_range` ± `range_margin` × its width (a width of
+    0 counts as max(|value|, 1)); -inf and inf where no range is recorded."""
+    lo, hi = self.fit_range[:, 0], self.fit_range[:, 1]
+    pad = self.range_margin * torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
+    bounds = torch.stack([lo - pad, hi + pad], 1)
+    unbounded = torch.tensor([-math.inf, math.inf], dtype=bounds.dtype, device=bounds.device).expand_as(bounds)
+    return torch.where(torch.isnan(self.fit_range).any(1, keepdim=True), unbounded, bounds)
+
+@patch
+def bound_values(self: SeriesCodec, v: Float[Tensor, "batch channels time"]) -> Float[Tensor, "batch channels time"]:
+    "`v` clamped per channel to `value_bounds`, counting the decoded values and those clamped (`fit_range_report`)."
+    b = self.value_bounds().to(v.dtype)
+    low, high, has = b[:, :1], b[:, 1:], torch.isfinite(self.fit_range).all(1)
+    self.n_values_decoded += has * v.shape[0] * v.shape[2]
+    self.n_values_below += (v < low).sum((0, 2)); self.n_values_above += (v > high).sum((0, 2))
+    return torch.minimum(torch.maximum(v, low), high)
+
+@patch
+def fit_range_report(self: SeriesCodec) -> pd.DataFrame:
+    """Per channel: the recorded training range (NaN: none), the bounds decoding keeps to, and the values decoded and
+    clamped below / above since the last `reset_fit_range_report`."""
+    r, b = self.fit_range.double().cpu().numpy(), self.value_bounds().double().cpu().numpy()
+    return pd.DataFrame(dict(low=r[:, 0], high=r[:, 1], bound_low=b[:, 0], bound_high=b[:, 1],
+                             values_decoded=self.n_values_decoded.cpu().numpy(),
+                             values_clamped_low=self.n_values_below.cpu().numpy(),
+                             values_clamped_high=self.n_values_above.cpu().numpy()),
+                        index=pd.RangeIndex(len(r), name='channel'))
+
+@patch
+def reset_fit_range_report(self: SeriesCodec):
+    "Zero the decoding counters of `fit_range_report`."
+    for t in (self.n_values_decoded, self.n_values_below, self.n_values_above): t.zero_()
+
+@patch
+def _load_state(self: SeriesCodec, weights, info: dict, state: dict) -> SeriesCodec:
+    "`Codec._load_state`, accepting a codec saved before the fitted range (no `range_margin`, no `fit_range`: unbounded)."
+    config = {'range_margin': self.range_margin, **(info.get('config') or {})}
+    state = {'fit_range': torch.full_like(self.fit_range, float('nan')).cpu(), **state}
+    return Codec._load_state(self, weights, {**info, 'config': config}, state)
 
 # %% ../nbs/06_series_codecs.ipynb #s006
 @patch
