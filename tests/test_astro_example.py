@@ -27,6 +27,8 @@ def test_metrics_finite_with_baselines(two_runs):
         assert m['baseline'] is not None and math.isfinite(m['baseline']) and m['baseline_name'], name
     # the codec floor is recorded beside the HSC figures; p(z) is scored as a distribution
     assert a['hsc_from_legacy_rms_sigma']['codec_floor'] == a['hsc_codec_floor_rms_sigma']['model']
+    m = a['hsc_from_legacy_rms_sigma_mean']   # the decoded HSC pixels, and how many the codec's fitted range held in
+    assert m['pixels_decoded'] > 0 and 0 <= m['pixels_held_at_bound'] <= m['pixels_decoded']
     assert 0 <= a['photoz_crps']['model'] and len(a['photoz_crps']['pit_hist']) == 10
     assert all(0 <= a[f'photoz_coverage{l}_error']['model'] <= 1 for l in (68, 95))
 

@@ -671,7 +671,10 @@ def run(size: str | AstroSize = 'tiny',       # 'tiny' (seconds), 'demo' (minute
         model, _ = train_model(data, manager, cfg, seed, out_dir, progress)
     lose = lambda a, b: '' if a < b else '; the model loses to the baseline'
     with stage("evaluate: HSC from Legacy (model, resampling, supervised CNN, codec floor)", progress):
+        hsc_codec = manager.codec_for('tok_image_hsc')
+        hsc_codec.reset_fit_range_report()                 # count the pixels the bound holds in, predictions only
         gal, legacy, preds, base, truth = hsc_from_legacy(model, manager, data, root)
+        bound = hsc_codec.fit_range_report()
         floor = hsc_codec_floor(manager, root, gal)
         cnn, n_pairs = hsc_cnn_baseline(root, gal, cfg, seed)
     plot_hsc_grid(legacy, preds['mean'], truth, out_dir / 'hsc_from_legacy.png')
@@ -683,7 +686,9 @@ def run(size: str | AstroSize = 'tiny',       # 'tiny' (seconds), 'demo' (minute
                f"galaxies" + lose(ra, rb), n_galaxies=n, codec_floor=rf),
            'hsc_from_legacy_rms_sigma_mean': metric(rm, rb, resampling, False,
                f"{what}, the same read as the posterior mean (expected FSQ levels and band fluxes)" + lose(rm, rb),
-               n_galaxies=n, codec_floor=rf),
+               n_galaxies=n, codec_floor=rf,
+               pixels_decoded=int(bound['pixels_decoded'].sum()),   # argmax and mean decodes, every band
+               pixels_held_at_bound=int((bound['pixels_clamped_low'] + bound['pixels_clamped_high']).sum())),
            'hsc_from_legacy_vs_cnn': metric(rm, rc, f"supervised CNN trained on {n_pairs} Legacy → HSC training pairs",
                False, f"{what}, the posterior mean against a network trained for this task alone" + lose(rm, rc),
                n_galaxies=n, n_pairs=n_pairs),
