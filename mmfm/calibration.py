@@ -115,7 +115,8 @@ def ensemble_calibration(members: Float[Tensor, "batch k"],   # k equally likely
     """PIT values, their histogram, central-interval coverage and mean CRPS of ensemble forecasts, in the shape of
     `calibration_report`: `{'pit': [batch], 'pit_hist': [n_hist], 'coverage': {level: share}, 'crps': mean, 'n'}`.
     Raises `ValueError` for NaN or infinite members or truths, or for fewer than 2 members."""
-    x, y = torch.as_tensor(members, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    as64 = lambda a: a.double() if isinstance(a, Tensor) else torch.tensor(np.array(a, dtype=np.float64))   # copies
+    x, y = as64(members), as64(y)
     if x.ndim != 2 or x.shape[1] < 2 or y.shape != x.shape[:1]:
         raise ValueError(f"ensemble_calibration: members must be [batch, k >= 2] and y [batch], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
