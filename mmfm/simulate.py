@@ -6,9 +6,9 @@
 __all__ = ['SPECLITE_FILTERS', 'SED_TEMPLATES', 'REFERENCE_BAND', 'Z_GRID', 'IMAGE_SOURCES', 'TABLE_FILES', 'survey_bandpass',
            'load_sed', 'band_flux_ratios', 'SimConfig', 'true_fluxes', 'draw_galaxies', 'draw_shard_galaxies',
            'survey_psf', 'galaxy_profile', 'render_unit_images', 'render_cutout', 'cutout_noise', 'flux_errors',
-           'asinh_magnitude', 'catalog_softening', 'measure_galaxy', 'simulate_dataset', 'astro_sources',
-           'astro_dataset', 'load_survey_images', 'load_catalog', 'load_truth', 'noiseless_cutouts', 'galaxy_sample',
-           'simulate_shards', 'main']
+           'asinh_magnitude', 'catalog_softening', 'measure_galaxy', 'MomentsError', 'measure_moments',
+           'simulate_dataset', 'astro_sources', 'astro_dataset', 'load_survey_images', 'load_catalog', 'load_truth',
+           'noiseless_cutouts', 'galaxy_sample', 'simulate_shards', 'main']
 
 # %% ../nbs/31_simulate.ipynb #c002
 import argparse, json, math, os, sys, time, multiprocessing
@@ -25,7 +25,7 @@ import speclite.filters
 import astropy.units as u
 from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header,
                           write_survey_cutout, to_nanomaggies,
-                          image_modality, SurveyImageLoader, CATALOGS)
+                          image_modality, SurveyImageLoader, CATALOGS, MOMENTS_BANDS)
 from .data import Source, TableLoader, MultiSourceDataset, Sample
 from .files import atomic_write, write_json
 from .shards import ShardWriter, ShardDataset, read_shard_index, INDEX_FILE
@@ -283,9 +283,15 @@ def catalog_softening(survey: str) -> np.ndarray:
     return 10 ** (-0.4 * (info.depth.to_value(u.mag) - 22.5)) / 5
 
 # %% ../nbs/31_simulate.ipynb #v1s012
-def measure_galaxy(galaxy: Mapping, errors_nmgy: Mapping[str, np.ndarray],
-                   cfg: SimConfig = SimConfig()) -> dict:
-    "Catalog rows of one galaxy for each survey that sees it (`{catalog: {column: value}}`), from the error model."
+def measure_galaxy(galaxy: Mapping,                        # a row of the truth table
+                   errors_nmgy: Mapping[str, np.ndarray],  # {survey: flux σ per band (nmgy)} of the surveys that see it
+                   cfg: SimConfig = SimConfig(),
+                   images: Mapping[str, np.ndarray]
+                   | None = None,  # {survey: noisy cutout [band, n, n]}: adds the moments catalogs
+                   ) -> dict:
+    """Catalog rows of one galaxy for each survey that sees it (`{catalog: {column: value}}`): photometry from the
+    error model and, for each survey of `MOMENTS_BANDS` whose cutout is in `images`, its `<survey>_moments` row
+    measured on the cutout (`measure_moments`; no row when the fit fails)."""
     rng = np.random.default_rng([cfg.seed, int(str(galaxy['id']).split('_')[-1]), 100])
     rows = {}
     for s, err in errors_nmgy.items():
@@ -310,17 +316,54 @@ def measure_galaxy(galaxy: Mapping, errors_nmgy: Mapping[str, np.ndarray],
             errs = [f'mag_err_{b}' for b in info.bands] if s == 'hsc' else [f'phot_{b.lower()}_mean_mag_error'
                                                                             for b in info.bands]
             rows[f'{s}_catalog'] = {'id': galaxy['id'], **dict(zip(names, mag)), **dict(zip(errs, mag_err))}
+    for s, img in (images or {}).items():
+        if s not in MOMENTS_BANDS: continue
+        info = survey_info(s)
+        try: m = measure_moments(img[info.band_index(MOMENTS_BANDS[s])], info.pixel_scale_arcsec,
+                                 f"{galaxy['id']}, {info.title} {MOMENTS_BANDS[s]} band")
+        except MomentsError: continue                   # absent: the fit has no value to write
+        rows[f'{s}_moments'] = {'id': galaxy['id'], **m}
     if galaxy['has_spec_z']:
         rows['spec_z'] = {'id': galaxy['id'], 'z': galaxy['z_spec'],
                           'z_err': cfg.spec_z_error * (1 + galaxy['z'])}
     return rows
+
+# %% ../nbs/31_simulate.ipynb #mom02
+class MomentsError(ValueError):
+    "The adaptive-moments fit of a cutout failed; the message is HSM's reason."
+
+def measure_moments(image: np.ndarray,       # one band `[h, w]`, any flux unit; NaN marks a masked pixel
+                    pixel_scale: float,      # arcsec per pixel
+                    what: str = "image",     # what is measured (sample, survey, band), for messages
+                    ) -> dict[str, float]:
+    """HSM adaptive moments of `image` (`galsim.hsm.FindAdaptiveMom`; Bernstein & Jarvis 2002, Hirata & Seljak
+    2003), PSF-convolved (no PSF correction): `moments_e1, moments_e2`, the observed ellipticity in the shear
+    convention |e| = (a-b)/(a+b) (`observed_shape.g1, g2`; HSM's distortion χ = 2e/(1+|e|²)), and `moments_sigma`,
+    det(M)^(1/4) of the adaptive moment matrix in arcsec. Masked (NaN) pixels are excluded from the fit. Raises
+    `MomentsError` (with HSM's reason) when the fit fails, `ValueError` for an image that is not 2-D, holds ±inf,
+    or has no unmasked pixel."""
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2: raise ValueError(f"{what}: measure_moments needs one band [h, w], got shape {a.shape}")
+    if np.isinf(a).any(): raise ValueError(f"{what}: {int(np.isinf(a).sum())} infinite pixel(s); mask them with NaN")
+    masked = np.isnan(a)
+    if masked.all(): raise ValueError(f"{what}: every pixel is masked (NaN); there is nothing to measure")
+    img = galsim.Image(np.where(masked, 0.0, a), scale=float(pixel_scale))
+    bad = galsim.Image(masked.astype(np.int32)) if masked.any() else None
+    res = galsim.hsm.FindAdaptiveMom(img, badpix=bad, strict=False)
+    if res.moments_status != 0:
+        raise MomentsError(f"{what}: adaptive moments failed ({res.error_message.strip() or res.moments_status})")
+    out = {'moments_e1': res.observed_shape.g1, 'moments_e2': res.observed_shape.g2,
+           'moments_sigma': res.moments_sigma * float(pixel_scale)}
+    if not all(np.isfinite(v) for v in out.values()) or out['moments_sigma'] <= 0:
+        raise MomentsError(f"{what}: adaptive moments returned no usable values {out}")
+    return out
 
 # %% ../nbs/31_simulate.ipynb #c029
 def _simulate_chunk(galaxies: list[dict], cfg: SimConfig, out: str) -> list[dict]:
     "Render, write and measure a list of galaxies; returns their catalog rows."
     out, result = Path(out), []
     for g in galaxies:
-        errors = {}
+        errors, images = {}, {}
         for s in ('legacy', 'hsc', 'gaia'):
             if not g[f'in_{s}']: continue
             info = survey_info(s)
@@ -328,14 +371,15 @@ def _simulate_chunk(galaxies: list[dict], cfg: SimConfig, out: str) -> list[dict
             img = render_cutout(g, s, cfg, noise=True, unit_images=unit)
             write_survey_cutout(out / 'images' / s / f"{g['id']}.fits", img, info, g['ra'], g['dec'],
                                 g['id'], durable=False)
-            errors[s] = flux_errors(unit, s) * info.nmgy_per_unit
-        result.append(measure_galaxy(g, errors, cfg))
+            errors[s], images[s] = flux_errors(unit, s) * info.nmgy_per_unit, img
+        result.append(measure_galaxy(g, errors, cfg, images))
     return result
 
 # %% ../nbs/31_simulate.ipynb #c031
 IMAGE_SOURCES = ('legacy', 'hsc', 'gaia')
 TABLE_FILES = {'legacy_catalog': 'catalogs/legacy_catalog.csv', 'hsc_catalog': 'catalogs/hsc_catalog.csv',
-               'gaia_catalog': 'catalogs/gaia_catalog.csv', 'spec_z': 'catalogs/spec_z.csv'}
+               'gaia_catalog': 'catalogs/gaia_catalog.csv', 'spec_z': 'catalogs/spec_z.csv',
+               'legacy_moments': 'catalogs/legacy_moments.csv', 'hsc_moments': 'catalogs/hsc_moments.csv'}
 
 # %% ../nbs/31_simulate.ipynb #v1s013
 def simulate_dataset(out: "str | Path",           # data root to write (e.g. data/astro)
@@ -345,7 +389,9 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
                      shard_size: int = 1000,      # galaxies per shard, with `shards`
                      progress_bar: bool = False,  # progress line(s), with `shards`
                      ) -> dict:
-    "Simulate `cfg.n_galaxies` galaxies and write cutouts, catalogs, manifest and truth under `out`; returns a summary."
+    """Simulate `cfg.n_galaxies` galaxies and write cutouts, catalogs, manifest and truth under `out`; returns a
+    summary: counts of galaxies, cutouts per survey and rows per catalog, `<survey>_moments_failed` (cutouts whose
+    moments fit failed, hence without a moments row), seconds and galaxies per second."""
     if shards: return simulate_shards(out, cfg, shard_size, workers, progress_bar)
     out, t0 = Path(out), time.perf_counter()
     truth = draw_galaxies(cfg)
@@ -379,7 +425,9 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
     seconds = time.perf_counter() - t0
     counts = {f'{s}_images': int(truth[f'in_{s}'].sum()) for s in IMAGE_SOURCES} | {name: len(v) for name,
                                                                                     v in tables.items()}
-    return {'galaxies': len(truth), **counts, 'seconds': seconds, 'galaxies_per_second': len(truth) / seconds}
+    failed = {f'{s}_moments_failed': counts[f'{s}_images'] - counts[f'{s}_moments'] for s in MOMENTS_BANDS}
+    return {'galaxies': len(truth), **counts, **failed, 'seconds': seconds,
+            'galaxies_per_second': len(truth) / seconds}
 
 # %% ../nbs/31_simulate.ipynb #c036
 def astro_sources(images: Sequence[str] = IMAGE_SOURCES,          # surveys whose cutouts to load
@@ -416,7 +464,7 @@ def load_survey_images(root: "str | Path",            # data set root
 
 # %% ../nbs/31_simulate.ipynb #c040
 def load_catalog(root: "str | Path",          # data set root
-                 name: str,                   # 'legacy_catalog', 'hsc_catalog', 'gaia_catalog' or 'spec_z'
+                 name: str,                   # a key of TABLE_FILES: 'legacy_catalog', 'spec_z', 'hsc_moments', ...
                  split: str | None = None,    # 'train', 'val', 'test' or None for all
                  ):
     "The rows of catalog `name` (in `split`) as its table modality, and their galaxy ids."
@@ -475,7 +523,7 @@ def galaxy_sample(galaxy: Mapping,              # a row of the truth table
                   cfg: SimConfig = SimConfig(),
                   ) -> Sample:
     "One galaxy as `mmfm.data.Sample`: its noisy cutouts (survey modalities) and catalog rows (table modalities)."
-    classes, mods, errors, gid = _source_classes(), {}, {}, galaxy['id']
+    classes, mods, errors, images, gid = _source_classes(), {}, {}, {}, galaxy['id']
     for s in IMAGE_SOURCES:
         if not galaxy[f'in_{s}']: continue
         info = survey_info(s)
@@ -484,8 +532,8 @@ def galaxy_sample(galaxy: Mapping,              # a row of the truth table
         header = _header_text(s, img.shape[-1], galaxy['ra'], galaxy['dec'], gid)
         mods[f'{s}_image'] = classes[f'{s}_image'](flux=torch.from_numpy(img[None]),
                                                    metadata={'id': gid, 'header': header})
-        errors[s] = flux_errors(unit, s) * info.nmgy_per_unit
-    for name, row in measure_galaxy(galaxy, errors, cfg).items():
+        errors[s], images[s] = flux_errors(unit, s) * info.nmgy_per_unit, img
+    for name, row in measure_galaxy(galaxy, errors, cfg, images).items():
         cls = classes[name]
         x = torch.tensor([[float(row[c]) for c in cls.columns]], dtype=torch.float64)
         mods[name] = cls.from_matrix(x, metadata={'id': gid})
@@ -530,8 +578,10 @@ def simulate_shards(out: "str | Path",          # folder to write (shards.json, 
     index = _shard_writer(out, cfg, shard_size).finish(n_shards)
     seconds = time.perf_counter() - t0
     present = {n: sum(e['present'][n] for e in index['shards']) for n in index['sources']}
-    return {'galaxies': index['rows'], 'shards': n_shards, 'written': written, **present, 'seconds': seconds,
-            'galaxies_per_second': written / seconds}
+    failed = {f'{s}_moments_failed': present[f'{s}_image'] - present[f'{s}_moments'] for s in MOMENTS_BANDS
+              if f'{s}_image' in present and f'{s}_moments' in present}
+    return {'galaxies': index['rows'], 'shards': n_shards, 'written': written, **present, **failed,
+            'seconds': seconds, 'galaxies_per_second': written / seconds}
 
 # %% ../nbs/31_simulate.ipynb #c046
 def main(argv: Sequence[str] | None = None) -> int:
