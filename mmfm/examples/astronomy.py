@@ -7,9 +7,9 @@ __all__ = ['SIZES', 'IMAGE_CODECS', 'CATALOG_NAMES', 'DIRECTIONS', 'REDSHIFT_INP
            'PROBE_TARGETS', 'LABEL_FRACTIONS', 'ASTRO_METRICS', 'AstroSize', 'prepare_data', 'fit_codecs',
            'encode_tokens', 'train_model', 'legacy_on_hsc', 'hsc_from_legacy', 'rms_sigma', 'hsc_codec_floor',
            'HSCFromLegacyCNN', 'train_hsc_cnn', 'hsc_cnn_baseline', 'photoz_stats', 'knn_redshift',
-           'redshift_predictions', 'probe_targets', 'legacy_embeddings', 'label_subsets', 'fit_ridge_probe',
-           'r2_per_target', 'CNNConfig', 'LegacyCNN', 'cnn_inputs', 'train_cnn', 'probe_curves', 'probe_metrics',
-           'plot_hsc_grid', 'plot_photoz', 'plot_pz', 'plot_probe_curves', 'run']
+           'redshift_predictions', 'probe_targets', 'legacy_token_states', 'legacy_embeddings', 'label_subsets',
+           'fit_ridge_probe', 'r2_per_target', 'CNNConfig', 'LegacyCNN', 'cnn_inputs', 'train_cnn', 'probe_curves',
+           'probe_metrics', 'plot_hsc_grid', 'plot_photoz', 'plot_pz', 'plot_probe_curves', 'run']
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c002
 import math, shutil
@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from astropy.io import fits
 from ..surveys import survey_info, header_wcs, to_nanomaggies, CATALOGS, SurveyPreprocessor
-from ..simulate import (SimConfig, simulate_dataset, astro_dataset, load_truth,
+from ..simulate import (SimConfig, simulate_dataset, astro_dataset, load_truth, TABLE_FILES,
                            load_survey_images, load_catalog,
                            noiseless_cutouts)
 from ..align import SurveyAligner
@@ -39,7 +39,7 @@ from ..tokens import TokenBatch, TokenDataset
 from ..train import Trainer, TrainConfig
 from ..masking import MaskingConfig, DirectedMasking
 from ..predict import predict_tokens, allowed_targets
-from ..probes import embed_samples, regression_metrics
+from ..probes import embed_samples, embed_tokens, fit_probe, regression_metrics
 from ..calibration import table_calibration, ensemble_calibration
 from ..progress import stage
 from .results import metric
@@ -85,7 +85,7 @@ SIZES = {'tiny': AstroSize(),
                            cnn_width=16, cnn_epochs=50, cnn_min_steps=300,
                            hsc_cnn_width=32, hsc_cnn_steps=1500)}
 IMAGE_CODECS = {'legacy': LegacySurveyImageCodec, 'hsc': HSCImageCodec, 'gaia': GaiaImageCodec}
-CATALOG_NAMES = ('legacy_catalog', 'spec_z')
+CATALOG_NAMES = ('legacy_catalog', 'legacy_moments', 'hsc_moments', 'spec_z')
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c009
 def prepare_data(data_dir: str | Path,  # data root; the galaxies go under data_dir/astro
@@ -96,7 +96,8 @@ def prepare_data(data_dir: str | Path,  # data root; the galaxies go under data_
     root = Path(data_dir) / 'astro' / f'n{n_galaxies}-seed{seed}'
     if (root / 'manifest.json').is_file() and (root / 'truth' / 'truth.csv').is_file():
         _, cfg = load_truth(root)
-        if cfg.n_galaxies == n_galaxies and cfg.seed == seed: return root
+        complete = all((root / TABLE_FILES[name]).is_file() for name in CATALOG_NAMES)   # older data lack newer catalogs
+        if cfg.n_galaxies == n_galaxies and cfg.seed == seed and complete: return root
     if root.exists(): shutil.rmtree(root)
     simulate_dataset(root, SimConfig(n_galaxies=n_galaxies, seed=seed))
     return root
@@ -390,6 +391,16 @@ def probe_targets(root: str | Path,  # data set root (its truth table)
     return np.stack([t['mag_r'], np.log10(t['hlr']), np.hypot(t['e1'], t['e2'])], 1).astype(np.float64)
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c032
+def legacy_token_states(model, tokens: dict, present: dict, rows, batch_size: int = 256):
+    "Frozen-encoder states of the Legacy image tokens of galaxies `rows` (`TokenStates`: `[n, L, d_model]` and validity)."
+    key, rows = 'tok_image_legacy', torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    lacking = rows[~present[key][rows]]
+    if len(lacking): raise ValueError(f"rows {lacking.tolist()[:10]} have no Legacy image to embed")
+    batches = [TokenBatch([str(i) for i in r.tolist()], {k: t[r] for k, t in tokens.items()},
+                          {k: p[r] for k, p in present.items()})
+               for r in rows.split(batch_size)]
+    return embed_tokens(model, batches, keys=[key], progress=False)
+
 def legacy_embeddings(model,                 # the trained MultimodalTransformer (frozen; left in its mode)
                       tokens: dict,          # every galaxy's tokens {key: Long[n, N]} (encode_tokens)
                       present: dict,         # presence {key: Bool[n]}
@@ -516,13 +527,13 @@ def probe_curves(model,                # the trained MultimodalTransformer
                  seed: int = 0,        # label subsets and CNN seed
                  fractions: tuple = LABEL_FRACTIONS,  # label fractions of the curve
                  ) -> tuple[dict, dict]:
-    "Test R² of the linear probe and the CNN per target and label fraction: `({target: {fraction: {probe, cnn, n_labels}}}, info)`."
+    "Test R² of the ridge probe (mean-pooled), the attentive probe and the CNN per target and label fraction: `({target: {fraction: {probe, attentive, cnn, n_labels}}}, info)`."
     tokens, present, ids, splits = _columns(data)
     has = present['tok_image_legacy'].numpy()
     train, test = np.flatnonzero((splits == 'train') & has), np.flatnonzero((splits == 'test') & has)
     if len(test) == 0: raise ValueError(f"no test galaxy under {root} has a Legacy image to probe")
-    E_tr, E_te = legacy_embeddings(model, tokens, present,
-                                   train).numpy(), legacy_embeddings(model, tokens, present, test).numpy()
+    T_tr, T_te = legacy_token_states(model, tokens, present, train), legacy_token_states(model, tokens, present, test)
+    E_tr, E_te = T_tr.pooled().numpy(), T_te.pooled().numpy()
     y_tr, y_te = probe_targets(root, [ids[i] for i in train]), probe_targets(root, [ids[i] for i in test])
     images, image_ids = load_survey_images(root, 'legacy')
     at = {g: j for j, g in enumerate(image_ids)}
@@ -532,10 +543,12 @@ def probe_curves(model,                # the trained MultimodalTransformer
     curves = {t: {} for t in PROBE_TARGETS}
     for f, sub in label_subsets(len(train), fractions, seed).items():
         probe = r2_per_target(y_te, fit_ridge_probe(E_tr[sub], y_tr[sub]).predict(E_te))
+        attentive = fit_probe(T_tr[torch.as_tensor(sub)], y_tr[sub], pool='attention', seed=seed)
+        att = r2_per_target(y_te, np.asarray(attentive.predict(T_te), dtype=np.float64))
         cnn = train_cnn(x_tr[sub], y_tr[sub], cfg)
         r2_cnn = r2_per_target(y_te, cnn(x_te))
         for j, t in enumerate(PROBE_TARGETS):
-            curves[t][f] = {'probe': probe[j], 'cnn': r2_cnn[j], 'n_labels': len(sub)}
+            curves[t][f] = {'probe': probe[j], 'attentive': att[j], 'cnn': r2_cnn[j], 'n_labels': len(sub)}
     return curves, {'n_test': len(test), 'n_train': len(train), 'cnn_params': cnn.n_params,
                     'embedding_dim': E_tr.shape[1]}
 
@@ -554,6 +567,12 @@ def probe_metrics(curves: dict,  # probe_curves output
                                       "embeddings of the Legacy "
             f"image tokens alone, {full['n_labels']} training labels{verdict}; with {few['n_labels']} labels "
             f"probe {few['probe']:.2f} vs CNN {few['cnn']:.2f}", curve=curve, n_test=info['n_test'])
+        verdict = '' if full['attentive'] > full['cnn'] else '; the attentive probe loses to the CNN with all labels'
+        out[f'probe_r2_{t}_attention'] = metric(full['attentive'], full['cnn'], f"supervised CNN ({info['cnn_params']} "
+                                                "parameters) on the same Legacy images and labels", True,
+            f"test R² of {PROBE_TARGETS[t]}: attentive probe (a learned query over the frozen Legacy token states), "
+            f"{full['n_labels']} training labels{verdict}; with {few['n_labels']} labels attentive "
+            f"{few['attentive']:.2f} vs CNN {few['cnn']:.2f}", n_test=info['n_test'])
     return out
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c054
@@ -629,7 +648,9 @@ def plot_probe_curves(curves: dict,  # probe_curves output: {target: {fraction: 
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.4), squeeze=False)
     for ax, (target, curve) in zip(axes[0], curves.items()):
         fr = sorted(curve)
-        ax.plot(fr, [curve[f]['probe'] for f in fr], 'o-', label='linear probe, frozen embeddings')
+        ax.plot(fr, [curve[f]['probe'] for f in fr], 'o-', label='ridge probe, mean-pooled embeddings')
+        if all('attentive' in curve[f] for f in fr):
+            ax.plot(fr, [curve[f]['attentive'] for f in fr], '^-', label='attentive probe, token states')
         ax.plot(fr, [curve[f]['cnn'] for f in fr], 's--', label='supervised CNN')
         ax.set_xscale('log'); ax.set_xticks(fr)
         ax.set_xticklabels([f"{100 * f:g} %\n({curve[f]['n_labels']})" for f in fr])
@@ -646,7 +667,8 @@ ASTRO_METRICS = ('hsc_from_legacy_rms_sigma', 'hsc_from_legacy_rms_sigma_mean', 
                  'photoz_sigma_nmad', 'photoz_sigma_nmad_catalog', 'photoz_sigma_nmad_images',
                  'photoz_sigma_nmad_images_no_hsc', 'photoz_sigma_nmad_images_no_gaia', 'photoz_sigma_nmad_argmax',
                  'photoz_outlier_fraction', 'photoz_crps', 'photoz_coverage68_error', 'photoz_coverage95_error',
-                 'probe_r2_mag', 'probe_r2_size', 'probe_r2_ellipticity')   # what `run` reports (with all three surveys)
+                 'probe_r2_mag', 'probe_r2_mag_attention', 'probe_r2_size', 'probe_r2_size_attention',
+                 'probe_r2_ellipticity', 'probe_r2_ellipticity_attention')   # what `run` reports (with all three surveys)
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c061
 def run(size: str | AstroSize = 'tiny',       # 'tiny' (seconds), 'demo' (minutes on 2 CPU cores), 'full', or an AstroSize
