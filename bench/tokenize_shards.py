@@ -1,15 +1,17 @@
 """Tokenizing once and streaming the tokens: throughput against the number of processes, and peak memory at two data sizes.
 
-    .venv/bin/python bench/tokenize_shards.py [--quick] [--sizes 400 1600] [--workers 2] [--shard-size 50]
+    .venv/bin/python bench/tokenize_shards.py [--quick] [--sizes 200 1600] [--workers 2] [--shard-size 20]
 
 Data: galaxies simulated by `mmfm.simulate` (Legacy, HSC and Gaia cutouts as FITS, two catalogs), read through
 `astro_dataset` with the Legacy and HSC image codecs of `mmfm.image_codecs` (untrained: the encoding cost does not
 depend on the weights). For each data size, in fresh processes (so each peak resident memory is its own):
   * `tokenize` with 1 process and with `--workers` processes: token shards per second, galaxies per second, peak
-    resident memory of the main process and of the largest worker; the ratio of the parallel run to 1 process;
+    resident memory of the main process and of the largest worker (getrusage, both measured in the same run) and
+    their sum; the ratio of the parallel run to 1 process;
   * streaming training: `Trainer` on a `TokenStream` over the token set (tiny model, `--steps` steps, batch 16):
     steps per second and peak resident memory.
-Memory must not grow with the data set: the script prints the ratio of the peaks at the larger size to the smaller.
+Memory must not grow with the data set: the script prints the ratio of the peaks at the larger size to the smaller
+(the default sizes differ 8x in galaxies and in token shards).
 The machine may be shared: figures vary with its load, ratios within one run much less.
 """
 import os, sys
@@ -70,10 +72,10 @@ def run_child(*args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (120 and 360 galaxies), few steps")
-    p.add_argument("--sizes", type=int, nargs=2, default=[400, 1600], help="two data sizes (galaxies)")
+    p.add_argument("--quick", action="store_true", help="small sizes (80 and 640 galaxies, shards of 10), few steps")
+    p.add_argument("--sizes", type=int, nargs=2, default=[200, 1600], help="two data sizes (galaxies)")
     p.add_argument("--workers", type=int, default=2, help="processes of the parallel tokenize")
-    p.add_argument("--shard-size", type=int, default=50, help="galaxies per token shard")
+    p.add_argument("--shard-size", type=int, default=20, help="galaxies per token shard")
     p.add_argument("--steps", type=int, default=60, help="training steps on the stream")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -82,7 +84,7 @@ def main():
         if kind == "tokenize": print(json.dumps(child_tokenize(rest[0], rest[1], int(rest[2]), int(rest[3]))))
         else: print(json.dumps(child_train(rest[0], rest[1], int(rest[2]))))
         return
-    if a.quick: a.sizes, a.steps, a.shard_size = [120, 360], 30, 20
+    if a.quick: a.sizes, a.steps, a.shard_size = [80, 640], 30, 10
     from mmfm.simulate import SimConfig, simulate_dataset
     tmp = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     results = {}
@@ -100,22 +102,27 @@ def main():
             results[n] = {"one": one, "par": par, "train": train, "identical": same}
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ntokenize (Legacy + HSC image codecs, untrained, {a.shard_size} galaxies per shard; one torch thread per process)")
-    print(f"{'galaxies':>9} {'procs':>5} {'shards/s':>9} {'galaxies/s':>11} {'ratio':>6} {'peak main MiB':>14} {'peak worker MiB':>16}")
+    print(f"{'galaxies':>9} {'shards':>6} {'procs':>5} {'shards/s':>9} {'galaxies/s':>11} {'ratio':>6} "
+          f"{'peak main MiB':>14} {'peak worker MiB':>16} {'main+worker MiB':>16}")
     for n, r in results.items():
         for procs, x in ((1, r["one"]), (a.workers, r["par"])):
             ratio = x["galaxies"] / x["seconds"] / (r["one"]["galaxies"] / r["one"]["seconds"])
             worker = f"{x['peak_worker_mib']:.0f}" if x["peak_worker_mib"] else "-"
-            print(f"{n:>9} {procs:>5} {x['shards'] / x['seconds']:>9.2f} {x['galaxies'] / x['seconds']:>11.1f} "
-                  f"{ratio:>5.2f}x {x['peak_main_mib']:>14.0f} {worker:>16}")
+            print(f"{n:>9} {x['shards']:>6} {procs:>5} {x['shards'] / x['seconds']:>9.2f} "
+                  f"{x['galaxies'] / x['seconds']:>11.1f} {ratio:>5.2f}x {x['peak_main_mib']:>14.0f} {worker:>16} "
+                  f"{x['peak_main_mib'] + (x['peak_worker_mib'] or 0):>16.0f}")
         print(f"{'':>9} token shards of 1 and {a.workers} processes byte-identical: {r['identical']}")
     print(f"\nstreaming training (tiny model, batch 16, {a.steps} steps, window 2 shards)")
     print(f"{'galaxies':>9} {'steps/s':>8} {'peak MiB':>9}")
     for n, r in results.items(): print(f"{n:>9} {r['train']['steps_per_s']:>8.2f} {r['train']['peak_main_mib']:>9.0f}")
     small, big = (results[n] for n in a.sizes)
-    print(f"\npeak memory, {a.sizes[1]} vs {a.sizes[0]} galaxies ({a.sizes[1] / a.sizes[0]:.1f}x the data): "
+    total = lambda x: x["peak_main_mib"] + (x["peak_worker_mib"] or 0)
+    print(f"\npeak memory, {a.sizes[1]} vs {a.sizes[0]} galaxies ({a.sizes[1] / a.sizes[0]:.1f}x the data, "
+          f"{big['one']['shards']} vs {small['one']['shards']} token shards): "
           f"tokenize 1 process {big['one']['peak_main_mib'] / small['one']['peak_main_mib']:.2f}x, "
-          f"tokenize {a.workers} processes (worker) "
-          f"{(big['par']['peak_worker_mib'] or 0) / max(small['par']['peak_worker_mib'] or 1, 1):.2f}x, "
+          f"tokenize {a.workers} processes: main {big['par']['peak_main_mib'] / small['par']['peak_main_mib']:.2f}x, "
+          f"worker {(big['par']['peak_worker_mib'] or 0) / max(small['par']['peak_worker_mib'] or 1, 1):.2f}x, "
+          f"main+worker {total(big['par']) / total(small['par']):.2f}x; "
           f"streaming training {big['train']['peak_main_mib'] / small['train']['peak_main_mib']:.2f}x")
 
 

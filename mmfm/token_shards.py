@@ -8,8 +8,8 @@ __all__ = ['FORMAT', 'FORMAT_VERSION', 'INDEX_FILE', 'DATA_FORMATS', 'token_dtyp
            'detect_format', 'format_sources', 'open_dataset', 'build_parser', 'main']
 
 # %% ../nbs/08a_token_shards.ipynb #a002
-import argparse, json, math, multiprocessing, sys, time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import argparse, ctypes, ctypes.util, gc, itertools, json, math, multiprocessing, sys, time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -139,12 +139,41 @@ def encode_unit(dataset, codecs, unit: dict,  # data set, CodecManager, one of `
 # %% ../nbs/08a_token_shards.ipynb #a017
 _WORKER: dict = {}
 
+def _glibc(name: str):
+    "A function of glibc's allocator (`malloc_trim`, `mallopt`), or None where the C library has none (macOS, Windows)."
+    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError: return None
+    return getattr(libc, name, None)
+
+_MALLOC_TRIM, _MALLOPT = _glibc("malloc_trim"), _glibc("mallopt")
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 1 << 20   # mallopt's parameter number (glibc <malloc.h>); bytes
+
+def _fix_mmap_threshold() -> bool:
+    """Serve every allocation of `_MMAP_THRESHOLD` (1 MiB) or more with its own `mmap`, unmapped when freed: glibc's
+    `mallopt(M_MMAP_THRESHOLD, 1 MiB)` (mallopt(3), GNU C Library). Fixing it also stops glibc from raising the
+    threshold each time a large block is freed (up to 32 MiB), which otherwise moves a unit's arrays, unit after
+    unit, into the heap, where freed blocks stay with the process and the peak of a unit climbs. Returns whether
+    it could be set (False where the C library is not glibc)."""
+    return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+
 def _init_worker(dataset, codecs):
-    "Runs once in each pool process: one torch thread, the data set and the codecs (inherited when forked)."
+    """Runs once in each pool process (and in this one when `workers=1`): one torch thread, large blocks mapped
+    on their own (`_fix_mmap_threshold`), the data set and the codecs (inherited when forked)."""
     torch.set_num_threads(1)
+    _fix_mmap_threshold()
     _WORKER.update(dataset=dataset, codecs=codecs)
 
-def _write_unit(out: str, unit: dict, first_index: int, batch_size: int, expected: dict) -> dict:
+def _release_memory() -> bool:
+    """Hand the memory freed by the last unit back to the operating system: a garbage collection (cycles holding
+    arrays), then glibc's `malloc_trim(0)` (malloc_trim(3), GNU C Library), which returns the free pages of every
+    malloc arena. Without it the allocator keeps them, fragmented, and a process grows unit after unit. Returns
+    whether the C library could be trimmed (False where it has no `malloc_trim`: nothing else to do there)."""
+    gc.collect()
+    if _MALLOC_TRIM is None: return False
+    _MALLOC_TRIM(0)
+    return True
+
+def _encode_and_write(out: str, unit: dict, first_index: int, batch_size: int, expected: dict) -> dict:
     "Encode one unit and write its shard then its description; returns the description."
     tb, splits = encode_unit(_WORKER["dataset"], _WORKER["codecs"], unit, first_index, batch_size)
     out, name = Path(out), f"shard-{unit['unit']:05d}"
@@ -158,6 +187,12 @@ def _write_unit(out: str, unit: dict, first_index: int, batch_size: int, expecte
            "keys": list(tb.tokens), "codecs": expected["codecs"]}
     write_json(out / f"{name}.json", rec)
     return rec
+
+def _write_unit(out: str, unit: dict, first_index: int, batch_size: int, expected: dict) -> int:
+    "Encode and write one unit (its shard, then its description), then release its memory; returns its rows."
+    rows = _encode_and_write(out, unit, first_index, batch_size, expected)["rows"]
+    _release_memory()     # the unit's arrays are gone: give their pages back before the next unit
+    return rows
 
 # %% ../nbs/08a_token_shards.ipynb #a018
 def _finished(out: Path, unit: dict, first_index: int, expected: dict) -> dict | None:
@@ -196,7 +231,8 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
              batch_size: int = 256,  # samples encoded at a time
              verbose: bool = True,  # print a progress line per shard
              ):
-    "Encode every sample of `dataset` once into a folder of token shards; returns its reader (a `TokenShards`)."
+    """Encode every sample of `dataset` once into a folder of token shards; returns its reader (a `TokenShards`).
+    Memory holds one unit per process and nothing per shard (see above), whatever the number of shards."""
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     for name, v in (("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -209,57 +245,61 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
     firsts = [f for u, f in zip(units, firsts) if u["unit"] not in empty]
     units = [u for u in units if u["unit"] not in empty]
     if not units: raise ValueError("the data set holds no samples")
-    records = {u["unit"]: _finished(out, u, f, expected) for u, f in zip(units, firsts)}
-    todo = [(u, f) for u, f in zip(units, firsts) if records[u["unit"]] is None]
-    skipped, t0, rows = len(units) - len(todo), time.perf_counter(), 0
+    todo = [(u, f) for u, f in zip(units, firsts) if _finished(out, u, f, expected) is None]
+    skipped, t0, rows, n_done = len(units) - len(todo), time.perf_counter(), 0, len(units) - len(todo)
     if verbose and skipped:
         print(f"tokenize: {skipped} of {len(units)} shards already done (SHA-256 verified)", flush=True)
-    def done(r):   # one more shard written
-        records[r["unit"]["unit"]] = r
-        if verbose: print(_progress_line(sum(v is not None for v in records.values()), len(units), rows, t0,
-                                         skipped), flush=True)
+    def done(r):   # one more shard written, of r rows: only counts are kept
+        nonlocal rows, n_done
+        rows, n_done = rows + r, n_done + 1
+        if verbose: print(_progress_line(n_done, len(units), rows, t0, skipped), flush=True)
     args = lambda u, f: (str(out), u, f, batch_size, expected)
     if workers == 1 or len(todo) <= 1:
         _init_worker(dataset, codecs)
-        for u, f in todo:
-            r = _write_unit(*args(u, f)); rows += r["rows"]; done(r)
+        for u, f in todo: done(_write_unit(*args(u, f)))
     else:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context(method),
+        procs = min(workers, len(todo))
+        with ProcessPoolExecutor(procs, multiprocessing.get_context(method),
                                  initializer=_init_worker, initargs=(dataset, codecs)) as pool:
-            futures = [pool.submit(_write_unit, *args(u, f)) for u, f in todo]
+            queue = iter(todo)           # at most two units per process queued: no future per shard is held
+            pending = {pool.submit(_write_unit, *args(u, f)) for u, f in itertools.islice(queue, 2 * procs)}
             try:
-                for fut in as_completed(futures):
-                    r = fut.result(); rows += r["rows"]; done(r)
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        done(fut.result())
+                        for u, f in itertools.islice(queue, 1): pending.add(pool.submit(_write_unit, *args(u, f)))
             except BaseException:
-                for fut in futures: fut.cancel()
+                for fut in pending: fut.cancel()
                 raise
-    result = _write_index(out, [records[u["unit"]] for u in units], codecs, dataset)
+    result = _write_index(out, units, codecs, dataset)
     left = result.info.get("left_out", 0)
     if verbose and left: print(f"tokenize: {left} sample(s) left out: none of the codecs' modalities "
                                f"{result.keys} is present in them", flush=True)
     return result
 
 # %% ../nbs/08a_token_shards.ipynb #a021
-def _write_index(out: Path, records: list[dict], codecs, dataset) -> "TokenShards":
-    "Write `tokens.json` from the shard records (last: it commits the token set)."
-    keys = records[0]["keys"]
-    for r in records:
-        if r["keys"] != keys:
-            raise ValueError(f"{r['file']} holds keys {r['keys']}, {records[0]['file']} holds {keys}")
-    splits = {}
-    for r in records:
+def _write_index(out: Path, units: list[dict], codecs, dataset) -> "TokenShards":
+    """Write `tokens.json` from the shards' descriptions (`shard-XXXXX.json`, read one at a time, in unit order);
+    written last, it commits the token set."""
+    keys, first, splits, rows, left, entries = None, None, {}, 0, 0, []
+    for u in units:
+        r = read_json(out / f"shard-{u['unit']:05d}.json", "token shard record")
+        if keys is None: keys, first = r["keys"], r["file"]
+        elif r["keys"] != keys: raise ValueError(f"{r['file']} holds keys {r['keys']}, {first} holds {keys}")
         for s, c in r["splits"].items(): splits[s] = splits.get(s, 0) + c
+        rows, left = rows + r["rows"], left + r.get("left_out", 0)
+        entries.append({k: r[k] for k in ("file", "rows", "sha256", "splits")})
     sums = codec_checksums(codecs)
     per_key = lambda d: {k: d[k] for k in keys}
     index = {"format": FORMAT, "version": FORMAT_VERSION, "keys": keys, "vocab_sizes": per_key(codecs.vocab_sizes),
              "token_grids": per_key(codecs.token_grids), "num_tokens": per_key(codecs.num_tokens),
              "dtypes": {k: str(token_dtype(codecs.vocab_sizes[k])) for k in keys}, "codecs": per_key(sums),
-             "rows": sum(r["rows"] for r in records), "splits": dict(sorted(splits.items())),
-             # samples with none of the codecs' modalities (no tokens to hold)
-             "left_out": sum(r.get("left_out", 0) for r in records),
-             "source": {"kind": type(dataset).__name__, "units": len(records)},
-             "shards": [{k: r[k] for k in ("file", "rows", "sha256", "splits")} for r in records]}
+             "rows": rows, "splits": dict(sorted(splits.items())),
+             "left_out": left,   # samples with none of the codecs' modalities (no tokens to hold)
+             "source": {"kind": type(dataset).__name__, "units": len(units)},
+             "shards": entries}
     write_json(out / INDEX_FILE, index)
     return TokenShards(out)
 
