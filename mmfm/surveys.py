@@ -4,11 +4,14 @@
 
 # %% auto #0
 __all__ = ['SURVEYS', 'LEGACY', 'HSC', 'GAIA', 'SURVEY_IMAGES', 'LegacyCatalog', 'HSCCatalog', 'GaiaCatalog', 'MOMENTS_BANDS',
-           'LegacyMoments', 'HSCMoments', 'SpecRedshift', 'CATALOGS', 'PIXEL_SCALE_RTOL', 'SurveyInfo',
-           'register_survey', 'survey_info', 'observed_bands', 'pixel_fault', 'SurveyImage', 'LegacySurveyImage',
-           'HSCImage', 'GaiaImage', 'image_modality', 'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError',
-           'Preprocessed', 'AsinhStretch', 'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout',
-           'SurveyCutout', 'header_wcs', 'pixel_grid_fault', 'load_survey_cutout', 'survey_image', 'SurveyImageLoader']
+           'LegacyMoments', 'HSCMoments', 'SpecRedshift', 'CATALOGS', 'SPECTROGRAPHS', 'DESI', 'GAIA_XP',
+           'SURVEY_SPECTRA', 'PIXEL_SCALE_RTOL', 'SurveyInfo', 'register_survey', 'survey_info', 'observed_bands',
+           'pixel_fault', 'SurveyImage', 'LegacySurveyImage', 'HSCImage', 'GaiaImage', 'image_modality',
+           'SpectrographInfo', 'register_spectrograph', 'spectrograph_info', 'DESISpectrum', 'GaiaXPSpectrum',
+           'spectrum_modality', 'to_nanomaggies', 'from_nanomaggies', 'SurveyDataError', 'Preprocessed', 'AsinhStretch',
+           'SurveyPreprocessor', 'cutout_wcs', 'cutout_header', 'write_survey_cutout', 'SurveyCutout', 'header_wcs',
+           'pixel_grid_fault', 'load_survey_cutout', 'survey_image', 'SurveyImageLoader', 'write_spectra',
+           'SpectrumLoader']
 
 # %% ../nbs/30_surveys.ipynb #c002
 import math, os, tempfile, warnings
@@ -20,14 +23,17 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from jaxtyping import Float, Bool
+import json
 import astropy.units as u
+import astropy.constants as const
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 from fastcore.basics import patch_to
 from .modality import BaseModality, ModalityError, table_modality, scalar_modality
-from .data import Loader, DataError, resolve_in_root
-from .files import write_bytes
+from .data import Loader, DataError, resolve_in_root, reading
+from .files import write_bytes, atomic_write, write_json
+from .spectrum_codecs import SpectrumModality
 
 # %% ../nbs/30_surveys.ipynb #c006
 @dataclass(frozen=True, eq=False)
@@ -319,6 +325,176 @@ SpecRedshift = scalar_modality("SpecRedshift", "tok_z_spec", field="z", doc="Spe
 CATALOGS: dict[str, type] = {'legacy_catalog': LegacyCatalog, 'hsc_catalog': HSCCatalog,
                              'gaia_catalog': GaiaCatalog, 'spec_z': SpecRedshift,
                              'legacy_moments': LegacyMoments, 'hsc_moments': HSCMoments}
+
+# %% ../nbs/30_surveys.ipynb #spx001
+@dataclass(frozen=True, eq=False)
+class SpectrographInfo:
+    "Facts about one spectrograph, with astropy units: its binned wavelength grid, resolution, unit and noise model."
+    name: str                        # registry key: 'desi', 'gaia_xp'
+    title: str                       # human-readable name
+    wavelength_range: u.Quantity     # blue and red edge of the binned grid (Å)
+    n_pixels: int                    # bins on the grid (linear in λ)
+    resolution: tuple[float, float]  # resolving power R = λ/Δλ at the blue and the red edge
+    flux_unit: u.UnitBase            # unit of the flux density
+    collecting_area: u.Quantity      # effective collecting area of the telescope (m²)
+    exposure: u.Quantity             # total exposure time (s)
+    throughput: float                # fraction of the photons at the aperture that are detected (atmosphere to CCD)
+    aperture: u.Quantity             # sky area of the fibre or window (arcsec²)
+    aperture_fraction: float         # fraction of a galaxy's light that enters the fibre or window
+    sky_brightness: u.Quantity       # sky surface brightness, AB (mag per arcsec², flat in f_ν)
+    read_noise: float                # e⁻ per native detector pixel
+    native_pixel: u.Quantity         # width of a native detector pixel in wavelength (Å)
+    note: str = ""                   # where the numbers come from
+
+    def __post_init__(self):
+        lo, hi = self.wavelength_range.to_value(u.AA)
+        if not (0 < lo < hi) or self.n_pixels < 2:
+            raise ValueError(f"SpectrographInfo {self.name!r}: need 0 < blue < red edge and n_pixels >= 2, got "
+                             f"{self.wavelength_range} and {self.n_pixels}")
+        if not self.flux_unit.is_equivalent(u.erg / u.s / u.cm ** 2 / u.AA):
+            raise u.UnitsError(f"SpectrographInfo {self.name!r}.flux_unit: expected a flux density per wavelength, "
+                               f"got {self.flux_unit}")
+        for name, unit in (('collecting_area', u.m ** 2), ('exposure', u.s), ('aperture', u.arcsec ** 2),
+                           ('native_pixel', u.AA)):
+            if not getattr(self, name).unit.is_equivalent(unit):
+                raise u.UnitsError(f"SpectrographInfo {self.name!r}.{name}: expected a quantity in {unit}, got "
+                                   f"{getattr(self, name).unit}")
+        for name in ('throughput', 'aperture_fraction'):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"SpectrographInfo {self.name!r}: {name} must be in (0, 1], got {getattr(self, name)}")
+
+# %% ../nbs/30_surveys.ipynb #spx002
+@patch_to(SpectrographInfo, as_prop=True)
+def edges(self) -> np.ndarray:
+    "The bin edges `[n_pixels + 1]`, Å."
+    lo, hi = self.wavelength_range.to_value(u.AA)
+    return np.linspace(lo, hi, self.n_pixels + 1)
+
+@patch_to(SpectrographInfo, as_prop=True)
+def wavelength(self) -> np.ndarray:
+    "The bin centres `[n_pixels]`, Å."
+    e = self.edges
+    return (e[:-1] + e[1:]) / 2
+
+@patch_to(SpectrographInfo, as_prop=True)
+def pixel_width(self) -> float:
+    "The width of a bin, Å."
+    return float(np.diff(self.edges)[0])
+
+@patch_to(SpectrographInfo)
+def resolving_power(self, wavelength_aa) -> np.ndarray:
+    "R = λ/Δλ at `wavelength_aa` (Å), linear between the blue and the red edge's value."
+    lo, hi = self.wavelength_range.to_value(u.AA)
+    return np.interp(np.asarray(wavelength_aa, dtype=np.float64), [lo, hi], self.resolution)
+
+@patch_to(SpectrographInfo, as_prop=True)
+def unit_name(self) -> str:
+    "The flux unit as a string (FITS style), for the modality and files."
+    return self.flux_unit.to_string()
+
+# %% ../nbs/30_surveys.ipynb #spx003
+@patch_to(SpectrographInfo, as_prop=True)
+def electrons_per_unit(self) -> np.ndarray:
+    "Photo-electrons per pixel for a flux density of one unit, per pixel `[n_pixels]`: unit·Δλ·A·t·η/(hc/λ)."
+    lam = self.wavelength * u.AA
+    energy = (const.h * const.c / lam).to(u.erg)
+    per = (1 * self.flux_unit * self.pixel_width * u.AA * self.collecting_area * self.exposure * self.throughput)
+    return (per / energy).to_value(u.dimensionless_unscaled)
+
+@patch_to(SpectrographInfo, as_prop=True)
+def sky_flux(self) -> np.ndarray:
+    "The sky's flux density in the aperture, per pixel `[n_pixels]`, in the instrument's unit."
+    f_nu = (self.sky_brightness.to_value(u.mag) * u.ABmag).to(u.erg / u.s / u.cm ** 2 / u.Hz)
+    f_lam = (f_nu * self.aperture.to_value(u.arcsec ** 2)).to(self.flux_unit, u.spectral_density(self.wavelength * u.AA))
+    return f_lam.value
+
+@patch_to(SpectrographInfo)
+def noise_sigma(self, flux) -> np.ndarray:
+    """Noise σ per pixel (the instrument's unit) of spectra of noiseless total flux density `flux` `[..., n_pixels]`:
+    `sqrt(k·a·max(f, 0) + k·f_sky + n_native·RN²) / (k·a)` with `a` the `aperture_fraction` (see the text above)."""
+    f = np.asarray(flux, dtype=np.float64)
+    if f.shape[-1] != self.n_pixels:
+        raise ValueError(f"{self.title}: expected [..., {self.n_pixels}] pixels, got shape {f.shape}")
+    k, n_native = self.electrons_per_unit, self.pixel_width / self.native_pixel.to_value(u.AA)
+    a = self.aperture_fraction
+    return np.sqrt(k * a * np.maximum(f, 0) + k * self.sky_flux + n_native * self.read_noise ** 2) / (k * a)
+
+@patch_to(SpectrographInfo, as_prop=True)
+def noise_scale(self) -> float:
+    "The median σ per pixel of a spectrum of zero flux (sky and read noise), in the instrument's unit."
+    return float(np.median(self.noise_sigma(np.zeros(self.n_pixels))))
+
+# %% ../nbs/30_surveys.ipynb #spx004
+SPECTROGRAPHS: dict[str, SpectrographInfo] = {}
+
+def register_spectrograph(info: SpectrographInfo) -> SpectrographInfo:
+    "Add `info` to the registry under `info.name` (replacing one of the same name)."
+    SPECTROGRAPHS[info.name] = info
+    return info
+
+def spectrograph_info(instrument: "str | SpectrographInfo") -> SpectrographInfo:
+    "The `SpectrographInfo` of `instrument` (a registered name, or a `SpectrographInfo` itself)."
+    if isinstance(instrument, SpectrographInfo): return instrument
+    try: return SPECTROGRAPHS[instrument]
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown spectrograph {instrument!r}; registered: {sorted(SPECTROGRAPHS)}") from None
+
+# %% ../nbs/30_surveys.ipynb #spx005
+DESI = register_spectrograph(SpectrographInfo(
+    name='desi', title='DESI-like spectrograph', wavelength_range=[3600.0, 9800.0] * u.AA, n_pixels=256,
+    resolution=(2000.0, 5000.0), flux_unit=u.Unit('1e-17 erg / (s cm2 Angstrom)'),
+    collecting_area=8.65 * u.m ** 2, exposure=1000.0 * u.s, throughput=0.25, aperture=1.81 * u.arcsec ** 2,
+    aperture_fraction=0.4,
+    sky_brightness=21.5 * u.mag, read_noise=3.0, native_pixel=0.8 * u.AA,
+    note='stand-in binned 30×: DESI (DESI Collaboration 2022, AJ 164, 207): Mayall 4 m (8.65 m² effective), '
+         '1.5" fibres (1.81 arcsec²), 1000 s dark-time exposure, R 2000–5000, 0.8 Å pixels; a flat dark sky of '
+         '21.5 AB mag/arcsec² (no sky lines), a mean throughput of 0.25 and 40 % of the galaxy light in the fibre'))
+
+GAIA_XP = register_spectrograph(SpectrographInfo(
+    name='gaia_xp', title='Gaia-XP-like spectrophotometer', wavelength_range=[3300.0, 10500.0] * u.AA,
+    n_pixels=64, resolution=(60.0, 40.0), flux_unit=u.Unit('1e-19 W / (m2 nm)'),
+    collecting_area=0.7 * u.m ** 2, exposure=176.0 * u.s, throughput=0.3, aperture=7.35 * u.arcsec ** 2,
+    aperture_fraction=0.7,
+    sky_brightness=22.5 * u.mag, read_noise=4.0, native_pixel=112.5 * u.AA,
+    note='stand-in sampled spectrum: Gaia BP/RP (Carrasco et al. 2021; De Angeli et al. 2023): 0.7 m² aperture, '
+         '≈40 transits of 4.4 s, 3.5"×2.1" windows, R ≈ 30–100 (60 blue, 40 red here); zodiacal sky 22.5 AB '
+         'mag/arcsec², 70 % of the galaxy light in the window, one read per bin'))
+
+# %% ../nbs/30_surveys.ipynb #spx009
+@dataclass(frozen=True, eq=False)
+class DESISpectrum(SpectrumModality):
+    "DESI-like spectra: 256 bins of 24.2 Å over 3600–9800 Å, flux and ivar in 1e-17 erg/s/cm²/Å (see `DESI`)."
+    token_key: ClassVar[str] = "tok_spectrum_desi"
+    instrument: ClassVar[str] = DESI.name
+    length: ClassVar[int] = DESI.n_pixels
+    unit: ClassVar[str] = DESI.unit_name
+    wavelength: ClassVar[tuple] = tuple(DESI.wavelength)
+    resolution: ClassVar[tuple] = DESI.resolution
+    noise_scale: ClassVar[float] = DESI.noise_scale
+    flux: Float[Tensor, "batch 1 256"]
+    ivar: Float[Tensor, "batch 1 256"] | None = None
+
+@dataclass(frozen=True, eq=False)
+class GaiaXPSpectrum(SpectrumModality):
+    "Gaia-XP-like sampled spectra: 64 bins of 11.25 nm over 330–1050 nm, flux and ivar in 1e-19 W/m²/nm (see `GAIA_XP`)."
+    token_key: ClassVar[str] = "tok_spectrum_gaia_xp"
+    instrument: ClassVar[str] = GAIA_XP.name
+    length: ClassVar[int] = GAIA_XP.n_pixels
+    unit: ClassVar[str] = GAIA_XP.unit_name
+    wavelength: ClassVar[tuple] = tuple(GAIA_XP.wavelength)
+    resolution: ClassVar[tuple] = GAIA_XP.resolution
+    noise_scale: ClassVar[float] = GAIA_XP.noise_scale
+    flux: Float[Tensor, "batch 1 64"]
+    ivar: Float[Tensor, "batch 1 64"] | None = None
+
+SURVEY_SPECTRA: dict[str, type[SpectrumModality]] = {'desi': DESISpectrum, 'gaia_xp': GaiaXPSpectrum}
+
+def spectrum_modality(instrument: "str | SpectrographInfo") -> type[SpectrumModality]:
+    "The spectrum modality class of `instrument`."
+    name = spectrograph_info(instrument).name
+    if name not in SURVEY_SPECTRA:
+        raise KeyError(f"no spectrum modality for {name!r}; known: {sorted(SURVEY_SPECTRA)}")
+    return SURVEY_SPECTRA[name]
 
 # %% ../nbs/30_surveys.ipynb #c025
 def _band_factor(values: np.ndarray, like) -> "np.ndarray | Tensor":
@@ -652,3 +828,73 @@ def default_loader(cls, size: int | None = None,  # side in pixels (default: the
                    ) -> SurveyImageLoader:
     "The strict `SurveyImageLoader` of this modality's survey (`KeyError` for the base class: it has none)."
     return SurveyImageLoader(cls.survey, size)
+
+# %% ../nbs/30_surveys.ipynb #spl001
+def write_spectra(path: "str | Path",           # the .npy file to write (its .json beside it)
+                  flux: np.ndarray,             # [n, pixel] flux density, the instrument's unit (NaN: masked)
+                  ivar: np.ndarray,             # [n, pixel] inverse variance, unit⁻² (0 where masked)
+                  instrument: "str | SpectrographInfo",
+                  ids: Sequence[str],           # the galaxy of each row
+                  ) -> Path:
+    "Write spectra as `[n, 2, pixel]` float32 and their description `path.json`, atomically. Raises `ValueError` on shapes."
+    info, path = spectrograph_info(instrument), Path(path)
+    flux, ivar = np.asarray(flux, np.float32), np.asarray(ivar, np.float32)
+    if flux.shape != ivar.shape or flux.ndim != 2 or flux.shape[1] != info.n_pixels or len(ids) != len(flux):
+        raise ValueError(f"write_spectra({info.name}): expected flux and ivar [n, {info.n_pixels}] and n ids, got "
+                         f"{flux.shape}, {ivar.shape} and {len(ids)} ids")
+    def save(tmp):
+        with open(tmp, 'wb') as fh: np.save(fh, np.stack([flux, ivar], 1))
+    atomic_write(path, save)
+    write_json(path.with_suffix('.json'), {'instrument': info.name, 'unit': info.unit_name,
+                                           'wavelength_aa': [float(w) for w in info.wavelength], 'ids': list(ids)})
+    return path
+
+# %% ../nbs/30_surveys.ipynb #spl002
+class SpectrumLoader(Loader):
+    "`mmfm.data` loader: row `value` of a spectra file written by `write_spectra`, as the spectrograph's modality."
+    def __init__(self, file: str):   # the .npy file, relative to the data root
+        self.file = file
+    def bind(self, data_root, modality):
+        super().bind(data_root, modality)
+        if not (isinstance(modality, type) and issubclass(modality, SpectrumModality)):
+            raise TypeError(f"SpectrumLoader needs a SpectrumModality, got {modality!r}")
+        self.path = resolve_in_root(self.data_root, self.file, '<spectra>', self.file)
+        side = self.path.with_suffix('.json')
+        def fail(msg): raise DataError('<spectra>', self.file, f"{msg} [{self.file}]")
+        with reading('<spectra>', self.file, self.file):
+            desc = json.loads(side.read_text())
+            shape = np.load(self.path, mmap_mode='r').shape
+        if desc.get('instrument') != modality.instrument or desc.get('unit') != modality.unit:
+            fail(f"spectra of {desc.get('instrument')!r} in {desc.get('unit')!r}, but {modality.__name__} holds "
+                 f"{modality.instrument!r} in {modality.unit!r}")
+        grid = np.asarray(desc.get('wavelength_aa', []), dtype=np.float64)
+        if grid.shape != (modality.length,) or not np.allclose(grid, modality.wavelength_array(), rtol=1e-9):
+            fail(f"the wavelength grid differs from {modality.__name__}'s ({modality.length} bins, "
+                 f"{modality.wavelength[0]:.1f}–{modality.wavelength[-1]:.1f} Å)")
+        if len(shape) != 3 or shape[1:] != (2, modality.length):
+            fail(f"expected an array [n, 2, {modality.length}] (flux, ivar), got {shape}")
+        self._len, self._arr, self.ids = int(shape[0]), None, list(desc.get('ids', []))
+        return self
+    def __len__(self): return self._len
+    def __getstate__(self): return {**self.__dict__, '_arr': None}   # re-open the memory map in each worker
+    def check(self, value, sample_id, source):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(sample_id, source, f"row index must be an integer, got {value!r}")
+        if not 0 <= value < self._len:
+            raise DataError(sample_id, source, f"row {value} out of range: {self.file} has {self._len} spectra")
+        if self.ids and self.ids[value] != sample_id:
+            raise DataError(sample_id, source, f"row {value} of {self.file} is the spectrum of {self.ids[value]!r}")
+    def load(self, value, sample_id, source) -> SpectrumModality:
+        self.check(value, sample_id, source)
+        where = f"{self.file} row {value}"
+        with reading(sample_id, source, where):
+            if self._arr is None: self._arr = np.load(self.path, mmap_mode='r')
+            row = np.array(self._arr[value], dtype=np.float32)
+        try: return self.modality(flux=torch.from_numpy(row[None, :1].copy()), ivar=torch.from_numpy(row[None, 1:].copy()),
+                                  metadata={'id': sample_id})
+        except ModalityError as e: raise DataError(sample_id, source, f"{e} (in {where})") from None
+
+@patch_to(SpectrumModality, cls_method=True)
+def default_loader(cls, file: str | None = None) -> SpectrumLoader:
+    "The `SpectrumLoader` of this spectrograph's file (default: `spectra/<instrument>.npy`)."
+    return SpectrumLoader(file or f"spectra/{cls.instrument}.npy")
