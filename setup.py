@@ -27,6 +27,7 @@ min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
 # extras: the core (tables, series, shards, the transformer) installs alone; [astro] and [medical] add their stacks
+# ([medical]: neurokit2 for the ECG simulator, lifelines for the ACTG 175 trial table)
 extras = {name: shlex.split(cfg.get(f'{name}_requirements', '')) for name in ('astro', 'medical')}
 extras['all'] = extras['astro'] + extras['medical']
 extras['dev'] = dev_requirements + extras['all']

@@ -119,7 +119,7 @@ def open_for_codecs(root: str | Path,               # a data set folder: sample 
         from mmfm.shards import ShardDataset
         return ShardDataset(root, sources=None if names is None else list(names))
     from mmfm.data import MultiSourceDataset
-    sources = format_sources(fmt)
+    sources = format_sources(fmt, root)
     keep = sources if names is None else [s for s in sources if s.name in names]
     missing = sorted(set(names or ()) - {s.name for s in keep})
     if missing: raise ValueError(f"unknown source(s) {missing}; the {fmt} data set has {[s.name for s in sources]}")

@@ -563,11 +563,13 @@ def detect_format(root: str | Path) -> str:
                      f"{sorted(DATA_FORMATS)}), or tokenize a MultiSourceDataset from Python")
 
 # %% ../nbs/08a_token_shards.ipynb #a062
-def format_sources(fmt: str) -> list:
-    "The `mmfm.data.Source`s of a manifest format."
+def format_sources(fmt: str, root=None) -> list:
+    """The `mmfm.data.Source`s of a manifest format; for `astro` with `root`, also the spectra the data set was
+    simulated with (its `SimConfig.spectra`)."""
     if fmt == "astro":
-        from mmfm.simulate import astro_sources
-        return astro_sources()
+        from mmfm.simulate import astro_sources, load_truth
+        spectra = load_truth(root)[1].spectra if root is not None and (Path(root) / "truth").is_dir() else ()
+        return astro_sources(spectra=spectra)
     if fmt in ("medical-diabetes", "medical-cohort"):
         from mmfm.medical import diabetes_sources, cohort_sources
         return diabetes_sources() if fmt == "medical-diabetes" else cohort_sources()
@@ -586,7 +588,7 @@ def open_dataset(root: str | Path,  # the data set folder
                  if m in {c.modality for c in codecs.codecs.values()}]
         if not names: raise ValueError(f"no source of the sample shards in {root} has a codec in the codec manager")
         return ShardDataset(root, sources=names, split=split)
-    sources = format_sources(fmt)
+    sources = format_sources(fmt, root)
     mods = {c.modality for c in codecs.codecs.values()}
     keep = [s for s in sources if s.modality in mods]
     if not keep:

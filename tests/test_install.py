@@ -57,8 +57,9 @@ def test_mmfm_demo_tiny_runs_end_to_end(installed):
     r = _run([venv / "bin" / "mmfm", "demo", "--size", "tiny", "--out", "reports", "--data", "data"], work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((work / "reports" / "metrics.json").read_text())
-    assert set(report["results"]) == {"medical", "astronomy"} and report["size"] == "tiny"
-    assert "== astronomy example (tiny): done in" in r.stdout, r.stdout[-2000:]     # a line per stage, with its time
+    from mmfm.examples.demo import EXAMPLES
+    assert set(report["results"]) == set(EXAMPLES) and report["size"] == "tiny"
+    assert "== astronomy example (tiny, seed 0): done in" in r.stdout, r.stdout[-2000:]  # a line per stage, with its time
 
 
 ROUND_TRIP = r'''

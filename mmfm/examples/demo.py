@@ -15,7 +15,7 @@ from ..progress import stage
 from .results import metric, results_table, seed_summary
 
 # %% ../../nbs/examples/90_demo.ipynb #c005
-EXAMPLES = {'medical': 'mmfm.examples.medical', 'astronomy': 'mmfm.examples.astronomy'}
+EXAMPLES = {'medical': 'mmfm.examples.medical', 'astronomy': 'mmfm.examples.astronomy', 'actg': 'mmfm.examples.actg'}
 
 # %% ../../nbs/examples/90_demo.ipynb #c007
 def run_demo(size: str = 'demo',                     # 'tiny' (seconds), 'demo' (~15 min on 2 cores) or 'full'
