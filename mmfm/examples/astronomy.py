@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['SIZES', 'IMAGE_CODECS', 'CATALOG_NAMES', 'DIRECTIONS', 'REDSHIFT_INPUTS', 'REDSHIFT_POINTS', 'REDSHIFT_WORDS',
            'PROBE_TARGETS', 'LABEL_FRACTIONS', 'ASTRO_METRICS', 'AstroSize', 'prepare_data', 'fit_codecs',
-           'encode_tokens', 'train_model', 'legacy_on_hsc', 'hsc_from_legacy', 'rms_sigma', 'hsc_codec_floor',
-           'HSCFromLegacyCNN', 'train_hsc_cnn', 'hsc_cnn_baseline', 'photoz_stats', 'knn_redshift',
+           'encode_tokens', 'train_model', 'predict_given', 'legacy_on_hsc', 'hsc_from_legacy', 'rms_sigma',
+           'hsc_codec_floor', 'HSCFromLegacyCNN', 'train_hsc_cnn', 'hsc_cnn_baseline', 'photoz_stats', 'knn_redshift',
            'redshift_predictions', 'probe_targets', 'legacy_token_states', 'legacy_embeddings', 'label_subsets',
            'fit_ridge_probe', 'r2_per_target', 'CNNConfig', 'LegacyCNN', 'cnn_inputs', 'train_cnn', 'probe_curves',
            'probe_metrics', 'plot_hsc_grid', 'plot_photoz', 'plot_pz', 'plot_probe_curves', 'run']
@@ -177,7 +177,7 @@ def _given(present, keep):
     return {k: (p if k in keep else torch.zeros_like(p)) for k, p in present.items()}
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s021
-def _predict(model, manager, data: TokenDataset, rows, inputs, target: str, keep_probs: bool = False,
+def predict_given(model, manager, data: TokenDataset, rows, inputs, target: str, keep_probs: bool = False,
              batch_size: int = 64):
     """`target`'s tokens of galaxies `rows` (`Long[n, N]`, most likely allowed token) predicted from the token keys
     `inputs` alone (every other key hidden), in batches; with `keep_probs`, also their distributions
@@ -223,7 +223,7 @@ def hsc_from_legacy(model, manager, data: TokenDataset, root,
     need = np.logical_and.reduce([present[k].numpy() for k in (kh, *inputs, *among)])
     rows = np.flatnonzero((splits == 'test') & need)
     if len(rows) == 0: raise ValueError(f"no test galaxy under {root} has an HSC cutout and {list(inputs) + list(among)}")
-    toks, probs = _predict(model, manager, data, rows, inputs, kh, keep_probs=any(p != 'argmax' for p in points))
+    toks, probs = predict_given(model, manager, data, rows, inputs, kh, keep_probs=any(p != 'argmax' for p in points))
     codec = manager.codec_for(kh)
     pred = {p: (codec.decode(toks) if p == 'argmax' else codec.decode_distribution(probs, p)).flux.double().numpy()
             for p in points}
@@ -367,7 +367,7 @@ def redshift_predictions(model, manager, data: TokenDataset, root,
         keys = tuple(k for k in keys if k in manager.codecs)
         if not keys or keys in seen: continue
         seen.add(keys)
-        _, probs = _predict(model, manager, data, rows, keys, kz, keep_probs=True)
+        _, probs = predict_given(model, manager, data, rows, keys, kz, keep_probs=True)
         est = {p: codec.decode_distribution(probs, p).as_matrix()[:, 0].double().numpy() for p in REDSHIFT_POINTS}
         cal = table_calibration(codec, probs, torch.tensor(z_true)[:, None])[codec.columns[0]]
         out[name] = {**est, 'probs': probs[:, 0].double().numpy(), 'calibration': cal, 'inputs': keys}

@@ -27,7 +27,7 @@ from ..predict import predict_tokens, allowed_targets
 from ..grow import grow_model
 from ..progress import stage
 from .astronomy import (SIZES, AstroSize, CATALOG_NAMES, DIRECTIONS, REDSHIFT_INPUTS, fit_codecs, encode_tokens,
-                        train_model, hsc_from_legacy, rms_sigma, redshift_predictions, photoz_stats, _predict)
+                        train_model, hsc_from_legacy, rms_sigma, redshift_predictions, photoz_stats, predict_given)
 from .results import metric
 
 # %% ../../nbs/examples/26_spectra.ipynb #sx006
@@ -141,7 +141,7 @@ def spectrum_redshifts(model, manager, data: TokenDataset, root, inputs: dict = 
     codec, out = manager.codec_for('tok_z_spec'), {}
     for name, keys in inputs.items():
         keys = tuple(k for k in keys if k in manager.codecs)
-        _, probs = _predict(model, manager, data, rows, keys, 'tok_z_spec', keep_probs=True)
+        _, probs = predict_given(model, manager, data, rows, keys, 'tok_z_spec', keep_probs=True)
         out[name] = codec.decode_distribution(probs, 'mean').as_matrix()[:, 0].double().numpy()
     return {'ids': gal, 'z_true': z_true, 'model': out}
 
