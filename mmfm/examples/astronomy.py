@@ -77,7 +77,7 @@ class AstroSize:
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #v4s019
 SIZES = {'tiny': AstroSize(),
          'demo': AstroSize(n_galaxies=2000, codec_epochs=10, codec_hidden=32, codec_depth=1,
-                           codec_patch=(4, 6), d_model=None, layers=None, steps=2500, batch_size=64, lr=1.4e-3,
+                           codec_patch=(4, 6), d_model=None, layers=None, steps=1500, batch_size=64, lr=1.4e-3,
                            cnn_width=16, cnn_epochs=30, cnn_min_steps=150,
                            hsc_cnn_width=32, hsc_cnn_steps=600),
          'full': AstroSize(n_galaxies=4000, codec_epochs=20, codec_hidden=64, codec_depth=2, model='small',
