@@ -130,6 +130,15 @@ def token_names(self: Codec) -> tuple[str, ...] | None:
     "A name for each token position (a per-column table codec: its columns), so a prediction can target one; None: unnamed."
     return None
 
+# %% ../nbs/02_codec.ipynb #tv002
+@patch(as_prop=True)
+def token_values(self: Codec) -> Tensor | None:
+    """Float `[num_tokens, vocab_size]`: the number each token stands for at each position, on a scale of order 1
+    shared by the position's tokens; NaN where a token stands for no number (the absent token, a category). None
+    (the base): the tokens are not numbers on a line. Used by `TransformerConfig.value_embedding` (Gorishniy,
+    Rubachevsky & Babenko 2022)."""
+    return None
+
 # %% ../nbs/02_codec.ipynb #ab002
 ABSENT_TOKEN = 0   # the token of a value that was not measured, at a codec's `absent_positions`
 
@@ -651,6 +660,30 @@ def token_grids(self: CodecManager) -> dict[str, tuple]:
 def absent_positions(self: CodecManager) -> dict[str, Tensor]:
     "`{token_key: Bool[N]}` for the codecs whose tokens can say \"not measured\" (`Codec.absent_positions`)."
     return {k: m for k, c in self.codecs.items() if (m := c.absent_positions) is not None}
+
+# %% ../nbs/02_codec.ipynb #tv004
+@patch(as_prop=True)
+def token_values(self: CodecManager) -> dict[str, Tensor]:
+    """`{token_key: Float[num_tokens, vocab_size]}` (float32, CPU) for the codecs whose tokens stand for numbers
+    (`Codec.token_values`). Raises `CodecError` naming the codec for a table of the wrong shape or type, or with an
+    infinite value."""
+    out = {}
+    for k, c in self.codecs.items():
+        v = c.token_values
+        if v is None: continue
+        name, want = type(c).__name__, (c.num_tokens, c.vocab_size)
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise CodecError(f"{name}.token_values ({k!r}) must be a float tensor, got "
+                             f"{getattr(v, 'dtype', type(v).__name__)}")
+        if tuple(v.shape) != want:
+            raise CodecError(f"{name}.token_values ({k!r}) has shape {tuple(v.shape)}, expected (num_tokens, "
+                             f"vocab_size) = {want}")
+        if torch.isinf(v).any():
+            n, t = (int(i) for i in torch.isinf(v).nonzero()[0])
+            raise CodecError(f"{name}.token_values ({k!r}): position {n}, token {t} is {float(v[n, t])}; a token "
+                             "that stands for no number is NaN")
+        out[k] = v.detach().float().cpu()
+    return out
 
 # %% ../nbs/02_codec.ipynb #s022
 @patch(as_prop=True)

@@ -282,6 +282,22 @@ def decode_distribution(self: TableCodec,
     if absent is not None: x = x.masked_fill(absent, float('nan'))
     return self._modality.from_matrix(x.float(), metadata=metadata or None)
 
+# %% ../nbs/05_table_codecs.ipynb #tv102
+@patch(as_prop=True)
+def token_values(self: TableCodec) -> Float[Tensor, "n_columns vocab"] | None:
+    """`per_column`: float32 `[n_columns, vocab_size]`, each bin's centre in training standard deviations from the
+    training mean, `(centre − mean) / sd` per column (NaN for the absent token with `missing_cells`); `per_table`:
+    None (VQ codes are not numbers on a line). Raises `CodecError` for a codec not `prepare`d yet (its bins are
+    placeholders). For `TransformerConfig.value_embedding` (Gorishniy, Rubachevsky & Babenko 2022)."""
+    if self.layout != "per_column": return None
+    if not bool(self.prepared):
+        raise CodecError(f"{type(self).__name__}.token_values: the codec is not prepared (its bins are placeholders); "
+                         "call prepare(train_rows) first")
+    q = self._quantizer
+    z = (q.centres.double() - self.mean[:, None]) / self.std[:, None]              # [F, num_bins]
+    if self.missing_cells: z = torch.cat([torch.full_like(z[:, :1], float('nan')), z], 1)
+    return z.float()
+
 # %% ../nbs/05_table_codecs.ipynb #c019
 @torch.no_grad()
 def table_reconstruction_errors(codec: TableCodec,     # a prepared (and, per_table, trained) table codec

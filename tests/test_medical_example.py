@@ -8,7 +8,8 @@ import pytest
 from mmfm.examples.results import results_table
 from mmfm.examples.medical import example_config, prepare_datasets, run
 
-FIGURES = ["cohort_vitals.png", "diabetes_lab_imputation.png", "diabetes_progression.png", "reconstruction.png"]
+FIGURES = ["cohort_vitals.png", "diabetes_calibration.png", "diabetes_lab_imputation.png", "diabetes_progression.png",
+           "reconstruction.png"]
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,8 @@ def test_every_metric_is_finite_with_its_baseline(runs):
                 "diabetes_lab_imputation_rmse_sd", "diabetes_lab_imputation_rmse_sd_vs_mean",
                 "cohort_heart_rate_from_ecg_mae_bpm", "cohort_heart_rate_from_ecg_mae_bpm_vs_mean",
                 "cohort_vitals_from_demographics_ecg_rmse_sd", "cohort_vitals_from_demographics_ecg_rmse_sd_vs_mean"}
+    expected |= {f"diabetes_{t}_{c}" for t in ("progression", "lab_imputation")      # calibration of the distributions
+                 for c in ("pit_ks", "coverage68_error", "coverage95_error", "crps_sd")}
     assert set(metrics) == expected
     for name, m in metrics.items():
         assert math.isfinite(m["model"]), name
