@@ -7,7 +7,7 @@ __all__ = ['LAYOUTS', 'modality_path', 'resolve_modality', 'MissingCellError', '
            'table_reconstruction_errors', 'bin_floor_report', 'table_codec_class']
 
 # %% ../nbs/05_table_codecs.ipynb #c002
-import importlib, sys
+import importlib, math, sys
 from typing import ClassVar, Sequence
 import torch
 from torch import nn, Tensor
@@ -132,6 +132,10 @@ class TableCodec(Codec):
         self.register_buffer('mean', torch.zeros(F, dtype=torch.float64))
         self.register_buffer('std', torch.ones(F, dtype=torch.float64))
         self.register_buffer('prepared', torch.tensor(False))
+        # per column, the training range (min, max; NaN: not recorded) that bounds per_table decodes
+        self.register_buffer('fit_range', torch.full((F, 2), float('nan'), dtype=torch.float64))
+        for counter in ('n_cells_decoded', 'n_cells_below', 'n_cells_above'):
+            self.register_buffer(counter, torch.zeros(F, dtype=torch.long), persistent=False)
         if layout == "per_column":
             self._quantizer = QuantileScalarQuantizer(num_bins, num_features=F, names=self._modality.columns)
             # unprepared: values near 0
@@ -175,6 +179,8 @@ def prepare(self: TableCodec, train: TableModality) -> TableCodec:
     std = ((x - mean).pow(2).nansum(0) / (seen - 1)).sqrt()
     std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
     self.mean.copy_(mean); self.std.copy_(std)
+    self.fit_range.copy_(torch.stack([torch.where(torch.isnan(x), torch.inf, x).min(0).values,
+                                      torch.where(torch.isnan(x), -torch.inf, x).max(0).values], 1))
     # bins in the columns' own units: a decoded value is a training value, exactly
     if self.layout == "per_column":
         lo = torch.where(torch.isnan(x), torch.inf, x).min(0).values
@@ -212,7 +218,46 @@ def _encode(self: TableCodec, x: TableModality) -> Tensor:
 @patch
 def _decode(self: TableCodec, z: Tensor, **metadata) -> TableModality:
     if self.layout == "per_column": return self._modality.from_matrix(z[:, 0, :], metadata=metadata or None)
-    return self.denormalize(self.decoder(z[..., 0]), **metadata)
+    return self._modality.from_matrix(self.bound_cells(self.denormalize(self.decoder(z[..., 0])).as_matrix()),
+                                      metadata=metadata or None)
+
+# %% ../nbs/05_table_codecs.ipynb #tb002
+@patch
+def cell_bounds(self: TableCodec) -> Float[Tensor, "n_columns 2"]:
+    "Per column, the lowest and highest value a decode may give: `fit_range` ± `range_margin` × its width; ±inf where no range is recorded."
+    lo, hi = self.fit_range[:, 0], self.fit_range[:, 1]
+    pad = self.range_margin * torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
+    b = torch.stack([lo - pad, hi + pad], 1)
+    inf = torch.tensor([-math.inf, math.inf], dtype=b.dtype, device=b.device).expand_as(b)
+    return torch.where(torch.isnan(self.fit_range).any(1, keepdim=True), inf, b)
+
+@patch
+def bound_cells(self: TableCodec, x: Float[Tensor, "batch n_columns"]) -> Float[Tensor, "batch n_columns"]:
+    "`x` held per column within `cell_bounds`, counting the cells decoded and those held in (`fit_range_report`)."
+    b = self.cell_bounds().to(x.dtype)
+    self.n_cells_decoded += torch.isfinite(self.fit_range).all(1) * x.shape[0]
+    self.n_cells_below += (x < b[:, 0]).sum(0); self.n_cells_above += (x > b[:, 1]).sum(0)
+    return torch.minimum(torch.maximum(x, b[:, 0]), b[:, 1])
+
+@patch
+def fit_range_report(self: TableCodec) -> pd.DataFrame:
+    "Per column: the recorded training range, the decode bounds, and the cells decoded and held in since the last reset."
+    r, b = self.fit_range.cpu().numpy(), self.cell_bounds().cpu().numpy()
+    return pd.DataFrame(dict(low=r[:, 0], high=r[:, 1], bound_low=b[:, 0], bound_high=b[:, 1],
+                             cells_decoded=self.n_cells_decoded.cpu().numpy(),
+                             cells_below=self.n_cells_below.cpu().numpy(),
+                             cells_above=self.n_cells_above.cpu().numpy()), index=list(self.columns))
+
+@patch
+def reset_fit_range_report(self: TableCodec):
+    "Zero the decoding counters of `fit_range_report`."
+    for t in (self.n_cells_decoded, self.n_cells_below, self.n_cells_above): t.zero_()
+
+@patch
+def _load_state(self: TableCodec, weights, info: dict, state: dict) -> TableCodec:
+    "`Codec._load_state`, accepting a codec saved before `fit_range` existed (no range recorded: unbounded)."
+    state = {'fit_range': torch.full_like(self.fit_range, float('nan')).cpu(), **state}
+    return Codec._load_state(self, weights, info, state)
 
 # %% ../nbs/05_table_codecs.ipynb #s008
 @patch

@@ -509,8 +509,10 @@ def _run_meta(self: Trainer) -> dict:
 # %% ../nbs/12_train.ipynb #s030
 @patch
 def _check_finite_state(self: Trainer):
-    "Raise `NonFiniteLossError` naming the step and the first model or optimizer tensor that is not finite."
-    named = [(f"model parameter {k}", v) for k, v in self.model.state_dict().items()]
+    """Raise `NonFiniteLossError` naming the step and the first parameter or optimizer tensor that is not finite. Buffers
+    are data the model was built with, not trained state: a value table marks tokens that stand for no number (the
+    absent token) with NaN by design (`Codec.token_values`)."""
+    named = [(f"model parameter {k}", v) for k, v in self.model.named_parameters()]
     opt_tensors = optimizer_tensors(self.optimizer, self.names)[0]
     named += [(f"optimizer state {k}", v) for k, v in opt_tensors.items()]
     for name, t in named:
@@ -671,6 +673,15 @@ def fit(self: Trainer) -> dict:
     return last
 
 # %% ../nbs/12_train.ipynb #c061
+def _cli_type(f):
+    """The argparse type of a config field, read from its annotation (`float | None` → float): the default's type
+    says nothing when the default is None."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    names = {s.strip() for s in str(t).replace("typing.", "").split("|")}
+    for name, conv in (("float", float), ("int", int), ("str", str)):
+        if name in names: return conv
+    return type(f.default) if f.default is not None else str
+
 def build_parser() -> argparse.ArgumentParser:
     "The command-line options of `mmfm train`."
     p = argparse.ArgumentParser(prog="mmfm train",
@@ -688,13 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "base"], help="model size")
     for f in fields(TransformerConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=_cli_type(f), default=None,
                        help=f"override {f.name}")
     for f in fields(TrainConfig):
         if f.type in ("bool", bool):
             p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                            default=f.default)
-        else: p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+        else: p.add_argument(f"--{f.name.replace('_', '-')}", type=_cli_type(f), default=f.default,
                              help=f"(default {f.default})")
     p.add_argument("--input-budget", type=float, default=64,
                    help="input tokens per sample (<1: fraction of present tokens)")

@@ -106,7 +106,9 @@ def _exported_codec_classes() -> set:
             and c.__name__ in getattr(sys.modules[c.__module__], "__all__", ())}
 
 
-COVERED = set(IMAGE_CASES) | {TableCodec, SeriesCodec, ToyTableCodec, ToyImageCodec, ToySeriesCodec}
+from mmfm.spectrum_codecs import SpectrumCodec
+from mmfm.surveys import DESISpectrum
+COVERED = set(IMAGE_CASES) | {TableCodec, SeriesCodec, SpectrumCodec, ToyTableCodec, ToyImageCodec, ToySeriesCodec}
 BASES = {ImageCodecBase, SurveyImageCodec}          # abstract: covered through the classes above
 
 
@@ -356,3 +358,29 @@ def test_toy_codecs_decode_inside_their_fixed_range(codec, field, low, high):
     probs = torch.full((1, N, V), 1.0 / V)
     back = codec.decode_distribution(probs)
     assert _inside(back.as_matrix() if field is None else getattr(back, field), low, high, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------- spectra
+
+def test_spectrum_codec_extreme_tokens_stay_in_the_fitted_range():
+    "A spectrum's decoded shape stays within the fitted range ± fit_margin; predictions take only fitted amplitudes."
+    g = torch.Generator().manual_seed(0)
+    n, L = 12, DESISpectrum.length
+    flux = (torch.rand(n, 1, 1, generator=g) * 20 + 1) * (1 + 0.3 * torch.rand(n, 1, L, generator=g))
+    x = DESISpectrum(flux=flux, ivar=torch.ones(n, 1, L))
+    torch.manual_seed(0)
+    codec = SpectrumCodec(modality=DESISpectrum, channels=(8, 8, 16)).prepare(x).eval()
+    with torch.no_grad():
+        for p in codec.decoder.parameters(): p.add_(5.0)          # a decoder pushed far off
+    allowed = codec.allowed_targets
+    amp = allowed[0].nonzero().flatten()
+    assert 0 < len(amp) < codec.vocab_size                         # amplitudes beyond the fitted range are ruled out
+    V, N = codec.vocab_size, codec.num_tokens
+    tokens = torch.stack([torch.cat([a.view(1), torch.full((N - 1,), t)]) for a in (amp[0], amp[-1]) for t in (0, V - 1)])
+    out = codec.decode(tokens).flux.double()
+    level = codec.amplitude_levels()[tokens[:, 0]]
+    y = torch.asinh(out / codec.normaliser(level)[:, None, None])
+    lo, hi = float(codec.fit_range[0]) - codec.fit_margin, float(codec.fit_range[1]) + codec.fit_margin
+    assert float(y.min()) >= lo - 1e-5 and float(y.max()) <= hi + 1e-5
+    rep = codec.fit_range_report()
+    assert int(rep.filter(like="decoded").iloc[0, 0]) > 0

@@ -109,3 +109,16 @@ def test_missing_cell_tokens_get_no_value_embedding():
     table = model.value_embeddings["tok_toy_table"]().detach()
     assert table.shape == (3, 9, 64)
     assert table[:, 0].abs().sum() == 0 and torch.isnan(codec.token_values[:, 0]).all()
+
+
+def test_checkpoint_with_absent_tokens_in_the_value_table(tmp_path):
+    "A table codec with missing cells marks its absent token's value NaN by design: training still checkpoints."
+    m = toy_manager()
+    m.register(TableCodec(ToyTable, num_bins=16, missing_cells=True).prepare(toy_table(64, seed=3)), replace=True)
+    assert torch.isnan(m.token_values["tok_toy_table"]).any()                       # the absent token (0)
+    n = 16
+    tokens = m.encode(toy_table(n, 0), toy_image(n, seed=0), toy_series(n, seed=0))
+    data = TokenDataset(tokens, vocab_sizes=m.vocab_sizes, token_grids=m.token_grids)
+    cfg = TrainConfig(steps=2, batch_size=8, eval_every=0, checkpoint_every=2, progress=False, warmup_steps=1)
+    Trainer(build(m), data, cfg, MaskingConfig(8, 8), tmp_path / "run").fit()
+    assert any((tmp_path / "run").rglob("step-0000002.safetensors"))
