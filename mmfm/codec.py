@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CODEC_CLASSES', 'ABSENT_TOKEN', 'POINTS', 'CodecError', 'TokenRangeError', 'CodecConfigError', 'as_grid',
-           'grid_segments', 'grid_size', 'grid_label', 'Codec', 'token_presence', 'check_point', 'distribution_summary',
-           'binned_summary', 'codec_class', 'check_codec', 'CodecManager']
+           'grid_segments', 'grid_size', 'grid_label', 'Codec', 'token_presence', 'padded_range', 'check_point',
+           'distribution_summary', 'binned_summary', 'codec_class', 'check_codec', 'CodecManager']
 
 # %% ../nbs/02_codec.ipynb #c002
 import functools, importlib, importlib.util, inspect, json, math, sys, tempfile
@@ -281,6 +281,18 @@ def loss(self: Codec, x: BaseModality) -> tuple[Tensor, dict[str, float]]:
     aux = torch.as_tensor(aux, dtype=rec.dtype, device=rec.device)
     total = rec + aux
     return total, {'loss': total.item(), 'reconstruction': rec.item(), 'quantizer': aux.item()}
+
+# %% ../nbs/02_codec.ipynb #pr001
+def padded_range(fit_range: Float[Tensor, "n 2"],   # per row the fitted (min, max); NaN: nothing recorded
+                 margin: float,                    # padding on each side, × the range's width
+                 ) -> Float[Tensor, "n 2"]:
+    """The bounds a codec's decodes keep to: `fit_range` ± `margin` × its width (a width of 0 counts as max(|min|, 1)),
+    and (-inf, inf) for rows with no recorded range. Used by the series and table codecs' bounded decodes."""
+    lo, hi = fit_range[:, 0], fit_range[:, 1]
+    pad = margin * torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
+    b = torch.stack([lo - pad, hi + pad], 1)
+    inf = torch.tensor([-math.inf, math.inf], dtype=b.dtype, device=b.device).expand_as(b)
+    return torch.where(torch.isnan(fit_range).any(1, keepdim=True), inf, b)
 
 # %% ../nbs/02_codec.ipynb #dd002
 POINTS = ("argmax", "mean", "median")   # besides a float q in (0, 1): the q-quantile

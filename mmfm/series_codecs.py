@@ -16,7 +16,7 @@ from jaxtyping import Float
 from fastcore.basics import patch
 from .modality import SeriesModality
 from .quantize import FiniteScalarQuantizer
-from .codec import Codec, CodecError
+from .codec import Codec, CodecError, padded_range
 from .table_codecs import resolve_modality, modality_path
 
 # %% ../nbs/06_series_codecs.ipynb #c006
@@ -156,11 +156,7 @@ def forward(self: SeriesCodec, x: SeriesModality):
 def value_bounds(self: SeriesCodec) -> Float[Tensor, "channels 2"]:
     """Per channel, the lowest and highest value decoding gives: `fit_range` ± `range_margin` × its width (a width of
     0 counts as max(|value|, 1)); -inf and inf where no range is recorded."""
-    lo, hi = self.fit_range[:, 0], self.fit_range[:, 1]
-    pad = self.range_margin * torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
-    bounds = torch.stack([lo - pad, hi + pad], 1)
-    unbounded = torch.tensor([-math.inf, math.inf], dtype=bounds.dtype, device=bounds.device).expand_as(bounds)
-    return torch.where(torch.isnan(self.fit_range).any(1, keepdim=True), unbounded, bounds)
+    return padded_range(self.fit_range, self.range_margin)
 
 @patch
 def bound_values(self: SeriesCodec, v: Float[Tensor, "batch channels time"]) -> Float[Tensor, "batch channels time"]:

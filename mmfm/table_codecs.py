@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .modality import (BaseModality, TableModality, modality_type, registered_modalities,
                            modality_from_definition)
 from .quantize import QuantileScalarQuantizer, VectorQuantizer
-from .codec import Codec, CodecError, check_point, binned_summary, ABSENT_TOKEN
+from .codec import Codec, CodecError, check_point, binned_summary, padded_range, ABSENT_TOKEN
 
 # %% ../nbs/05_table_codecs.ipynb #c006
 def modality_path(cls: type) -> str:
@@ -225,11 +225,7 @@ def _decode(self: TableCodec, z: Tensor, **metadata) -> TableModality:
 @patch
 def cell_bounds(self: TableCodec) -> Float[Tensor, "n_columns 2"]:
     "Per column, the lowest and highest value a decode may give: `fit_range` ± `range_margin` × its width; ±inf where no range is recorded."
-    lo, hi = self.fit_range[:, 0], self.fit_range[:, 1]
-    pad = self.range_margin * torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1.0))
-    b = torch.stack([lo - pad, hi + pad], 1)
-    inf = torch.tensor([-math.inf, math.inf], dtype=b.dtype, device=b.device).expand_as(b)
-    return torch.where(torch.isnan(self.fit_range).any(1, keepdim=True), inf, b)
+    return padded_range(self.fit_range, self.range_margin)
 
 @patch
 def bound_cells(self: TableCodec, x: Float[Tensor, "batch n_columns"]) -> Float[Tensor, "batch n_columns"]:

@@ -112,9 +112,20 @@ COVERED = set(IMAGE_CASES) | {TableCodec, SeriesCodec, SpectrumCodec, ToyTableCo
 BASES = {ImageCodecBase, SurveyImageCodec}          # abstract: covered through the classes above
 
 
+def _inherits_bound(c) -> bool:
+    "A subclass of a covered codec that overrides none of its decoding methods keeps the bound tested here."
+    return any(issubclass(c, base) and all(getattr(c, m) is getattr(base, m)
+                                           for m in ("decode", "_decode", "decode_distribution")) for base in COVERED)
+
+
 def test_every_exported_codec_class_is_covered():
-    "A codec class added to the library without a bound test here fails this test."
-    assert _exported_codec_classes() == COVERED | BASES, sorted(c.__name__ for c in _exported_codec_classes())
+    """A codec class added to the library without a bound test here fails this test (whichever mmfm modules the test
+    session imported: the medical codecs are one-line subclasses of TableCodec and SeriesCodec)."""
+    import mmfm.medical                                    # noqa: F401  (its codec classes must pass as well)
+    exported = _exported_codec_classes()
+    uncovered = {c for c in exported if c not in COVERED | BASES and not _inherits_bound(c)}
+    assert not uncovered, sorted(c.__name__ for c in uncovered)
+    assert COVERED | BASES <= exported, sorted(c.__name__ for c in (COVERED | BASES) - exported)
 
 
 # ------------------------------------------------------------------------------------------- image codecs

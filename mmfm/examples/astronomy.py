@@ -407,14 +407,9 @@ def legacy_embeddings(model,                 # the trained MultimodalTransformer
                       rows,                  # row indices of the galaxies to embed
                       batch_size: int = 256, # galaxies per forward pass
                       ) -> torch.Tensor:
-    "Frozen-encoder embeddings `[len(rows), d_model]` of galaxies `rows` from their Legacy image tokens alone."
-    key, rows = 'tok_image_legacy', torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    lacking = rows[~present[key][rows]]
-    if len(lacking): raise ValueError(f"rows {lacking.tolist()[:10]} have no Legacy image to embed")
-    batches = [TokenBatch([str(i) for i in r.tolist()], {k: t[r] for k, t in tokens.items()},
-                          {k: p[r] for k, p in present.items()})
-               for r in rows.split(batch_size)]
-    return embed_samples(model, batches, keys=[key], progress=False)
+    """Frozen-encoder embeddings `[len(rows), d_model]` of galaxies `rows` from their Legacy image tokens alone: the
+    mean of `legacy_token_states` over the present tokens (what `embed_samples` gives)."""
+    return legacy_token_states(model, tokens, present, rows, batch_size).pooled()
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c035
 def label_subsets(n: int,                                    # labelled training galaxies available
