@@ -91,15 +91,17 @@ CATALOG_NAMES = ('legacy_catalog', 'legacy_moments', 'hsc_moments', 'spec_z')
 def prepare_data(data_dir: str | Path,  # data root; the galaxies go under data_dir/astro
                  n_galaxies: int,        # galaxies to simulate
                  seed: int,              # simulation seed
+                 spectra: tuple = (),    # spectrographs to simulate too (the folder gains `-spectra`)
                  ) -> Path:
-    "Simulate (or reuse) `n_galaxies` galaxies under `data_dir/astro/n{n}-seed{seed}`; returns the root."
-    root = Path(data_dir) / 'astro' / f'n{n_galaxies}-seed{seed}'
+    "Simulate (or reuse) `n_galaxies` galaxies under `data_dir/astro/n{n}-seed{seed}[-spectra]`; returns the root."
+    root = Path(data_dir) / 'astro' / (f'n{n_galaxies}-seed{seed}' + ('-spectra' if spectra else ''))
     if (root / 'manifest.json').is_file() and (root / 'truth' / 'truth.csv').is_file():
         _, cfg = load_truth(root)
         complete = all((root / TABLE_FILES[name]).is_file() for name in CATALOG_NAMES)   # older data lack newer catalogs
-        if cfg.n_galaxies == n_galaxies and cfg.seed == seed and complete: return root
+        same = (cfg.n_galaxies, cfg.seed, tuple(cfg.spectra)) == (n_galaxies, seed, tuple(spectra))
+        if same and complete: return root
     if root.exists(): shutil.rmtree(root)
-    simulate_dataset(root, SimConfig(n_galaxies=n_galaxies, seed=seed))
+    simulate_dataset(root, SimConfig(n_galaxies=n_galaxies, seed=seed, spectra=tuple(spectra)))
     return root
 
 # %% ../../nbs/examples/23_astro_pipeline.ipynb #c012

@@ -26,7 +26,7 @@ from ..masking import MaskingConfig, DirectedMasking
 from ..predict import predict_tokens, allowed_targets
 from ..grow import grow_model
 from ..progress import stage
-from .astronomy import (SIZES, AstroSize, CATALOG_NAMES, DIRECTIONS, REDSHIFT_INPUTS, fit_codecs, encode_tokens,
+from .astronomy import (SIZES, AstroSize, CATALOG_NAMES, DIRECTIONS, REDSHIFT_INPUTS, fit_codecs, encode_tokens, prepare_data,
                         train_model, hsc_from_legacy, rms_sigma, redshift_predictions, photoz_stats, predict_given)
 from .results import metric
 
@@ -51,13 +51,7 @@ def prepare_spectra_data(data_dir: str | Path,   # data root; the galaxies go un
                          seed: int,               # simulation seed
                          ) -> Path:
     "Simulate (or reuse) `n_galaxies` galaxies with both spectrographs under `data_dir/astro/n{n}-seed{seed}-spectra`."
-    root = Path(data_dir) / 'astro' / f'n{n_galaxies}-seed{seed}-spectra'
-    if (root / 'manifest.json').is_file() and (root / 'truth' / 'truth.csv').is_file():
-        _, cfg = load_truth(root)
-        if (cfg.n_galaxies, cfg.seed, tuple(cfg.spectra)) == (n_galaxies, seed, SPECTRUM_SOURCES): return root
-    if root.exists(): shutil.rmtree(root)
-    simulate_dataset(root, SimConfig(n_galaxies=n_galaxies, seed=seed, spectra=SPECTRUM_SOURCES))
-    return root
+    return prepare_data(data_dir, n_galaxies, seed, spectra=SPECTRUM_SOURCES)
 
 def fit_spectrum_codecs(root, size: SpectraSize, seed: int) -> dict:
     "`{instrument: SpectrumCodec}` trained on each spectrograph's training spectra (at least `size.min_spectra` of them)."
