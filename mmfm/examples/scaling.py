@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ASTRO_POINTS', 'MEDICAL_POINTS', 'POINTS', 'astronomy_point', 'medical_point', 'scaling_study', 'scaling_table',
-           'crossings', 'plot_scaling', 'main']
+           'scaling_frame', 'crossings', 'plot_scaling', 'main']
 
 # %% ../../nbs/examples/24_scaling.ipynb #s002
 import argparse, json, math, time
@@ -12,6 +12,7 @@ from dataclasses import replace, asdict
 from pathlib import Path
 from typing import Sequence
 import numpy as np
+import pandas as pd
 import matplotlib.pyplot as plt
 from ..files import write_json, read_json
 from . import astronomy as astro
@@ -101,6 +102,21 @@ def scaling_table(study: dict) -> dict:
             row['baseline'].append(m['baseline'] if m.get('baseline') is not None else float('nan'))
     return out
 
+def scaling_frame(study: dict) -> pd.DataFrame:
+    """The study as a table: one row per metric (its baseline and direction beside it), model and baseline per size,
+    and a last row with each point's cost in seconds."""
+    cols = [p['n'] for p in study['points']]
+    rows = {}
+    for name, r in scaling_table(study).items():
+        row = {('', 'baseline'): r['baseline_name'], ('', 'better'): 'higher' if r['higher_is_better'] else 'lower'}
+        for n, a, b in zip(r['n'], r['model'], r['baseline']):
+            row[(n, 'model')], row[(n, 'baseline')] = a, b
+        rows[name] = row
+    rows['cost (s)'] = {('', 'baseline'): '', ('', 'better'): '', **{(p['n'], 'model'): p['seconds'] for p in study['points']}}
+    order = [('', 'baseline'), ('', 'better')] + [(n, w) for n in cols for w in ('model', 'baseline')]
+    frame = pd.DataFrame.from_dict(rows, orient='index')
+    return frame.reindex(columns=pd.MultiIndex.from_tuples(order))
+
 def crossings(study: dict) -> dict:
     "`{metric: smallest measured size where the model beats its baseline, or None}`."
     out = {}
@@ -111,10 +127,11 @@ def crossings(study: dict) -> dict:
     return out
 
 def plot_scaling(study: dict, path, metrics: Sequence[str] | None = None, cols: int = 4):
-    "Figure: each metric against the number of objects (log scale), model as dots and line, baseline as a dashed line."
+    """Figure: each metric against the number of objects (log scale), model as dots and line, baseline as a dashed
+    line; the last panel is each point's cost (seconds of the whole run: data, codecs, transformer, baselines)."""
     table = scaling_table(study)
     names = [m for m in (metrics or table) if m in table]
-    rows = max(1, math.ceil(len(names) / cols))
+    rows = max(1, math.ceil((len(names) + 1) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.ravel(), names):
         r = table[name]
@@ -122,7 +139,11 @@ def plot_scaling(study: dict, path, metrics: Sequence[str] | None = None, cols: 
         ax.plot(r['n'], r['baseline'], 's--', label=r['baseline_name'][:28] or 'baseline')
         ax.set_xscale('log'); ax.set_title(name, fontsize=8); ax.tick_params(labelsize=7)
         ax.set_xlabel('objects' + (' (higher is better)' if r['higher_is_better'] else ' (lower is better)'), fontsize=7)
-    for ax in axes.ravel()[len(names):]: ax.axis('off')
+    cost = axes.ravel()[len(names)]
+    cost.plot([p['n'] for p in study['points']], [p['seconds'] / 60 for p in study['points']], 'o-', color='k')
+    cost.set_xscale('log'); cost.set_title('cost of the point (minutes)', fontsize=8); cost.tick_params(labelsize=7)
+    cost.set_xlabel('objects', fontsize=7)
+    for ax in axes.ravel()[len(names) + 1:]: ax.axis('off')
     if names: axes[0, 0].legend(fontsize=6)
     fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
     return path
