@@ -126,6 +126,11 @@ def crossings(study: dict) -> dict:
         out[name] = min(ahead) if ahead else None
     return out
 
+def _size_ticks(ax, sizes):
+    "Ticks at the measured sizes only (log axis), labelled in plain numbers."
+    ax.set_xticks(sorted(set(sizes)), [f"{n:,}" for n in sorted(set(sizes))])
+    ax.xaxis.set_minor_locator(plt.NullLocator()); ax.tick_params(labelsize=7)
+
 def plot_scaling(study: dict, path, metrics: Sequence[str] | None = None, cols: int = 4):
     """Figure: each metric against the number of objects (log scale), model as dots and line, baseline as a dashed
     line; the last panel is each point's cost (seconds of the whole run: data, codecs, transformer, baselines)."""
@@ -137,11 +142,12 @@ def plot_scaling(study: dict, path, metrics: Sequence[str] | None = None, cols: 
         r = table[name]
         ax.plot(r['n'], r['model'], 'o-', label='transformer')
         ax.plot(r['n'], r['baseline'], 's--', label=r['baseline_name'][:28] or 'baseline')
-        ax.set_xscale('log'); ax.set_title(name, fontsize=8); ax.tick_params(labelsize=7)
+        ax.set_xscale('log'); ax.set_title(name, fontsize=8); _size_ticks(ax, r['n'])
         ax.set_xlabel('objects' + (' (higher is better)' if r['higher_is_better'] else ' (lower is better)'), fontsize=7)
     cost = axes.ravel()[len(names)]
     cost.plot([p['n'] for p in study['points']], [p['seconds'] / 60 for p in study['points']], 'o-', color='k')
-    cost.set_xscale('log'); cost.set_title('cost of the point (minutes)', fontsize=8); cost.tick_params(labelsize=7)
+    cost.set_xscale('log'); cost.set_title('cost of the point (minutes)', fontsize=8)
+    _size_ticks(cost, [p['n'] for p in study['points']])
     cost.set_xlabel('objects', fontsize=7)
     for ax in axes.ravel()[len(names) + 1:]: ax.axis('off')
     if names: axes[0, 0].legend(fontsize=6)
