@@ -89,14 +89,15 @@ def merge_reports(reports: Sequence[dict],          # `run_demo` reports (the co
     if len(sizes) != 1: raise ValueError(f"reports of different sizes {sorted(map(str, sizes))} cannot be merged")
     runs, seen, seconds = {}, {}, {}
     for rep, name in zip(reports, names):
-        for seed, results in _runs_of(rep, name).items():
+        mine = _runs_of(rep, name)
+        for seed, results in mine.items():
             for ex, metrics in results.items():
                 if (seed, ex) in seen:
                     raise ValueError(f"seed {seed} of the {ex!r} example is in {seen[(seed, ex)]} and in {name}")
                 seen[(seed, ex)] = name
                 runs.setdefault(seed, {})[ex] = metrics
         for ex, s in rep.get('seconds', {}).items():
-            if isinstance(s, (int, float)) and ex in {e for r in _runs_of(rep, name).values() for e in r}:
+            if isinstance(s, (int, float)) and any(ex in r for r in mine.values()):
                 seconds[ex] = round(seconds.get(ex, 0) + s, 1)
     runs = dict(sorted(runs.items()))
     return {'results': seed_summary(runs), 'seconds': seconds, 'size': sizes.pop(), 'seed': list(runs),
