@@ -1441,6 +1441,7 @@ d = { 'settings': { 'branch': 'main',
                                   'mmfm.transformer.ple_edges': ('transformer.html#ple_edges', 'mmfm/transformer.py'),
                                   'mmfm.transformer.position_table': ('transformer.html#position_table', 'mmfm/transformer.py'),
                                   'mmfm.transformer.residual_on_rows': ('transformer.html#residual_on_rows', 'mmfm/transformer.py'),
+                                  'mmfm.transformer.row_groups': ('transformer.html#row_groups', 'mmfm/transformer.py'),
                                   'mmfm.transformer.run_blocks': ('transformer.html#run_blocks', 'mmfm/transformer.py'),
                                   'mmfm.transformer.sincos_1d': ('transformer.html#sincos_1d', 'mmfm/transformer.py'),
                                   'mmfm.transformer.spec_differences': ('transformer.html#spec_differences', 'mmfm/transformer.py')}}}
