@@ -7,23 +7,27 @@
 
 REFERENCE (kept inline below, so that it stays a fixed reference): masks drawn sample by sample, each from its own
 seeded generator (the trainer's `per_sample_masks`, with the loop-over-rows `ModalityMixMasking` it used), the model's
-token-wise layers run over the padding too (`skip_padding = False`), `torch.optim.AdamW` with its defaults.
+token-wise layers run over the padding too (`skip_padding = False`), the whole batch through the blocks at once
+(`group_cost = None`), `torch.optim.AdamW` with its defaults.
 NEW: masks for the whole batch in one call from one generator (`mmfm.masking.batch_masks`), token-wise layers on the
-real tokens only (the model's default), `AdamW(fused=True)`. Both run the trainer's step (learning rate, forward to
+real tokens only, the rows through the blocks in groups of similar length (`mmfm.transformer.row_groups`; both the
+model's defaults), `AdamW(fused=True)`; "new, whole batch" is the same without the row groups. Both run the trainer's step (learning rate, forward to
 the loss terms, backward, gradient clipping at 1, optimizer step) in float32, on the same batches, interleaved step by
 step (on a shared CPU other processes only add time: the best and the median of the timed steps are reported).
 
 Shapes (synthetic tokens with the examples' token counts, vocabularies and masking; presence rates approximate the
-examples' data): astronomy demo (`nbs/examples/23_astro_pipeline.ipynb`, size 'demo': tiny preset, batch 32;
-Legacy image 68 tokens, HSC image 86, Legacy catalog 7, spectroscopic redshift 1, vocabularies 1000-1024; budgets of
-half the present tokens as inputs and half as targets, all-to-all / one-to-all 50/50); medical demo
+examples' data): astronomy demo (`nbs/examples/23_astro_pipeline.ipynb`, size 'demo': tiny preset, batch 64;
+Legacy image 68 tokens, HSC image 86, Gaia image 39 (vocabularies 1000), Legacy catalog 7, Legacy and HSC moments 3
+each, spectroscopic redshift 1 (vocabularies 64); presence as in the demo's 2000 galaxies (Legacy 89 %, HSC 53 %, Gaia
+31 %, redshift 26 %); budgets of half the present tokens as inputs and half as targets, all-to-all / one-to-all
+50/50, a quarter of the samples practising the evaluated directions, `DirectedMasking`); medical demo
 (`nbs/examples/22_medical_pipeline.ipynb`: tiny preset, dropout 0.1, batch 32, `ModalityMixMasking`): the diabetes
 folds (3 + 6 + 1 + 1 table tokens, 8 bins; 4000 of the demo's 5200 steps) and the cohort (3 + 3 + 4 table tokens,
 16 bins, ECG 128 tokens of 512 codes, input-only).
 
 Beside them, at the same shapes (same tokens per sample, same masking), other settings of the new path, each in
-tokens/s and as a ratio to the reference at the demos' batch of 32 (tokens/s is what the throughput goal counts):
-batches of 64 and 128 (learning rate scaled by sqrt(batch / 32), the square-root rule for Adam-type optimisers of
+tokens/s and as a ratio to the reference at the demo's batch (tokens/s is what the throughput goal counts):
+batches of 2x and 4x the demo's (learning rate scaled by sqrt(batch / demo batch), the square-root rule for Adam-type optimisers of
 Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"; the rate does not change the
 time of a step, and how many steps a larger batch needs to reach the same loss is not measured here); for the medical
 shapes, `attn_dropout=0` (dropout 0.1 kept on the residual branches: attention dropout takes SDPA off its fused
@@ -43,8 +47,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmfm.testing import per_row_mix_masking
-from mmfm.masking import Masks, MaskingConfig, ModalityMixMasking, apply_masking, batch_masks
-from mmfm.transformer import MultimodalTransformer, TransformerConfig, average_over_modalities
+from mmfm.masking import Masks, MaskingConfig, ModalityMixMasking, DirectedMasking, apply_masking, batch_masks
+from mmfm.transformer import MultimodalTransformer, TransformerConfig, average_over_modalities, row_groups
 
 N_DATA = 1024  # synthetic samples per shape
 
@@ -52,13 +56,18 @@ N_DATA = 1024  # synthetic samples per shape
 # --- the shapes -------------------------------------------------------------------------------------------------
 def astronomy():
     keys = {"tok_image_legacy": (68, 1000, ((4,), (8, 8))), "tok_image_hsc": (86, 1000, ((5,), (9, 9))),
-            "tok_catalog_legacy": (7, 1024, (7,)), "tok_spec_z": (1, 1024, (1,))}
+            "tok_image_gaia": (39, 1000, ((3,), (6, 6))), "tok_catalog_legacy": (7, 64, (7,)),
+            "tok_moments_legacy": (3, 64, (3,)), "tok_moments_hsc": (3, 64, (3,)), "tok_z_spec": (1, 64, (1,))}
     masking = MaskingConfig(input_budget=0.5, target_budget=0.5, mixture={"all-to-all": 0.5, "one-to-all": 0.5})
+    images = ["tok_image_legacy", "tok_image_hsc", "tok_image_gaia", "tok_catalog_legacy"]
+    masking = DirectedMasking(masking, {"legacy→hsc": [["tok_image_legacy"], ["tok_image_hsc"]],
+                                        "images+catalog→z": [images, ["tok_z_spec"]]}, share=0.25)
     def presence(g, n):
-        legacy = torch.rand(n, generator=g) < 0.75
-        hsc = (torch.rand(n, generator=g) < 0.45) | ~legacy            # each galaxy has an image
-        return {"tok_image_legacy": legacy, "tok_image_hsc": hsc, "tok_catalog_legacy": legacy.clone(),
-                "tok_spec_z": torch.rand(n, generator=g) < 0.3}
+        legacy = torch.rand(n, generator=g) < 0.89
+        hsc = (torch.rand(n, generator=g) < 0.53) | ~legacy            # each galaxy has an image
+        return {"tok_image_legacy": legacy, "tok_image_hsc": hsc, "tok_image_gaia": torch.rand(n, generator=g) < 0.31,
+                "tok_catalog_legacy": legacy.clone(), "tok_moments_legacy": legacy.clone(),
+                "tok_moments_hsc": hsc.clone(), "tok_z_spec": torch.rand(n, generator=g) < 0.26}
     return keys, presence, masking, {}
 
 
@@ -79,6 +88,7 @@ def cohort():
 
 
 SHAPES = {"astronomy": astronomy, "medical-diabetes": diabetes, "medical-cohort": cohort}
+DEMO_BATCHES = {"astronomy": 64, "medical-diabetes": 32, "medical-cohort": 32}   # the batch each demo trains at
 
 
 def dataset(keys, presence, seed=0):
@@ -114,11 +124,13 @@ def new_masks(masking, tokens, present, position, seed=0, epoch=0):
 
 
 # --- one training step, as Trainer.train_step does it -------------------------------------------------------------
-DEMO_BATCH, DEMO_LR = 32, 1e-3
+DEMO_LR = 1e-3
 
 
-def make_path(kind, shape, preset="tiny", batch=DEMO_BATCH, bf16=False, seed=0, compile=False, **config):
-    "A training step of `kind` ('reference' or 'new') at `shape`; `config`: TransformerConfig fields to change."
+def make_path(kind, shape, preset="tiny", batch=None, bf16=False, seed=0, compile=False, groups=True, **config):
+    """A training step of `kind` ('reference' or 'new') at `shape` (`batch` None: the demo's); `groups`: the new path's
+    row groups (`group_cost`); `config`: TransformerConfig fields to change."""
+    batch = batch or DEMO_BATCHES[shape]
     keys, presence, masking, overrides = SHAPES[shape]()
     tokens, present = dataset(keys, presence, seed)
     torch.manual_seed(seed)
@@ -126,8 +138,9 @@ def make_path(kind, shape, preset="tiny", batch=DEMO_BATCH, bf16=False, seed=0, 
                                   TransformerConfig.preset(preset, **{**overrides, **config}),
                                   token_grids={k: g for k, (_, _, g) in keys.items()})
     model.skip_padding = kind == "new"
+    if kind == "reference" or not groups: model.group_cost = None
     if compile: model.compile_blocks()
-    lr = DEMO_LR * math.sqrt(batch / DEMO_BATCH)                 # square-root scaling (Malladi et al. 2022)
+    lr = DEMO_LR * math.sqrt(batch / DEMO_BATCHES[shape])        # square-root scaling (Malladi et al. 2022)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05,
                             **({"fused": True} if kind == "new" else {}))
     def step(position):
@@ -179,20 +192,23 @@ def matmul_peak(dtype, reps=4) -> tuple[float, int]:
 
 # --- the benchmark -----------------------------------------------------------------------------------------------
 def variants(shape, compile=False):
-    "{name: (kind, batch, TransformerConfig changes, compile)}: the paths timed at `shape`."
-    out = {"reference": ("reference", DEMO_BATCH, {}, False), "new": ("new", DEMO_BATCH, {}, False)}
-    out.update({f"new b{b}": ("new", b, {}, False) for b in (64, 128)})
+    "{name: (kind, batch, TransformerConfig changes, compile, row groups)}: the paths timed at `shape`."
+    b0 = DEMO_BATCHES[shape]
+    out = {"reference": ("reference", b0, {}, False, False), "new": ("new", b0, {}, False, True),
+           "new, whole batch": ("new", b0, {}, False, False)}
+    out.update({f"new b{b}": ("new", b, {}, False, True) for b in (2 * b0, 4 * b0)})
     if SHAPES[shape]()[3].get("dropout"):                          # the medical demos train with dropout 0.1
-        out.update({f"new attn-drop 0{'' if b == DEMO_BATCH else f' b{b}'}": ("new", b, {"attn_dropout": 0.0}, False)
-                    for b in (DEMO_BATCH, 128)})
-    if compile: out["new compiled"] = ("new", DEMO_BATCH, {}, True)
+        out.update({f"new attn-drop 0{'' if b == b0 else f' b{b}'}": ("new", b, {"attn_dropout": 0.0}, False, True)
+                    for b in (b0, 4 * b0)})
+    if compile: out["new compiled"] = ("new", b0, {}, True, True)
     return out
 
 
 def compare(shape, steps, warmup=2, compile=False, preset="tiny"):
     "Time every variant at `shape`, interleaved step by step (order rotating); also the time of the warm-up steps."
     spec = variants(shape, compile)
-    paths = {name: make_path(kind, shape, preset, batch=b, compile=c, **cfg) for name, (kind, b, cfg, c) in spec.items()}
+    paths = {name: make_path(kind, shape, preset, batch=b, compile=c, groups=g, **cfg)
+             for name, (kind, b, cfg, c, g) in spec.items()}
     names, warm = list(paths), {}
     for name in names:
         t = time.perf_counter()
@@ -205,16 +221,22 @@ def compare(shape, steps, warmup=2, compile=False, preset="tiny"):
 
 
 def padding(shape, batches=16):
-    "Real / packed tokens and real / packed self-attention scores, encoder and decoder, over the new path's batches."
+    """Real / packed tokens and real / packed self-attention scores (inputs, targets) over the new path's batches at
+    the demo's batch: the whole batch packed to its longest row, and in the row groups of `row_groups`."""
     keys, presence, masking, _ = SHAPES[shape]()
     tokens, present = dataset(keys, presence)
-    out = np.zeros(4)
+    b0, out = DEMO_BATCHES[shape], np.zeros((2, 4))
     for pos in range(batches):
-        index = torch.arange(pos * DEMO_BATCH, (pos + 1) * DEMO_BATCH) % N_DATA
+        index = torch.arange(pos * b0, (pos + 1) * b0) % N_DATA
         m = new_masks(masking, {k: v[index] for k, v in tokens.items()}, {k: v[index] for k, v in present.items()}, pos)
-        for i, flags in enumerate((m.is_input, m.is_target)):
-            n = sum(f.sum(1) for f in flags.values()).double()
-            out[i] += float(n.mean() / n.max()); out[2 + i] += float((n ** 2).mean() / n.max() ** 2)
+        n_in, n_tgt = (sum(f.sum(1) for f in flags.values()) for flags in (m.is_input, m.is_target))
+        rows = torch.arange(b0)[n_tgt > 0]                          # rows without targets are skipped
+        for w, groups in enumerate(([rows], [rows[g] for g in row_groups(n_in[rows], n_tgt[rows])])):
+            for i, n in enumerate((n_in, n_tgt)):
+                n = n.double()
+                real, sq = float(n[rows].sum()), float((n[rows] ** 2).sum())
+                out[w, i] += real / sum(len(g) * float(n[g].max()) for g in groups)
+                out[w, 2 + i] += sq / sum(len(g) * float(n[g].max()) ** 2 for g in groups)
     return out / batches
 
 
@@ -266,7 +288,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           f"(a shared CPU adds noise; reference and new are timed interleaved in this run)")
     print(f"\ntraining step at the examples' shapes, preset {a.preset!r}, float32, {steps} timed steps per path after 2 warm-up steps; "
-          f"tokens/s from the best (and the median) step; 'x ref': tokens/s over the reference's at batch {DEMO_BATCH}")
+          f"tokens/s from the best (and the median) step; 'x ref': tokens/s over the reference's at the demo's batch")
     print(f"{'shape':<18}{'path':<22}{'batch':>6}{'steps/s':>9}{'tokens/s':>10}{'(median)':>10}{'x ref':>7}{'(median)':>9}"
           f"{'masks':>7}{'warm-up s':>11}")
     ratios, best_variant = {}, {}
@@ -282,13 +304,16 @@ def main():
                   f"{warm[kind]:>11.1f}")
         ratios[shape] = (ref["best"] / res["new"]["best"], ref["median"] / res["new"]["median"])
         best_variant[shape] = max(x, key=lambda k: x[k][0]), x
-        print(f"{shape:<18}{'new / reference (steps/s, batch 32)':<40} {ratios[shape][0]:.2f}x best, {ratios[shape][1]:.2f}x median")
+        label = f"new / reference (steps/s, batch {batch['new']})"
+        print(f"{shape:<18}{label:<40} "
+              f"{ratios[shape][0]:.2f}x best, {ratios[shape][1]:.2f}x median")
         pad = padding(shape)
-        print(f"{shape:<18}real / packed tokens: inputs {pad[0]:.0%}, targets {pad[1]:.0%}; real / packed self-attention "
-              f"scores: inputs {pad[2]:.0%}, targets {pad[3]:.0%} (batch {DEMO_BATCH})")
+        for w, name in enumerate(("whole batch", "row groups")):
+            print(f"{shape:<18}{name}: real / packed tokens: inputs {pad[w, 0]:.0%}, targets {pad[w, 1]:.0%}; real / packed "
+                  f"self-attention scores: inputs {pad[w, 2]:.0%}, targets {pad[w, 3]:.0%} (batch {DEMO_BATCHES[shape]})")
 
     if not a.no_model_alone: model_alone(a.quick)
-    print("\nnew / reference (best step, batch 32): " + ", ".join(f"{s} {r[0]:.2f}x" for s, r in ratios.items())
+    print("\nnew / reference (best step, the demo's batch): " + ", ".join(f"{s} {r[0]:.2f}x" for s, r in ratios.items())
           + "  (goal: >= 2x)")
     print("fastest setting in tokens/s / reference: " + ", ".join(f"{s} {k!r} {x[k][0]:.2f}x (median {x[k][1]:.2f}x)"
                                                                 for s, (k, x) in best_variant.items()))

@@ -516,18 +516,21 @@ def row_groups(n_input: Int[Tensor, "batch"],   # input tokens of each row
     a, b = n_input.detach().cpu().long().numpy(), n_target.detach().cpu().long().numpy()
     if (a < 0).any() or (b < 0).any(): raise ValueError("row_groups: token counts must be >= 0")
     B, dev = len(a), n_input.device
-    if B < 2: return [torch.arange(B, device=dev)]
+    # one group when even padding-free groups could not win back one more group's cost
+    if B < 2 or B * (a.max() + b.max()) - (a + b).sum() <= cost: return [torch.arange(B, device=dev)]
     order = np.argsort(a + b, kind="stable")
     a, b = a[order], b[order]
-    cuts = np.unique(np.r_[np.linspace(0, B, min(B, 256) + 1).round().astype(np.int64)])  # allowed group edges
-    best, prev = np.zeros(len(cuts)), np.zeros(len(cuts), dtype=np.int64)
-    for j in range(1, len(cuts)):
-        end = cuts[j]
-        ma = np.maximum.accumulate(a[:end][::-1])[::-1][cuts[:j]]   # longest input of rows cuts[i]..end-1
-        mb = np.maximum.accumulate(b[:end][::-1])[::-1][cuts[:j]]
-        total = best[:j] + (end - cuts[:j]) * (ma + mb) + cost
-        prev[j] = int(np.argmin(total)); best[j] = total[prev[j]]
-    groups, j = [], len(cuts) - 1
+    cuts = np.unique(np.linspace(0, B, min(B, 256) + 1).round().astype(np.int64))   # allowed group edges
+    m = len(cuts) - 1
+    upper = np.triu(np.ones((m, m), dtype=bool))
+    longest = lambda x: np.maximum.accumulate(np.where(upper, np.maximum.reduceat(x, cuts[:-1])[None], 0), axis=1)
+    # work[i, j]: padded tokens of one group from edge i to edge j + 1, plus its fixed cost
+    work = (cuts[1:][None] - cuts[:-1, None]) * (longest(a) + longest(b)) + cost
+    best, prev = np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
+    for j in range(m):
+        total = best[:j + 1] + work[:j + 1, j]
+        prev[j + 1] = int(np.argmin(total)); best[j + 1] = total[prev[j + 1]]
+    groups, j = [], m
     while j > 0:
         groups.append(torch.as_tensor(np.sort(order[cuts[prev[j]]:cuts[j]]), device=dev)); j = prev[j]
     return groups[::-1]
