@@ -664,8 +664,8 @@ def forward(self: MultimodalTransformer,
     ids, inp, tgt = self.check_batch(tokens, is_input, is_target, present)
     B = ids.shape[0]
     groups, n_tgt = [None], tgt.sum(1)
-    if getattr(self, "group_cost", None) is not None and bool((n_tgt > 0).any()):   # nothing to predict: whole batch
-        rows = (n_tgt > 0).nonzero().squeeze(1)
+    rows = (n_tgt > 0).nonzero().squeeze(1)                                         # rows with targets
+    if getattr(self, "group_cost", None) is not None and len(rows):                 # nothing to predict: whole batch
         groups = [rows[g] for g in row_groups(inp.sum(1)[rows], n_tgt[rows], self.group_cost)]
         if len(groups) == 1 and len(groups[0]) == B: groups = [None]                # one group of every row
     ce, correct, count, out = {}, {}, {}, {}

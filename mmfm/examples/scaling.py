@@ -28,6 +28,14 @@ STEPS = ('fixed', 'epochs')
 def _check_steps(steps: str):
     if steps not in STEPS: raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
 
+def _resize(recipe, size_field: str, n: int, steps: str, step_fields: tuple):
+    """`recipe` (a dataclass) with `size_field` set to `n`; with `steps='epochs'` each of `step_fields` is scaled too,
+    by n / the recipe's own size (at least 1 step)."""
+    _check_steps(steps)
+    grow = n / getattr(recipe, size_field)
+    scaled = {f: max(1, round(getattr(recipe, f) * grow)) for f in step_fields} if steps == 'epochs' else {}
+    return replace(recipe, **{size_field: n}, **scaled)
+
 def astronomy_point(n: int,                     # galaxies to simulate
                     out_dir: str | Path,        # the run's figures
                     data_dir: str | Path,       # simulated data (reused per n and seed)
@@ -37,11 +45,7 @@ def astronomy_point(n: int,                     # galaxies to simulate
                     ) -> dict:
     """One astronomy point: `{'n', 'recipe', 'seconds', 'metrics'}`. With `steps='epochs'` the transformer's steps and
     the supervised HSC CNN's steps grow with `n` (the other baselines already train for a number of epochs)."""
-    _check_steps(steps)
-    size = astro.SIZES[base]
-    grow = int(n) / size.n_galaxies
-    more = dict(steps=max(1, round(size.steps * grow)), hsc_cnn_steps=max(1, round(size.hsc_cnn_steps * grow)))
-    size = replace(size, n_galaxies=int(n), **(more if steps == 'epochs' else {}))
+    size = _resize(astro.SIZES[base], 'n_galaxies', int(n), steps, ('steps', 'hsc_cnn_steps'))
     t0 = time.time()
     metrics = astro.run(size, Path(out_dir), data_dir, seed, progress=False)
     return {'n': int(n), 'recipe': {'base': base, 'steps_mode': steps, **asdict(size)},
@@ -53,10 +57,7 @@ def medical_point(n: int,                       # cohort patients
                   steps: str = 'fixed',         # 'fixed' or 'epochs': the cohort transformer's steps grow with n
                   ) -> dict:
     "One medical point: the cohort transformer and its baselines with `n` patients: `{'n', 'recipe', 'seconds', 'metrics'}`."
-    _check_steps(steps)
-    recipe = med.example_config(base, seed, progress=False)
-    more = dict(cohort_steps=max(1, round(recipe.cohort_steps * int(n) / recipe.n_cohort)))
-    cfg = med.example_config(base, seed, n_cohort=int(n), progress=False, **(more if steps == 'epochs' else {}))
+    cfg = _resize(med.example_config(base, seed, progress=False), 'n_cohort', int(n), steps, ('cohort_steps',))
     t0 = time.time()
     data = med.load_medical(med.prepare_datasets(data_dir, cfg))
     ecg_codec = med.train_ecg_codec(data, cfg)
