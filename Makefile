@@ -24,9 +24,10 @@ help:
 setup: $(STAMP)
 
 # torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+# TORCH_INDEX (optional): the index to take it from, e.g. https://download.pytorch.org/whl/cpu for the CPU-only build.
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
