@@ -1,6 +1,7 @@
 """Tokenizing once and streaming the tokens: throughput against the number of processes, and peak memory at two data sizes.
 
     .venv/bin/python bench/tokenize_shards.py [--quick] [--sizes 200 1600] [--workers 2] [--shard-size 20]
+    .venv/bin/python bench/tokenize_shards.py --trend 24 --shard-size 250 [--workers 2]
 
 Data: galaxies simulated by `mmfm.simulate` (Legacy, HSC and Gaia cutouts as FITS, two catalogs), read through
 `astro_dataset` with the Legacy and HSC image codecs of `mmfm.image_codecs` (untrained: the encoding cost does not
@@ -12,10 +13,15 @@ depend on the weights). For each data size, in fresh processes (so each peak res
     steps per second and peak resident memory.
 Memory must not grow with the data set: the script prints the ratio of the peaks at the larger size to the smaller
 (the default sizes differ 8x in galaxies and in token shards).
+With `--trend K` it measures instead whether a worker's memory grows with the number of shards it has written:
+K token shards of `--shard-size` galaxies each are tokenized by `--workers` pool processes while the parent samples
+each worker's resident memory (Linux `/proc/<pid>/status`, VmRSS, every 20 ms) and the number of shards written so
+far; it prints the workers' largest and smallest resident memory for each tenth of the shards and the ratio of the late
+shards' peak to the early ones' (flat memory: about 1).
 The machine may be shared: figures vary with its load, ratios within one run much less.
 """
 import os, sys
-import argparse, json, resource, shutil, subprocess, tempfile, time
+import argparse, json, resource, shutil, subprocess, tempfile, threading, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +50,43 @@ def child_tokenize(data: str, out: str, workers: int, shard_size: int) -> dict:
     dt = time.perf_counter() - t0
     return {"seconds": dt, "galaxies": len(shards), "shards": len(shards.shards), "peak_main_mib": peak_mib(),
             "peak_worker_mib": peak_mib(resource.RUSAGE_CHILDREN) if workers > 1 else None}
+
+
+def _children_rss_mib(pid: int) -> list[float]:
+    "Resident memory (MiB) of the live child processes of `pid` (Linux /proc)."
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit(): continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) != pid: continue
+            rss = [l for l in (d / "status").read_text().splitlines() if l.startswith("VmRSS:")]
+            if rss: out.append(int(rss[0].split()[1]) / 1024)
+        except (OSError, ValueError, IndexError): continue     # the process ended between listing and reading
+    return out
+
+
+def child_trend(data: str, out: str, workers: int, shard_size: int) -> dict:
+    "Tokenize with a pool of `workers` while sampling their resident memory against the number of shards written."
+    import torch
+    from mmfm.simulate import astro_dataset
+    from mmfm.token_shards import tokenize_dataset
+    torch.set_num_threads(1)
+    ds = astro_dataset(data, images=("legacy", "hsc"), tables=())
+    samples, stop, out_dir = [], threading.Event(), Path(out)
+
+    def sample():
+        while not stop.is_set():
+            rss = _children_rss_mib(os.getpid())
+            done = len(list(out_dir.glob("shard-*.json"))) if out_dir.is_dir() else 0
+            if rss: samples.append((done, max(rss), min(rss)))
+            time.sleep(0.02)
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    t0 = time.perf_counter()
+    try: shards = tokenize_dataset(ds, codecs(), out, shard_size=shard_size, workers=workers, batch_size=32, verbose=False)
+    finally: stop.set(); th.join()
+    return {"seconds": time.perf_counter() - t0, "shards": len(shards.shards), "galaxies": len(shards),
+            "samples": samples}
 
 
 def child_train(tokens: str, out: str, steps: int) -> dict:
@@ -77,13 +120,16 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="processes of the parallel tokenize")
     p.add_argument("--shard-size", type=int, default=20, help="galaxies per token shard")
     p.add_argument("--steps", type=int, default=60, help="training steps on the stream")
+    p.add_argument("--trend", type=int, metavar="K", help="instead: worker memory against K shards written (see above)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         kind, *rest = a.child
         if kind == "tokenize": print(json.dumps(child_tokenize(rest[0], rest[1], int(rest[2]), int(rest[3]))))
+        elif kind == "trend": print(json.dumps(child_trend(rest[0], rest[1], int(rest[2]), int(rest[3]))))
         else: print(json.dumps(child_train(rest[0], rest[1], int(rest[2]))))
         return
+    if a.trend is not None: return trend(a)
     if a.quick: a.sizes, a.steps, a.shard_size = [80, 640], 30, 10
     from mmfm.simulate import SimConfig, simulate_dataset
     tmp = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
@@ -124,6 +170,34 @@ def main():
           f"worker {(big['par']['peak_worker_mib'] or 0) / max(small['par']['peak_worker_mib'] or 1, 1):.2f}x, "
           f"main+worker {total(big['par']) / total(small['par']):.2f}x; "
           f"streaming training {big['train']['peak_main_mib'] / small['train']['peak_main_mib']:.2f}x")
+
+
+def trend(a):
+    "The `--trend` measurement: worker memory for each tenth of the shards written."
+    if a.trend < 10 or a.workers < 2: raise SystemExit("--trend needs K >= 10 shards and --workers >= 2 (a pool)")
+    from mmfm.simulate import SimConfig, simulate_dataset
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tokenize-trend-"))
+    n = a.trend * a.shard_size
+    try:
+        t0 = time.perf_counter()
+        simulate_dataset(tmp / "astro", SimConfig(n_galaxies=n, seed=1), workers=a.workers)
+        print(f"simulated {n} galaxies in {time.perf_counter() - t0:.1f} s", flush=True)
+        r = run_child("trend", tmp / "astro", tmp / "tok", a.workers, a.shard_size)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ntokenize the {r['galaxies']} of {n} simulated galaxies with a Legacy or HSC image into {r['shards']} shards of {a.shard_size} with {a.workers} processes in "
+          f"{r['seconds']:.1f} s; workers' resident memory (VmRSS, sampled every 20 ms) by shards written")
+    print(f"{'shards written':>15} {'samples':>8} {'peak MiB':>9} {'lowest MiB':>11}")
+    tenth = max(1, r["shards"] // 10); rows = []
+    for lo in range(0, r["shards"], tenth):
+        hi = min(lo + tenth, r["shards"])
+        s = [x for x in r["samples"] if lo <= x[0] < hi]
+        if not s: continue
+        rows.append((lo, hi, len(s), max(x[1] for x in s), min(x[2] for x in s)))
+        print(f"{f'{lo}-{hi - 1}':>15} {len(s):>8} {rows[-1][3]:>9.0f} {rows[-1][4]:>11.0f}")
+    if len(rows) < 3: raise SystemExit("too few samples to compare the early and late shards")
+    last = max(r[3] for r in rows[-3:]), min(r[4] for r in rows[-3:])
+    print(f"\nworker peak over the last three rows / over the second row (the first includes the workers' start-up): "
+          f"{last[0] / rows[1][3]:.2f}x (lowest: {last[1] / rows[1][4]:.2f}x); flat memory gives about 1")
 
 
 if __name__ == "__main__": main()
