@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ASTRO_POINTS', 'MEDICAL_POINTS', 'STEPS', 'POINTS', 'astronomy_point', 'medical_point', 'scaling_study',
-           'scaling_table', 'scaling_frame', 'crossings', 'plot_scaling', 'main']
+           'scaling_table', 'scaling_frame', 'ahead_at', 'crossings', 'plot_scaling', 'main']
 
 # %% ../../nbs/examples/24_scaling.ipynb #s002
 import argparse, json, math, time
@@ -140,13 +140,26 @@ def scaling_frame(study: dict) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient='index')
     return frame.reindex(columns=pd.MultiIndex.from_tuples(order))
 
-def crossings(study: dict) -> dict:
-    "`{metric: smallest measured size where the model beats its baseline, or None}`."
+def ahead_at(study: dict) -> dict:
+    "`{metric: [measured sizes where the model beats its baseline]}` (ascending; metrics without a baseline: [])."
     out = {}
     for name, row in scaling_table(study).items():
-        ahead = [n for n, a, b in zip(row['n'], row['model'], row['baseline'])
-                 if math.isfinite(b) and (a > b if row['higher_is_better'] else a < b)]
-        out[name] = min(ahead) if ahead else None
+        out[name] = sorted(n for n, a, b in zip(row['n'], row['model'], row['baseline'])
+                           if math.isfinite(b) and (a > b if row['higher_is_better'] else a < b))
+    return out
+
+def crossings(study: dict) -> dict:
+    """`{metric: n}`: the smallest measured size from which the model beats its baseline at that size and at every
+    larger measured size; None where it is behind at the largest (a model ahead at small sizes and behind at large
+    ones has not crossed: `ahead_at` lists those sizes)."""
+    sizes = {name: sorted(row['n']) for name, row in scaling_table(study).items()}
+    out = {}
+    for name, ahead in ahead_at(study).items():
+        n, tail = None, set(ahead)
+        for size in reversed(sizes[name]):
+            if size not in tail: break
+            n = size
+        out[name] = n
     return out
 
 def _size_ticks(ax, sizes):
@@ -190,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = p.parse_args(argv)
     study = scaling_study(a.example, a.points, a.out, a.data, a.seed, a.base, steps=a.steps)
     plot_scaling(study, Path(a.out) / f'{a.example}.png')
-    for name, n in crossings(study).items(): print(f"{name}: " + (f"model ahead from n = {n}" if n else "model never ahead"))
+    ahead = ahead_at(study)
+    for name, n in crossings(study).items():
+        print(f"{name}: " + (f"model ahead from n = {n} on" if n else
+                             f"model ahead at n = {ahead[name]} only, behind at the largest" if ahead[name] else
+                             "model never ahead"))
     return study
 
 # %% ../../nbs/examples/24_scaling.ipynb #s011
