@@ -184,20 +184,21 @@ def trend(a):
         print(f"simulated {n} galaxies in {time.perf_counter() - t0:.1f} s", flush=True)
         r = run_child("trend", tmp / "astro", tmp / "tok", a.workers, a.shard_size)
     finally: shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ntokenize the {r['galaxies']} of {n} simulated galaxies with a Legacy or HSC image into {r['shards']} shards of {a.shard_size} with {a.workers} processes in "
-          f"{r['seconds']:.1f} s; workers' resident memory (VmRSS, sampled every 20 ms) by shards written")
+    print(f"\ntokenize the {r['galaxies']} of {n} simulated galaxies with a Legacy or HSC image into {r['shards']} "
+          f"shards of {a.shard_size} with {a.workers} processes in {r['seconds']:.1f} s; workers' resident memory "
+          f"(VmRSS, sampled every 20 ms) by shards written")
     print(f"{'shards written':>15} {'samples':>8} {'peak MiB':>9} {'lowest MiB':>11}")
-    tenth = max(1, r["shards"] // 10); rows = []
+    tenth = max(1, r["shards"] // 10); rows = []          # (peak, lowest) MiB per tenth of the shards written
     for lo in range(0, r["shards"], tenth):
         hi = min(lo + tenth, r["shards"])
-        s = [x for x in r["samples"] if lo <= x[0] < hi]
-        if not s: continue
-        rows.append((lo, hi, len(s), max(x[1] for x in s), min(x[2] for x in s)))
-        print(f"{f'{lo}-{hi - 1}':>15} {len(s):>8} {rows[-1][3]:>9.0f} {rows[-1][4]:>11.0f}")
+        window = [x for x in r["samples"] if lo <= x[0] < hi]  # x: (shards written, largest worker, smallest worker)
+        if not window: continue
+        rows.append((max(x[1] for x in window), min(x[2] for x in window)))
+        print(f"{f'{lo}-{hi - 1}':>15} {len(window):>8} {rows[-1][0]:>9.0f} {rows[-1][1]:>11.0f}")
     if len(rows) < 3: raise SystemExit("too few samples to compare the early and late shards")
-    last = max(r[3] for r in rows[-3:]), min(r[4] for r in rows[-3:])
+    late_peak, late_low = max(row[0] for row in rows[-3:]), min(row[1] for row in rows[-3:])
     print(f"\nworker peak over the last three rows / over the second row (the first includes the workers' start-up): "
-          f"{last[0] / rows[1][3]:.2f}x (lowest: {last[1] / rows[1][4]:.2f}x); flat memory gives about 1")
+          f"{late_peak / rows[1][0]:.2f}x (lowest: {late_low / rows[1][1]:.2f}x); flat memory gives about 1")
 
 
 if __name__ == "__main__": main()

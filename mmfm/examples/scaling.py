@@ -140,24 +140,24 @@ def scaling_frame(study: dict) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient='index')
     return frame.reindex(columns=pd.MultiIndex.from_tuples(order))
 
+def _ahead(row: dict) -> list:
+    "The sizes of one `scaling_table` row where the model beats its baseline, ascending."
+    return sorted(n for n, a, b in zip(row['n'], row['model'], row['baseline'])
+                  if math.isfinite(b) and (a > b if row['higher_is_better'] else a < b))
+
 def ahead_at(study: dict) -> dict:
     "`{metric: [measured sizes where the model beats its baseline]}` (ascending; metrics without a baseline: [])."
-    out = {}
-    for name, row in scaling_table(study).items():
-        out[name] = sorted(n for n, a, b in zip(row['n'], row['model'], row['baseline'])
-                           if math.isfinite(b) and (a > b if row['higher_is_better'] else a < b))
-    return out
+    return {name: _ahead(row) for name, row in scaling_table(study).items()}
 
 def crossings(study: dict) -> dict:
     """`{metric: n}`: the smallest measured size from which the model beats its baseline at that size and at every
     larger measured size; None where it is behind at the largest (a model ahead at small sizes and behind at large
     ones has not crossed: `ahead_at` lists those sizes)."""
-    sizes = {name: sorted(row['n']) for name, row in scaling_table(study).items()}
     out = {}
-    for name, ahead in ahead_at(study).items():
-        n, tail = None, set(ahead)
-        for size in reversed(sizes[name]):
-            if size not in tail: break
+    for name, row in scaling_table(study).items():
+        ahead, n = set(_ahead(row)), None
+        for size in sorted(row['n'], reverse=True):      # walk down from the largest while the model stays ahead
+            if size not in ahead: break
             n = size
         out[name] = n
     return out
