@@ -524,6 +524,19 @@ def iter_shards(self: ShardDataset) -> Iterator[ShardDataset]:
     "`shard(k)` for each of the shards, in order."
     for k in range(len(self._cover)): yield self.shard(k)
 
+# %% ../nbs/04a_shards.ipynb #a051b
+@patch
+def shard_checksum(self: ShardDataset, k: int) -> str:
+    """SHA-256 (hex) of what `shard(k)` reads: the SHA-256 recorded for each of its files (the shard and its extras)
+    and the ids it covers after the split filter. Equal checksums mean the same samples, so a token set made from
+    this shard can be reused (`mmfm.token_shards.tokenize_dataset` resumes only then). Raises `IndexError` for a
+    shard out of range."""
+    if not 0 <= k < len(self._cover): raise IndexError(f"shard {k} out of range: {len(self._cover)} shards")
+    e = self.index["shards"][self._cover[k]]
+    files = [e["sha256"]] + [x["sha256"] for _, x in sorted(e.get("extras", {}).items())]
+    ids = [s["id"] for s in self.samples if s["shard"] == self._cover[k]]
+    return hashlib.sha256(json.dumps({"files": files, "ids": ids}).encode()).hexdigest()
+
 # %% ../nbs/04a_shards.ipynb #a052
 @patch
 def extra(self: ShardDataset, name: str) -> pd.DataFrame:

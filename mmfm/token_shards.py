@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'INDEX_FILE', 'DATA_FORMATS', 'token_dtype', 'shard_table', 'read_shard_table',
-           'work_units', 'encode_unit', 'tokenize_dataset', 'TokenShards', 'StreamBatch', 'TokenStream',
-           'detect_format', 'format_sources', 'open_dataset', 'build_parser', 'main']
+           'work_units', 'sample_digest', 'unit_source', 'encode_unit', 'tokenize_dataset', 'TokenShards',
+           'StreamBatch', 'TokenStream', 'detect_format', 'format_sources', 'open_dataset', 'build_parser', 'main']
 
 # %% ../nbs/08a_token_shards.ipynb #a002
-import argparse, ctypes, ctypes.util, gc, itertools, json, math, multiprocessing, sys, time
+import argparse, ctypes, ctypes.util, dataclasses, gc, hashlib, itertools, json, math, multiprocessing, sys, time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +110,39 @@ def _split_of(dataset, i: int):
     s = samples[i].get("split") if samples is not None and isinstance(samples[i], Mapping) else None
     return s if isinstance(s, str) else None
 
+# %% ../nbs/08a_token_shards.ipynb #a015b
+def sample_digest(h,            # a hashlib object, updated in place
+                  sample,       # a `Sample` (id and modalities, each a batch of one)
+                  split=None,   # its split
+                  ):
+    """Feed one sample's content to `h`: its id, split, and each modality's class and fields (tensors by dtype, shape
+    and bytes; other fields as JSON). Two samples feed the same bytes only when they hold the same data."""
+    h.update(json.dumps([sample.id, split]).encode())
+    for name in sorted(sample.mods):
+        m = sample.mods[name]
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}".encode())
+        for f in dataclasses.fields(m):
+            v = getattr(m, f.name)
+            if isinstance(v, Tensor):
+                t = v.detach().cpu().contiguous()
+                h.update(f"{f.name}:{t.dtype}:{tuple(t.shape)}".encode()); h.update(t.numpy().tobytes())
+            else: h.update(f"{f.name}:{json.dumps(v, sort_keys=True, default=str)}".encode())
+
+def unit_source(dataset, unit: dict) -> str:
+    """SHA-256 (hex) of a work unit's input: for a sample shard its recorded checksums and ids (`shard_checksum`,
+    nothing read), otherwise the content of every sample it holds (`sample_digest`, each sample loaded). A token
+    shard records it, and a rerun reuses the shard only when its input gives the same checksum."""
+    if "shard" in unit and hasattr(dataset, "shard_checksum"): return dataset.shard_checksum(unit["shard"])
+    data, rows = _unit_data(dataset, unit)
+    h = hashlib.sha256()
+    for i in rows: sample_digest(h, data[i], _split_of(data, i))
+    return h.hexdigest()
+
 # %% ../nbs/08a_token_shards.ipynb #a016
 def encode_unit(dataset, codecs, unit: dict,  # data set, CodecManager, one of `work_units`
                 first_index: int,  # the token-set row number of the unit's first sample
                 batch_size: int = 256,  # samples read and encoded at a time
+                digest=None,  # a hashlib object: every sample read is fed to it (`sample_digest`)
                 ) -> tuple[TokenBatch, list]:
     """One unit's samples encoded: a `TokenBatch` (with `index`: the token-set row number of each sample, gaps where
     samples were left out) and the samples' splits. A sample with none of the codecs' modalities holds no tokens
@@ -124,8 +153,11 @@ def encode_unit(dataset, codecs, unit: dict,  # data set, CodecManager, one of `
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
             idx = list(rows[s:s + batch_size])
-            parts.append(encode_batch(codecs, data.collate([data[i] for i in idx])))
+            samples = [data[i] for i in idx]
             splits += [_split_of(data, i) for i in idx]
+            if digest is not None:
+                for smp, sp in zip(samples, splits[-len(idx):]): sample_digest(digest, smp, sp)
+            parts.append(encode_batch(codecs, data.collate(samples)))
     keys = list(parts[0].tokens)
     tb = TokenBatch(sum([p.ids for p in parts], []), {k: torch.cat([p.tokens[k] for p in parts]) for k in keys},
                     {k: torch.cat([p.present[k] for p in parts]) for k in keys},
@@ -175,7 +207,10 @@ def _release_memory() -> bool:
 
 def _encode_and_write(out: str, unit: dict, first_index: int, batch_size: int, expected: dict) -> dict:
     "Encode one unit and write its shard then its description; returns the description."
-    tb, splits = encode_unit(_WORKER["dataset"], _WORKER["codecs"], unit, first_index, batch_size)
+    shards = "shard" in unit and hasattr(_WORKER["dataset"], "shard_checksum")
+    h = None if shards else hashlib.sha256()          # map-style: the samples are hashed as they are read
+    tb, splits = encode_unit(_WORKER["dataset"], _WORKER["codecs"], unit, first_index, batch_size, digest=h)
+    source = unit_source(_WORKER["dataset"], unit) if shards else h.hexdigest()
     out, name = Path(out), f"shard-{unit['unit']:05d}"
     table = shard_table(tb, splits, expected["vocab_sizes"])
     atomic_write(out / f"{name}.parquet", lambda p: pq.write_table(table, p, compression="zstd"))
@@ -184,7 +219,7 @@ def _encode_and_write(out: str, unit: dict, first_index: int, batch_size: int, e
     rec = {"file": f"{name}.parquet", "rows": len(tb), "sha256": sha256_file(out / f"{name}.parquet"),
            "splits": dict(sorted(counts.items())), "unit": unit, "first_index": first_index,
            "left_out": len(_unit_data(_WORKER["dataset"], unit)[1]) - len(tb),
-           "keys": list(tb.tokens), "codecs": expected["codecs"]}
+           "keys": list(tb.tokens), "codecs": expected["codecs"], "source": source}
     write_json(out / f"{name}.json", rec)
     return rec
 
@@ -195,9 +230,10 @@ def _write_unit(out: str, unit: dict, first_index: int, batch_size: int, expecte
     return rows
 
 # %% ../nbs/08a_token_shards.ipynb #a018
-def _finished(out: Path, unit: dict, first_index: int, expected: dict) -> dict | None:
+def _finished(out: Path, unit: dict, first_index: int, expected: dict, dataset=None) -> dict | None:
     """The recorded description of a unit's shard when it is complete and intact; None when it must be (re)done.
-    Raises when the folder holds a shard of another token set (other codecs or another cut into units)."""
+    Raises when the folder holds a shard of another token set (other codecs, another cut into units, or other input
+    data: `unit_source` of `dataset` differs from the recorded one)."""
     name = f"shard-{unit['unit']:05d}"
     if not (out / f"{name}.json").exists(): return None
     rec = read_json(out / f"{name}.json", "token shard record")
@@ -210,7 +246,13 @@ def _finished(out: Path, unit: dict, first_index: int, expected: dict) -> dict |
                          f"{rec.get('first_index')}), not {unit} (first row {first_index}): the folder holds a token "
                          "set cut differently")
     f = out / rec["file"]
-    return rec if f.exists() and sha256_file(f) == rec["sha256"] else None
+    if not (f.exists() and sha256_file(f) == rec["sha256"]): return None
+    if dataset is not None and rec.get("source") != (now := unit_source(dataset, unit)):
+        if rec.get("source") is None: return None   # a shard written before sources were recorded: made again
+        raise ValueError(f"{out / name}.parquet was made from other input data (unit {unit}: recorded source "
+                         f"{rec['source'][:16]}…, this data set's {now[:16]}…): write these tokens to another folder "
+                         "(or delete that one)")
+    return rec
 
 # %% ../nbs/08a_token_shards.ipynb #a019
 def _unit_rows(dataset, units: list) -> list[int]:
@@ -245,7 +287,7 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
     firsts = [f for u, f in zip(units, firsts) if u["unit"] not in empty]
     units = [u for u in units if u["unit"] not in empty]
     if not units: raise ValueError("the data set holds no samples")
-    todo = [(u, f) for u, f in zip(units, firsts) if _finished(out, u, f, expected) is None]
+    todo = [(u, f) for u, f in zip(units, firsts) if _finished(out, u, f, expected, dataset) is None]
     skipped, t0, rows, n_done = len(units) - len(todo), time.perf_counter(), 0, len(units) - len(todo)
     if verbose and skipped:
         print(f"tokenize: {skipped} of {len(units)} shards already done (SHA-256 verified)", flush=True)

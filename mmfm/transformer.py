@@ -753,14 +753,19 @@ def embed(self: MultimodalTransformer,
     return EncoderOutput(states, valid, key_index, order - start, self.token_keys)
 
 # %% ../nbs/11_transformer.ipynb #c052
+def _plain(x):
+    "`x` with every tuple, at any depth, made a list: a spec read back from JSON compares equal to the one in memory."
+    if isinstance(x, (tuple, list)): return [_plain(v) for v in x]
+    if isinstance(x, Mapping): return {k: _plain(v) for k, v in x.items()}
+    return x
+
 def spec_differences(expected: Mapping, actual: Mapping, prefix: str = "") -> list[str]:
     "Human-readable differences between two nested dicts (e.g. model specs)."
     out = []
     for k in sorted(set(expected) | set(actual), key=str):
         a, b = expected.get(k, "<missing>"), actual.get(k, "<missing>")
         if isinstance(a, Mapping) and isinstance(b, Mapping): out += spec_differences(a, b, f"{prefix}{k}.")
-        elif ((list(a) if isinstance(a, (tuple, list)) else a)
-              != (list(b) if isinstance(b, (tuple, list)) else b)):
+        elif _plain(a) != _plain(b):
             out.append(f"{prefix}{k}: {b!r} (expected {a!r})")
     return out
 

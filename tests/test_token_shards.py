@@ -1,5 +1,6 @@
 """Token shards end to end: `tokenize` equals `TokenDataset.encode` (also in parallel and through `mmfm tokenize`), an
-interrupted tokenize resumes to the same bytes, Hugging Face `datasets` reads the shards, a `TokenStream` epoch covers
+interrupted tokenize resumes to the same bytes (and
+refuses to resume on other input data), Hugging Face `datasets` reads the shards, a `TokenStream` epoch covers
 every training row once (2 ranks, 2 DataLoader workers), training on a stream killed and resumed ends with the
 uninterrupted run's weights, and tokens of other codecs are refused."""
 import json, os, subprocess, sys, warnings
@@ -88,6 +89,28 @@ def test_tokenize_interrupted_then_rerun_equals_uninterrupted(data, tokens, tmp_
     tokenize_dataset(data, toy_manager(), out, shard_size=4)
     assert "3 of 8 shards already done" in capsys.readouterr().out
     assert digests(out) == digests(tokens.root)
+
+
+@pytest.mark.parametrize("kind", ["manifest", "sample shards"])
+def test_a_rerun_on_other_input_data_is_refused(kind, tmp_path):
+    "Tokens written from one data set are not reused for another with the same ids and layout (another seed)."
+    from mmfm.shards import write_shards, ShardDataset
+    def dataset(seed):
+        ds = toy_dataset(tmp_path / f"data{seed}", n=12, seed=seed)
+        if kind == "manifest": return ds
+        write_shards(tmp_path / f"shards{seed}", ds, shard_size=4, progress_bar=False)
+        return ShardDataset(tmp_path / f"shards{seed}")
+    first, second = dataset(0), dataset(1)
+    out = tmp_path / "tok"
+    tokenize_dataset(first, toy_manager(), out, shard_size=4, verbose=False)
+    before = digests(out)
+    with pytest.raises(ValueError, match="made from other input data"):
+        tokenize_dataset(second, toy_manager(), out, shard_size=4, verbose=False)
+    assert digests(out) == before                                   # nothing of the first token set was touched
+    again = tokenize_dataset(first, toy_manager(), out, shard_size=4, verbose=False)   # the same data: all reused
+    assert digests(out) == before and len(again) == 12
+    fresh = tokenize_dataset(second, toy_manager(), tmp_path / "tok2", shard_size=4, verbose=False)
+    assert not torch.equal(fresh.to_token_dataset().tokens["tok_toy_table"], again.to_token_dataset().tokens["tok_toy_table"])
 
 
 def test_hugging_face_datasets_reads_the_shards(tokens, tmp_path):
