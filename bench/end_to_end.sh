@@ -19,7 +19,8 @@ for n in $SIZES; do
   step "sim$n" $M simulate --out "sims$n" --n "$n" --shards --shard-size 1000 --workers 2 --quiet
 done
 first=$(echo $SIZES | cut -d' ' -f1)
-step codecs $M codecs --data "sims$first" --out codecs --sources legacy_image hsc_image legacy_catalog spec_z \
+# a rerun keeps the codecs it fitted (mmfm codecs never replaces a saved manager: tokens made with it would be orphaned)
+[ -f codecs/codecs.json ] || step codecs $M codecs --data "sims$first" --out codecs --sources legacy_image hsc_image legacy_catalog spec_z \
      --max-samples 2000 --epochs 5 --patch legacy=4 hsc=6 --table-bins 64
 for n in $SIZES; do
   step "tok$n" $M tokenize --data "sims$n" --codecs codecs --out "tokens$n" --workers 2 --quiet

@@ -130,10 +130,13 @@ class FitsLoader(NpyLoader):
 
 # %% ../nbs/04_data.ipynb #c012
 class TableLoader(Loader):
-    "Rows of a CSV table (read once) as a `TableModality`; the manifest value is a row index."
+    """Rows of a CSV table (read once) as a `TableModality`; the manifest value is a row index. When the table has
+    the column `id_column`, each row's entry there must be the sample's id (`check` raises `DataError` naming both),
+    so a reordered or edited table is refused instead of giving a sample another one's values."""
     def __init__(self, file: str,              # CSV path relative to data_root
-                 columns: dict[str, str] | None = None):  # modality column → CSV column, if the names differ
-        self.file, self.rename = file, dict(columns or {})
+                 columns: dict[str, str] | None = None,  # modality column → CSV column, if the names differ
+                 id_column: str | None = 'id'):  # the table's column of sample ids (checked when present)
+        self.file, self.rename, self.id_column = file, dict(columns or {}), id_column
     def bind(self, data_root, modality):
         super().bind(data_root, modality)
         if not issubclass(modality, TableModality):
@@ -145,6 +148,8 @@ class TableLoader(Loader):
         if missing: raise DataError('<table>', self.file, f"{self.file}: missing declared column(s) "
                                                           f"{missing}; the table has {list(df.columns)}")
         self._raw = df[cols]
+        self.row_ids = (df[self.id_column].astype(str).tolist()
+                        if self.id_column is not None and self.id_column in df.columns else None)
         self.values = df[cols].apply(pd.to_numeric, errors='coerce').to_numpy(dtype=np.float64)
         return self
     def __len__(self): return len(self.values)
@@ -156,6 +161,10 @@ def check(self: TableLoader, value, sample_id, source):
         raise DataError(sample_id, source, f"row index must be an integer, got {value!r}")
     if not 0 <= value < len(self):
         raise DataError(sample_id, source, f"row {value} out of range: {self.file} has {len(self)} rows")
+    ids = getattr(self, 'row_ids', None)   # ArrayRowLoader shares this check and has no id column
+    if ids is not None and ids[value] != str(sample_id):
+        raise DataError(sample_id, source, f"row {value} of {self.file} belongs to {ids[value]!r} (its "
+                        f"{self.id_column!r} column), not to {sample_id!r}: the table and the manifest disagree")
 
 # %% ../nbs/04_data.ipynb #s020
 @patch

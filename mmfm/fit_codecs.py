@@ -153,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--table-bins", type=int, help="quantile bins per table column (default: TableCodec's)")
     a = p.parse_args(argv)
     try:
+        out = Path(a.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"--out {out} already exists and is not an empty folder (it may hold codecs that made "
+                             "tokens: replacing them would orphan those tokens); choose another folder or delete it")
+        for name, v in (("--max-samples", a.max_samples), ("--epochs", a.epochs), ("--batch-size", a.batch_size)):
+            if v < 1: raise ValueError(f"{name} must be >= 1, got {v}")
+        if not a.lr > 0: raise ValueError(f"--lr must be > 0, got {a.lr}")
         data = open_for_codecs(a.data, a.sources, a.format)
         cfg = CodecTrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=3, seed=a.seed,
                                progress=False)

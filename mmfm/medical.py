@@ -119,7 +119,7 @@ def source_triples(dataset: str, # "diabetes" or "cohort"
 # %% ../nbs/35_medical_data.ipynb #v5013
 def _sources(dataset):
     return [Source(key, mod, ArrayRowLoader(file, field=mod.signal_field) if file.endswith('.npy')
-                   else TableLoader(file))
+                   else TableLoader(file, id_column='patient_id'))
             for key, mod, file in source_triples(dataset)]
 
 # %% ../nbs/35_medical_data.ipynb #v5014
