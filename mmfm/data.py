@@ -403,12 +403,17 @@ def collate(samples: Sequence[Sample],          # samples from a MultiSourceData
             names: Sequence[str] | dict[str, type] | None = None,
             ) -> Batch:
     """Collate samples into a `Batch` whose row b is sample b for every source; absence is explicit. Raises
-    `ValueError` for no samples, `TypeError` for an item that is not a `Sample`, and `DataError` (naming the
-    sample and the source) for a source not among `names` or a modality of another class than the source's."""
+    `ValueError` for no samples or the same sample id twice (naming it), `TypeError` for an item that is not a
+    `Sample`, and `DataError` (naming the sample and the source) for a source not among `names`, a modality of
+    another class than the source's, or a modality holding other than one row (a sample is a batch of one)."""
     if len(samples) == 0: raise ValueError("collate needs at least one sample")
     for i, s in enumerate(samples):
         if not isinstance(s, Sample):
             raise TypeError(f"collate: item {i} is a {type(s).__name__}, not a Sample")
+    seen = {}
+    for i, s in enumerate(samples):
+        if s.id in seen: raise ValueError(f"collate: sample {s.id!r} is items {seen[s.id]} and {i} of the batch")
+        seen[s.id] = i
     types = dict(names) if isinstance(names, dict) else {}
     for s in samples: types.update({n: type(m) for n, m in s.mods.items() if n not in types})
     names = list(dict.fromkeys(n for s in samples for n in s.mods)) if names is None else list(names)
@@ -417,6 +422,8 @@ def collate(samples: Sequence[Sample],          # samples from a MultiSourceData
             if n not in names: raise DataError(s.id, n, f"source not among the batch's sources {names}")
             if type(m) is not types[n]:
                 raise DataError(s.id, n, f"a {type(m).__name__}, but the source holds {types[n].__name__}")
+            if m.batch_size != 1:
+                raise DataError(s.id, n, f"the {type(m).__name__} holds {m.batch_size} rows; a sample holds one")
     present = {n: torch.tensor([n in s.mods for s in samples], dtype=torch.bool) for n in names}
     mods = {n: concat([s.mods[n] for s in samples if n in s.mods]) for n in names if present[n].any()}
     return Batch([s.id for s in samples], mods, present, {n: types[n] for n in names if n in types})

@@ -167,8 +167,8 @@ class TokenDataset(Dataset):
                  vocab_sizes: Mapping[str, int] | None = None,
                  token_grids: Mapping[str, tuple] | None = None,  # from the codecs; None: 1-D
                  ids: Sequence[str] | None = None,  # sample ids (default: "0", "1", ...)
-                 # each sample's split ("train", "val", "test"), if known
-                 splits: Sequence[str] | None = None,
+                 # each sample's split ("train", "val", "test"), if known; None for a sample without one
+                 splits: Sequence[str | None] | None = None,
                  # {token_key: codec_checksum} of the codecs that made the tokens, if known
                  codec_checksums: Mapping[str, str] | None = None,
                  ):
@@ -176,7 +176,7 @@ class TokenDataset(Dataset):
         n = len(next(iter(present.values())))
         self.ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
         if len(self.ids) != n: raise ValueError(f"{len(self.ids)} ids for {n} samples")
-        self.splits = None if splits is None else [str(s) for s in splits]
+        self.splits = None if splits is None else [None if s is None else str(s) for s in splits]
         if self.splits is not None and len(self.splits) != n:
             raise ValueError(f"{len(self.splits)} splits for {n} samples")
         self.present = {k: p.clone() for k, p in present.items()}
@@ -245,10 +245,10 @@ def subset(self: TokenDataset, rows) -> TokenDataset:
 # %% ../nbs/08_tokens.ipynb #s004
 @patch
 def split(self: TokenDataset, name: str) -> TokenDataset:
-    "The samples of split `name`."
+    "The samples of split `name` (samples without a split are in none)."
     if self.splits is None: raise ValueError("this TokenDataset records no splits")
     if name not in self.splits:
-        raise ValueError(f"no sample is in split {name!r}; splits: {sorted(set(self.splits))}")
+        raise ValueError(f"no sample is in split {name!r}; splits: {sorted({s for s in self.splits if s is not None})}")
     return self.subset(torch.tensor([s == name for s in self.splits]))
 
 # %% ../nbs/08_tokens.ipynb #t026
