@@ -87,18 +87,29 @@ def load_actg175(path: str | Path | None = None,   # the CSV (default: the one l
     """The ACTG 175 trial table (Hammer et al. 1996, `ACTG175_REFERENCE`): one row per patient (2,139), the 27
     columns of `ACTG175_COLUMNS`, indexed by `pidnum` (kept as a column too). Missing values stay NaN (`cd496`, not
     measured for 797 patients in the file); nothing is filled. Raises `DataError` naming the patient and column
-    for a column that is absent, not numeric, a repeated patient, or an `r` that disagrees with `cd496`."""
+    for a column that is absent, not numeric, a missing or non-integer patient number, a repeated patient, or an `r`
+    that disagrees with `cd496`, and for a file without rows."""
     path = actg175_path() if path is None else Path(path)
     raw = pd.read_csv(path, na_values=["NA"], keep_default_na=False)
     raw = raw.drop(columns=[c for c in raw.columns if c == "" or c.startswith("Unnamed:")])   # R's row numbers
     missing = [c for c in ACTG175_COLUMNS if c not in raw.columns]
     if missing: raise DataError("<all>", "ACTG175", f"columns {missing} are missing from {path.name}")
     df = raw[list(ACTG175_COLUMNS)].copy()
+    if len(df) == 0: raise DataError("<all>", "ACTG175", f"{path.name} holds no patients (a header without rows)")
+    who = lambda i: str(df.pidnum.iloc[i]) if pd.notna(df.pidnum.iloc[i]) else f"<row {i + 1} of {path.name}>"
     for c in df.columns:
         if not pd.api.types.is_numeric_dtype(df[c]):
             bad = pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(str(df.pidnum.iloc[i]), "ACTG175", f"column {c!r} holds {df[c].iloc[i]!r}, not a number")
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise DataError(who(i), "ACTG175", f"column {c!r} holds {df[c].iloc[i]!r}, not a number")
+            df[c] = pd.to_numeric(df[c])
+    pid = df.pidnum.to_numpy(dtype=np.float64)
+    if not np.isfinite(pid).all() or (pid != np.round(pid)).any():
+        i = int(np.flatnonzero(~np.isfinite(pid) | (pid != np.round(pid)))[0])
+        raise DataError(who(i), "ACTG175", f"pidnum is {df.pidnum.iloc[i]!r}: every patient needs a whole patient "
+                        "number (the id of its row)")
+    df["pidnum"] = df.pidnum.astype(np.int64)
     dup = df.pidnum.duplicated()
     if dup.any(): raise DataError(str(df.pidnum[dup].iloc[0]), "ACTG175", "this patient number appears twice")
     disagree = (df.r == 1) != df.cd496.notna()
