@@ -357,6 +357,7 @@ def predict(model,                         # a trained MultimodalTransformer
 # %% ../nbs/13_predict.ipynb #c047
 def build_parser() -> argparse.ArgumentParser:
     "The options of `mmfm predict`."
+    from mmfm.cli import positive_int
     p = argparse.ArgumentParser(prog="mmfm predict",
                                 description="Predict target modalities of a token dataset with "
                                 "a trained model; write the predicted tokens and their decoded values.")
@@ -369,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token keys or modality class names to predict")
     p.add_argument("--given", nargs="+", help="token keys shown to the model (default: every other key)")
     p.add_argument("--split", help="only the samples of this split")
-    p.add_argument("--steps", type=int, default=1, help="decoding steps (1: one step; e.g. 8: MaskGIT)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
+    p.add_argument("--steps", type=positive_int, default=1, help="decoding steps (1: one step; e.g. 8: MaskGIT)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per forward pass")
     p.add_argument("--points", nargs="+", default=["argmax", "mean", "median"],
                    help="what to decode: argmax, mean, median and/or quantile levels such as 0.16 0.84 "
                         "(default: argmax mean median)")
@@ -408,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm predict`; returns the exit status."
     a = build_parser().parse_args(argv)
     try:
+        if Path(a.out).suffix != ".safetensors":   # the file is safetensors whatever its name: say so, before the work
+            raise ValueError(f"--out {a.out}: predictions are written as safetensors; name the file *.safetensors")
         codecs = CodecManager.load(a.codecs)
         model = MultimodalTransformer.load(a.model, codecs=codecs).eval()
         if Path(a.data).is_dir():                      # a token-shard folder: its split, read into memory

@@ -30,8 +30,8 @@ from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header,
                           image_modality, SurveyImageLoader, CATALOGS, MOMENTS_BANDS,
                           spectrograph_info, spectrum_modality, SpectrumLoader, write_spectra)
 from .data import Source, TableLoader, MultiSourceDataset, Sample
-from .files import atomic_write, write_json
-from .shards import ShardWriter, ShardDataset, read_shard_index, INDEX_FILE
+from .files import atomic_write, write_json, FileFormatError
+from .shards import ShardWriter, ShardDataset, read_shard_index, INDEX_FILE, JOURNAL_DIR
 from .progress import progress
 
 # %% ../nbs/31_simulate.ipynb #c006
@@ -134,6 +134,14 @@ class SimConfig:
     # set of earlier versions as it was
     spectra: tuple[str, ...] = ()
     xp_g_limit: float = 19.0                         # Gaia-XP-like spectra for galaxies brighter than this in G
+
+    def __post_init__(self):
+        "Raises `ValueError` for a count that is not a whole number >= 1 or a cutout size of an unknown survey."
+        bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+        if bad(self.n_galaxies): raise ValueError(f"SimConfig.n_galaxies must be a whole number >= 1, got {self.n_galaxies!r}")
+        for s, v in self.stamp_sizes.items():
+            if s not in IMAGE_SOURCES: raise ValueError(f"SimConfig.stamp_sizes: unknown survey {s!r}; surveys {list(IMAGE_SOURCES)}")
+            if bad(v): raise ValueError(f"SimConfig.stamp_sizes[{s!r}] must be a whole number of pixels >= 1, got {v!r}")
 
     def stamp_size(self, survey: str) -> int:
         "Cutout side in pixels for `survey`."
@@ -498,6 +506,9 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
     second."""
     if shards: return simulate_shards(out, cfg, shard_size, workers, progress_bar)
     out, t0 = Path(out), time.perf_counter()
+    if (out / INDEX_FILE).exists() or (out / JOURNAL_DIR).exists():
+        raise FileFormatError(f"{out} holds sample shards (mmfm simulate --shards): writing FITS files and a manifest "
+                              "there would mix two data sets; choose another folder")
     truth = draw_galaxies(cfg)
     records = truth.to_dict('records')
     n_chunks = max(1, min(len(records), 8 * workers))
@@ -728,18 +739,19 @@ def simulate_shards(out: "str | Path",          # folder to write (shards.json, 
 # %% ../nbs/31_simulate.ipynb #c046
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm simulate`: write the multi-survey galaxy data set (cutouts, catalogs, manifest, truth)."
+    from mmfm.cli import positive_int
     p = argparse.ArgumentParser(prog="mmfm simulate", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("--out", default="data/astro", help="data root to write (default: data/astro)")
-    p.add_argument("--n", type=int, default=2000, help="number of galaxies (default: 2000)")
+    p.add_argument("--n", type=positive_int, default=2000, help="number of galaxies (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default: 1)")
     p.add_argument("--shards", action="store_true", help="write Parquet shards instead of FITS files and CSVs "
                    "(resumable: rerun the same command after a kill)")
-    p.add_argument("--shard-size", type=int, default=1000, help="galaxies per shard (default: 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="galaxies per shard (default: 1000)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--spectra", nargs="*", default=[], choices=SPECTRUM_SOURCES, metavar="INSTRUMENT",
                    help=f"also simulate these spectrographs' spectra (of {', '.join(SPECTRUM_SOURCES)}; default: none)")
-    for s in IMAGE_SOURCES: p.add_argument(f"--{s}-size", type=int, help=f"{s} cutout side in pixels")
+    for s in IMAGE_SOURCES: p.add_argument(f"--{s}-size", type=positive_int, help=f"{s} cutout side in pixels")
     a = p.parse_args(argv)
     sizes = {s: getattr(a, f"{s}_size") for s in IMAGE_SOURCES if getattr(a, f"{s}_size")}
     s = simulate_dataset(a.out, SimConfig(n_galaxies=a.n, seed=a.seed, stamp_sizes=sizes, spectra=tuple(a.spectra)),

@@ -275,11 +275,11 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
              ):
     """Encode every sample of `dataset` once into a folder of token shards; returns its reader (a `TokenShards`).
     Memory holds one unit per process and nothing per shard (see above), whatever the number of shards."""
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     for name, v in (("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    units = work_units(dataset, shard_size)        # checks shard_size and that there are samples
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)   # made only once the arguments are known good
     codecs.eval()
-    units = work_units(dataset, shard_size)
     sizes = _unit_rows(dataset, units)
     firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
     expected = {"codecs": codec_checksums(codecs), "vocab_sizes": codecs.vocab_sizes}
@@ -643,6 +643,7 @@ def open_dataset(root: str | Path,  # the data set folder
 # %% ../nbs/08a_token_shards.ipynb #a063
 def build_parser() -> argparse.ArgumentParser:
     "The command-line options of `mmfm tokenize`."
+    from mmfm.cli import positive_int
     p = argparse.ArgumentParser(prog="mmfm tokenize", description="Encode a data set once into a folder of token "
                                 "shards (parallel, resumable: rerun the same command after an interruption).")
     p.add_argument("--data", required=True, help="data set folder (manifest.json or shards.json)")
@@ -651,10 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", *DATA_FORMATS],
                    help="data set format (default: detect)")
     p.add_argument("--split", default=None, help="tokenize only this split")
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--shard-size", type=int, default=1024,
+    p.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
+    p.add_argument("--shard-size", type=positive_int, default=1024,
                    help="samples per token shard, for manifest data (default 1024)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples encoded at a time (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples encoded at a time (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
