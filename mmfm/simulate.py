@@ -140,7 +140,7 @@ class SimConfig:
         bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
         if bad(self.n_galaxies): raise ValueError(f"SimConfig.n_galaxies must be a whole number >= 1, got {self.n_galaxies!r}")
         for s, v in self.stamp_sizes.items():
-            if s not in IMAGE_SOURCES: raise ValueError(f"SimConfig.stamp_sizes: unknown survey {s!r}; surveys {list(IMAGE_SOURCES)}")
+            if s not in SURVEYS: raise ValueError(f"SimConfig.stamp_sizes: unknown survey {s!r}; surveys {list(SURVEYS)}")
             if bad(v): raise ValueError(f"SimConfig.stamp_sizes[{s!r}] must be a whole number of pixels >= 1, got {v!r}")
 
     def stamp_size(self, survey: str) -> int:
