@@ -13,6 +13,7 @@ from .codec import CodecManager
 from .files import load_safetensors
 from .transformer import MultimodalTransformer, TransformerConfig, model_spec, spec_differences
 from .train import read_checkpoint
+from .tokens import check_codec_checksums, codec_checksum
 
 # %% ../nbs/12a_grow.ipynb #g005
 def model_from_checkpoint(path: str | Path) -> MultimodalTransformer:
@@ -30,6 +31,7 @@ def model_from_checkpoint(path: str | Path) -> MultimodalTransformer:
     model = MultimodalTransformer(spec["vocab_sizes"], spec["num_tokens"], config, token_grids=spec["token_grids"],
                                   token_values=values)
     model.load_state_dict(state)
+    model.codec_checksums = meta.get("codec_checksums")   # the codecs it trained with, when the run knew them
     return model
 
 # %% ../nbs/12a_grow.ipynb #g006
@@ -43,12 +45,17 @@ def grow_model(model: MultimodalTransformer | str | Path,   # a trained model, o
     mask embedding exactly, and per kept key its token, modality and value embeddings and output head; only the new
     keys' parameters are new. Returns `(grown, report)`, the report naming the kept and new keys and counting the
     carried and new parameters. Raises `ValueError` when `codecs` lacks a key of the model or describes a kept key
-    differently (vocabulary, token count, grid or token values), or when no key is new."""
+    differently (vocabulary, token count, grid or token values), or when no key is new, and `CodecMismatchError`
+    when the model records the codecs it trained with (`codec_checksums`) and a kept key's codec is another one."""
     old = model if isinstance(model, MultimodalTransformer) else model_from_checkpoint(model)
     new_spec, old_spec = model_spec(codecs=codecs), old.spec()
     missing = [k for k in old.token_keys if k not in new_spec["vocab_sizes"]]
     if missing: raise ValueError(f"grow_model: the codecs lack the model's token key(s) {missing}; a grown model "
                                  "keeps every source it had")
+    if old.codec_checksums:   # the kept keys must be read by the very codecs the model learned them from
+        check_codec_checksums({k: v for k, v in old.codec_checksums.items() if k in codecs.codecs},
+                              {k: codec_checksum(codecs.codecs[k]) for k in old.codec_checksums if k in codecs.codecs},
+                              "the model to grow was trained on tokens that")
     added = [k for k in new_spec["vocab_sizes"] if k not in old.token_keys]
     if not added: raise ValueError("grow_model: the codecs hold no token key the model lacks; nothing to add")
     with torch.random.fork_rng(devices=[]):

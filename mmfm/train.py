@@ -546,6 +546,7 @@ def save_checkpoint(self: Trainer) -> Path | None:
                           "lr": lr_at(max(self.step - 1, 0), self.cfg, self.schedule_steps)},
             "rng": [m for _, m, _ in gathered], "best": self.best, **self._run_meta()}
     if stream is not None: meta["stream"] = [s for _, _, s in gathered]
+    if getattr(self.model, "codec_checksums", None): meta["codec_checksums"] = self.model.codec_checksums
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
     write_json(self.ckpt_dir / f"step-{self.step:07d}.json",
@@ -763,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         model = MultimodalTransformer(data.vocab_sizes, data.num_tokens,
                                       TransformerConfig.preset(args.preset, **overrides),
                                       token_grids=data.token_grids, codecs=codecs)
+        if model.codec_checksums is None and getattr(data, "codec_checksums", None):   # no --codecs: the tokens'
+            model.codec_checksums = {k: data.codec_checksums[k] for k in model.token_keys  # record says which
+                                     if k in data.codec_checksums} or None
         trainer = Trainer(model, data, cfg, masking, args.out, val_data=val, resume=args.resume, dinfo=dinfo,
                           codecs=codecs)
         last = trainer.fit()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from fastcore.basics import patch
-from .tokens import check_tokens
+from .tokens import check_tokens, codec_checksum, check_codec_checksums
 from .codec import as_grid, grid_segments, grid_size
 from .files import save_safetensors, load_safetensors, write_json, check_setting
 
@@ -402,6 +402,11 @@ class MultimodalTransformer(nn.Module):
         # rows of a batch run through the blocks in groups of similar length (`row_groups`): the cost of one more group,
         # in padded tokens (measured in bench/train_speed.py); None: the whole batch at once (same result either way)
         self.group_cost = GROUP_COST
+        # {token_key: codec_checksum} of the codecs the model was built for (None: built from bare numbers): saved with
+        # the model and checked by `load(codecs=...)` and `grow_model`, so that codecs with the same vocabularies but
+        # other weights (another fit, another seed) are refused instead of silently giving tokens another meaning
+        self.codec_checksums = (None if codecs is None or not hasattr(codecs, "codecs") else
+                                {k: codec_checksum(codecs.codecs[k]) for k in self.token_keys if k in codecs.codecs})
         self.reset_parameters()
 
 # %% ../nbs/11_transformer.ipynb #s014
@@ -790,24 +795,33 @@ def spec(self: MultimodalTransformer) -> dict:
 # %% ../nbs/11_transformer.ipynb #s012
 @patch
 def save(self: MultimodalTransformer, directory: str | Path) -> Path:
-    "Write `model.safetensors` (with a checksum) and `model.json` into `directory`, each atomically."
+    """Write `model.safetensors` (with a checksum) and `model.json` into `directory`, each atomically; both carry
+    the spec and, when known, `codec_checksums` (the codecs whose tokens the model reads)."""
     directory = Path(directory)
     spec = self.spec()
     state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-    save_safetensors(directory / "model.safetensors", state, {"mmfm_spec": json.dumps(spec)})
-    write_json(directory / "model.json", spec)
+    sums = {"mmfm_codecs": json.dumps(self.codec_checksums)} if self.codec_checksums else {}
+    save_safetensors(directory / "model.safetensors", state, {"mmfm_spec": json.dumps(spec), **sums})
+    write_json(directory / "model.json", {**spec, **({"codec_checksums": self.codec_checksums} if sums else {})})
     return directory
 
 # %% ../nbs/11_transformer.ipynb #s013
 @patch(cls_method=True)
 def load(cls: MultimodalTransformer, directory: str | Path, codecs=None) -> MultimodalTransformer:
     """Rebuild a saved model (its token values, with `value_embedding`, from its weights); with `codecs`, check it
-    was built for them (vocabularies, token counts, grids and token values). Raises `ValueError` on a mismatch."""
+    was built for them (vocabularies, token counts, grids and token values) and, when the model records them, that
+    they are the codecs it was trained with (`codec_checksums`). Raises `ValueError` on a mismatch
+    (`CodecMismatchError`, naming the token key, for other codecs)."""
     directory = Path(directory)
     state, meta = load_safetensors(directory / "model.safetensors")
     spec = json.loads(meta.get("mmfm_spec", "{}"))
     if not spec: raise ValueError(f"{directory / 'model.safetensors'} carries no model spec: not an mmfm "
                                   "model")
+    recorded = json.loads(meta.get("mmfm_codecs", "null"))
+    if recorded and codecs is not None and hasattr(codecs, "codecs"):
+        check_codec_checksums({k: v for k, v in recorded.items() if k in codecs.codecs},   # absent keys: checked below
+                              {k: codec_checksum(c) for k, c in codecs.codecs.items()},
+                              f"the model in {directory} was trained on tokens that")
     config, values = TransformerConfig(**spec["config"]), None
     if config.value_embedding is not None:
         digests = spec.get("value_tables") or {}
@@ -821,4 +835,5 @@ def load(cls: MultimodalTransformer, directory: str | Path, codecs=None) -> Mult
     model = cls(spec["vocab_sizes"], spec["num_tokens"], config, token_grids=spec["token_grids"], codecs=codecs,
                 token_values=values)
     model.load_state_dict(state)
+    if recorded: model.codec_checksums = recorded
     return model
