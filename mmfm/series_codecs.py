@@ -6,7 +6,7 @@
 __all__ = ['ResBlock1d', 'series_encoder', 'series_decoder', 'SeriesCodec', 'series_correlation', 'series_codec_class']
 
 # %% ../nbs/06_series_codecs.ipynb #c002
-import math, sys
+import math, sys, warnings
 from typing import ClassVar, Sequence
 import torch
 import pandas as pd
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from fastcore.basics import patch
 from .modality import SeriesModality
-from .quantize import FiniteScalarQuantizer
+from .quantize import FiniteScalarQuantizer, OutOfRangeWarning
 from .codec import Codec, CodecError, padded_range
 from .table_codecs import resolve_modality, modality_path
 
@@ -97,7 +97,8 @@ class SeriesCodec(Codec):
         self.range_margin = float(range_margin)
         # the training series' min and max per channel (NaN: not recorded, decoding unbounded)
         self.register_buffer('fit_range', torch.full((mod.channels, 2), float('nan')))
-        for counter in ('n_values_decoded', 'n_values_below', 'n_values_above'):
+        for counter in ('n_values_decoded', 'n_values_below', 'n_values_above', 'n_values_encoded',
+                        'n_encoded_outside'):
             self.register_buffer(counter, torch.zeros(mod.channels, dtype=torch.long), persistent=False)
 
     modality = property(lambda self: self._modality)
@@ -108,11 +109,24 @@ class SeriesCodec(Codec):
 def token_grid(self: SeriesCodec) -> tuple[int, ...]: return (self._modality.length // self.downsample,)
 
 # %% ../nbs/06_series_codecs.ipynb #c011
+def _sample_names(x: SeriesModality, rows: list[int]) -> list[str]:
+    "How messages name rows of a batch: each sample's id from the metadata (`id`, or `per_sample` ids), else 'row i'."
+    md = x.metadata or {}
+    per = md.get('per_sample')
+    if per is not None: return [str(per[i].get('id', f'row {i}')) if isinstance(per[i], dict) else f'row {i}' for i in rows]
+    return [f"sample {md['id']!r}" if 'id' in md else f'row {i}' for i in rows]
+
 def _finite_values(x: SeriesModality, where: str) -> Tensor:
+    "`x.values`, after checking every sample is finite; `CodecError` naming the samples (ids when known) and channel."
     v = x.values
     bad = ~torch.isfinite(v).flatten(1).all(1)
-    if bad.any(): raise CodecError(f"{where}{type(x).__name__}: NaN or infinite samples in rows "
-                                   f"{bad.nonzero().flatten().tolist()[:10]}")
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        first = rows[0]
+        chans = (~torch.isfinite(v[first])).any(-1).nonzero().flatten().tolist()
+        raise CodecError(f"{where}{type(x).__name__}: NaN or infinite samples in rows {rows[:10]} "
+                         f"({', '.join(_sample_names(x, rows[:3]))}{', …' if len(rows) > 3 else ''}; "
+                         f"the first in channel(s) {chans})")
     return v
 
 # %% ../nbs/06_series_codecs.ipynb #s003
@@ -132,7 +146,28 @@ def prepare(self: SeriesCodec, train: SeriesModality) -> SeriesCodec:
 # %% ../nbs/06_series_codecs.ipynb #s004
 @patch
 def _encode(self: SeriesCodec, x: SeriesModality) -> Tensor:
-    return self.encoder((_finite_values(x, f"{type(self).__name__}: ") - self.mean) / self.std)
+    v = _finite_values(x, f"{type(self).__name__}: ")
+    self._count_encoded(x, v)
+    return self.encoder((v - self.mean) / self.std)
+
+@patch
+def _count_encoded(self: SeriesCodec, x: SeriesModality, v: Tensor):
+    """Count the values encoded per channel and those beyond `value_bounds` (decoding cannot give them back); warn
+    (`OutOfRangeWarning`) naming the channels, bounds and first samples. Nothing is counted before `prepare`."""
+    if torch.isnan(self.fit_range).any(): return
+    b = self.value_bounds().to(v.dtype)
+    out = (v < b[:, :1]) | (v > b[:, 1:])                        # [batch, channels, time]
+    self.n_values_encoded += v.shape[0] * v.shape[2]
+    per_channel = out.sum((0, 2)); self.n_encoded_outside += per_channel
+    if not per_channel.any(): return
+    rows = out.flatten(1).any(1).nonzero().flatten().tolist()
+    parts = [f"channel {c}: {int(per_channel[c])} beyond [{b[c, 0].item():.6g}, {b[c, 1].item():.6g}] (largest "
+             f"|value| {v[:, c].abs().max().item():.6g})" for c in per_channel.nonzero().flatten().tolist()]
+    warnings.warn(f"{type(self).__name__}: {int(per_channel.sum())} of {v.numel()} values lie beyond the range "
+                  f"decoding keeps to (the training range ± range_margin), in " + "; ".join(parts) +
+                  f"; samples {', '.join(_sample_names(x, rows[:3]))}{', …' if len(rows) > 3 else ''}. They are "
+                  "encoded, but decoding cannot give them back; counted in fit_range_report()",
+                  OutOfRangeWarning, stacklevel=3)
 
 # %% ../nbs/06_series_codecs.ipynb #s005
 @patch
@@ -169,19 +204,22 @@ def bound_values(self: SeriesCodec, v: Float[Tensor, "batch channels time"]) -> 
 
 @patch
 def fit_range_report(self: SeriesCodec) -> pd.DataFrame:
-    """Per channel: the recorded training range (NaN: none), the bounds decoding keeps to, and the values decoded and
-    clamped below / above since the last `reset_fit_range_report`."""
+    """Per channel: the recorded training range (NaN: none), the bounds decoding keeps to, the values decoded and
+    clamped below / above, and the values encoded and those beyond the bounds, since the last `reset_fit_range_report`."""
     r, b = self.fit_range.double().cpu().numpy(), self.value_bounds().double().cpu().numpy()
     return pd.DataFrame(dict(low=r[:, 0], high=r[:, 1], bound_low=b[:, 0], bound_high=b[:, 1],
                              values_decoded=self.n_values_decoded.cpu().numpy(),
                              values_clamped_low=self.n_values_below.cpu().numpy(),
-                             values_clamped_high=self.n_values_above.cpu().numpy()),
+                             values_clamped_high=self.n_values_above.cpu().numpy(),
+                             values_encoded=self.n_values_encoded.cpu().numpy(),
+                             values_encoded_beyond=self.n_encoded_outside.cpu().numpy()),
                         index=pd.RangeIndex(len(r), name='channel'))
 
 @patch
 def reset_fit_range_report(self: SeriesCodec):
-    "Zero the decoding counters of `fit_range_report`."
-    for t in (self.n_values_decoded, self.n_values_below, self.n_values_above): t.zero_()
+    "Zero the counters of `fit_range_report`."
+    for t in (self.n_values_decoded, self.n_values_below, self.n_values_above, self.n_values_encoded,
+              self.n_encoded_outside): t.zero_()
 
 @patch
 def _load_state(self: SeriesCodec, weights, info: dict, state: dict) -> SeriesCodec:
