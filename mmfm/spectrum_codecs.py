@@ -116,7 +116,7 @@ class SpectrumCodec(Codec):
         b = float(mod.noise_scale if softening is None else softening)
         lo, hi = (float(v) for v in amplitude_range)
         if not (math.isfinite(b) and b > 0): raise CodecError(f"{name}: softening must be > 0, got {b}")
-        if not (lo < 0 < hi and math.isfinite(hi)):
+        if not (lo < 0 < hi and math.isfinite(lo) and math.isfinite(hi)):
             raise CodecError(f"{name}: amplitude_range must be (negative, positive), got {tuple(amplitude_range)}")
         if not (math.isfinite(fit_margin) and fit_margin >= 0):
             raise CodecError(f"{name}: fit_margin must be a finite number >= 0, got {fit_margin}")
@@ -293,9 +293,18 @@ def spectrum_rms_sigma(flux: Float[Tensor, "batch 1 pixel"] | np.ndarray,    # d
                        truth: Float[Tensor, "batch 1 pixel"] | np.ndarray,   # the noiseless spectra, same unit
                        sigma: Float[Tensor, "batch 1 pixel"] | np.ndarray,   # each pixel's noise σ, same unit
                        ) -> float:
-    "RMS of `flux - truth` in units of `sigma`, over spectra and pixels with a finite σ. Raises `ValueError` on shape mismatch."
+    """RMS of `flux - truth` in units of `sigma`, over spectra and pixels with a finite σ (the others are masked).
+    Raises `ValueError` on shape mismatch, for no pixel with a finite σ, and for a NaN or infinite flux or truth at
+    a pixel that counts (naming the spectrum and pixel): a prediction that failed is not left out of the score."""
     f, t, s = (np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v, dtype=np.float64) for v in (flux, truth, sigma))
     if not f.shape == t.shape == s.shape:
         raise ValueError(f"spectrum_rms_sigma: shapes differ: flux {f.shape}, truth {t.shape}, sigma {s.shape}")
-    keep = np.isfinite(s) & np.isfinite(f)
+    keep = np.isfinite(s)
+    if not keep.any(): raise ValueError("spectrum_rms_sigma: no pixel has a finite sigma: nothing to score")
+    for name, v in (("flux", f), ("truth", t)):
+        bad = keep & ~np.isfinite(v)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise ValueError(f"spectrum_rms_sigma: {int(bad.sum())} {name} value(s) are NaN or infinite at pixels with a "
+                             f"finite sigma (first: spectrum {where[0]}, pixel {where[-1]})")
     return float(np.sqrt(np.mean(((f - t)[keep] / s[keep]) ** 2)))
