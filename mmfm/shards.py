@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 from fastcore.basics import patch
-from .modality import BaseModality, ModalityError, modality_type, UnknownModalityError
+from .modality import (BaseModality, ModalityError, modality_type, UnknownModalityError,
+                           modality_from_definition)
 from .data import DataError, Sample, Batch, Source, collate
 from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index
 from .progress import progress
@@ -40,8 +41,14 @@ def class_path(cls: type) -> str:
 
 def resolve_class(path: str,   # `module:QualName`
                   source: str,  # the source it belongs to, for the message
+                  definition: dict | None = None,  # a factory-made class's `definition` (as `source_spec` records it)
                   ) -> type:
-    "The modality class named by `path`; `FileFormatError` (naming the source) when it cannot be found."
+    """The modality class named by `path`, or made again from its `definition` (a class made by `table_modality` and
+    the other factories, in a notebook or by `frame_dataset`, is not importable in another process);
+    `FileFormatError` (naming the source) when it cannot be found or made."""
+    if definition is not None:
+        try: return modality_from_definition(definition)
+        except ValueError as e: raise FileFormatError(f"source {source!r}: cannot make modality {path!r}: {e}") from None
     module, _, name = path.partition(":")
     try:
         obj = importlib.import_module(module)
@@ -81,8 +88,10 @@ def _as_modalities(sources) -> dict[str, type]:
 
 def source_spec(sources,  # name → modality class, or a sequence of `mmfm.data.Source`
                 ) -> dict:
-    "`{name: {'modality': 'module:QualName', 'fields': {field: {'storage': type}}}}` of the sources."
+    """`{name: {'modality': 'module:QualName', 'fields': {field: {'storage': type}}}}` of the sources, with the class's
+    `definition` too when a factory made it (so that any process can make it again, see `resolve_class`)."""
     return {name: {"modality": class_path(cls),
+                   **({"definition": cls.definition} if isinstance(getattr(cls, "definition", None), dict) else {}),
                    "fields": {f: {"storage": _storage(cls, f)} for f in cls.tensor_fields()}}
             for name, cls in _as_modalities(sources).items()}
 
@@ -162,7 +171,7 @@ def shard_table(samples: Sequence,   # `Sample`s or `(Sample, split)` pairs: the
                 ) -> tuple[pa.Table, dict]:
     "The Arrow table of one shard and its summary (`rows`, `splits`, `present` per source, `fields`)."
     shapes = {} if shapes is None else shapes
-    classes = {n: resolve_class(s["modality"], n) for n, s in spec.items()}
+    classes = {n: resolve_class(s["modality"], n, s.get("definition")) for n, s in spec.items()}
     ids, splits, seen = [], [], set()
     cols = {c: [] for c in shard_columns(spec)[2:]}
     for i, item in enumerate(samples):
@@ -296,7 +305,7 @@ def finish(self: ShardWriter, n_shards: int) -> dict:
         (self.root / JOURNAL_DIR / f"shard-{k:05d}.json").unlink(); k += 1
     for p in [*self.root.glob(".shard-*.tmp"), *self.root.glob("*/.shard-*.tmp")]:
         p.unlink(missing_ok=True)                 # temporary files of a killed run (never a finished file)
-    sources = {n: {"modality": s["modality"],
+    sources = {n: {"modality": s["modality"], **({"definition": s["definition"]} if "definition" in s else {}),
                    "fields": {f: {"storage": d["storage"], **{x: fields[n].get(f, {}).get(x) for x in
                                                              ("shape", "dtype")}}
                               for f, d in s["fields"].items()}} for n, s in self.spec.items()}
@@ -379,7 +388,8 @@ class ShardDataset(Dataset):
         for n in names:
             if n not in known: raise DataError("<shards.json>", n, f"unknown source; the shards hold {known}")
         if len(set(names)) != len(names): raise ValueError(f"duplicate source names {names}")
-        self.modalities = {n: resolve_class(self.index["sources"][n]["modality"], n) for n in names}
+        self.modalities = {n: resolve_class(self.index["sources"][n]["modality"], n,
+                                                   self.index["sources"][n].get("definition")) for n in names}
         self._cover = list(range(len(self.index["shards"])))
         self._cache = (None, None)
         self.samples = self._read_ids()

@@ -1,6 +1,7 @@
 """Sample shards beyond the notebook: a real `mmfm simulate --shards` process killed (SIGKILL) in the middle of
 its run and resumed by the same command gives the same shards as an uninterrupted run; a torch DataLoader with
-worker processes reads a ShardDataset; a shard that disappears between opening and reading is named."""
+worker processes reads a ShardDataset; a shard that disappears between opening and reading is named; shards of
+modalities made at run time (a data frame's tables) are read by another process."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
@@ -85,3 +86,23 @@ def test_index_of_another_format_is_refused(tmp_path):
     (tmp_path / "shards.json").write_text(json.dumps({"format": "something-else"}))
     from mmfm.files import FileFormatError
     with pytest.raises(FileFormatError, match="not an mmfm-shards shard index"): ShardDataset(tmp_path)
+
+
+def test_shards_of_a_data_frame_are_read_by_another_process(tmp_path):
+    "Modalities made at run time (`frame_dataset`) are made again from their recorded definition in a new process."
+    import numpy as np, pandas as pd
+    from mmfm.frames import frame_dataset
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=12), "b": rng.normal(size=12), "c": rng.normal(size=12)})
+    df.loc[3, ["a", "b"]] = np.nan                                   # sample 3 has no LabA
+    ds = frame_dataset(df, {"LabA": ["a", "b"], "LabB": ["c"]})
+    write_shards(tmp_path / "fr", ds, sources=ds.modalities, shard_size=5, progress_bar=False)
+    index = read_shard_index(tmp_path / "fr")
+    assert index["sources"]["LabA"]["definition"]["columns"] == ["a", "b"]
+    code = ("import sys; from mmfm.shards import ShardDataset; ds = ShardDataset(sys.argv[1]); "
+            "s = ds[3]; print(len(ds), sorted(s.mods), float(ds[0].mods['LabB'].as_matrix()[0, 0]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fr")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, mods, c0 = r.stdout.split(" ", 1)[0], r.stdout.split("[", 1)[1].split("]")[0], float(r.stdout.split()[-1])
+    assert n == "12" and mods == "'LabB'" and abs(c0 - df.c[0]) < 1e-6, r.stdout
