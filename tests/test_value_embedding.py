@@ -83,8 +83,11 @@ def test_saved_model_predicts_the_same_after_load(codecs, data, tmp_path):
     for loaded in (MultimodalTransformer.load(tmp_path / "model"),
                    MultimodalTransformer.load(tmp_path / "model", codecs=codecs)):
         assert torch.equal(loaded.eval()(batch, inp, tgt, present)["tok_toy_table"], ref)
-    with pytest.raises(ValueError, match="differ from its codec's"):
+    with pytest.raises(ValueError, match="token key 'tok_toy_table'"):     # the model records its codecs
         MultimodalTransformer.load(tmp_path / "model", codecs=codecs_fitted_on(4))
+    model.codec_checksums = None; model.save(tmp_path / "bare")             # without that record: the value tables
+    with pytest.raises(ValueError, match="differ from its codec's"):
+        MultimodalTransformer.load(tmp_path / "bare", codecs=codecs_fitted_on(4))
 
 
 def test_table_values_change_predictions_only_through_the_table_key(codecs, data):
