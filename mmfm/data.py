@@ -142,7 +142,8 @@ class TableLoader(Loader):
         if not issubclass(modality, TableModality):
             raise TypeError(f"TableLoader needs a TableModality, got {modality.__name__}")
         path = resolve_in_root(self.data_root, self.file, '<table>', self.file)
-        with reading('<table>', self.file, self.file): df = pd.read_csv(path)
+        ids_as_text = {self.id_column: str} if self.id_column is not None else None   # '007' stays '007'
+        with reading('<table>', self.file, self.file): df = pd.read_csv(path, dtype=ids_as_text)
         cols = [self.rename.get(c, c) for c in modality.columns]
         missing = [c for c in cols if c not in df.columns]
         if missing: raise DataError('<table>', self.file, f"{self.file}: missing declared column(s) "
