@@ -583,6 +583,9 @@ def restore(self: Trainer, path: str | Path | None = None):
     for k in TrainConfig.resumable: saved["train_config"].pop(k, None); now["train_config"].pop(k, None)
     diff = spec_differences(saved, now)
     if diff: raise ValueError("the checkpoint was made with a different configuration: " + "; ".join(diff))
+    mine = getattr(self.model, "codec_checksums", None)   # the run went on tokens of other codecs: refused
+    if meta.get("codec_checksums") and mine: check_codec_checksums(meta["codec_checksums"], mine,
+                                                                   "the checkpoint's run was trained on tokens that")
     self.model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     load_optimizer_tensors(self.optimizer, tensors, meta["optimizer"], self.names)
     self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
