@@ -13,7 +13,7 @@ from .codec import CodecManager
 from .files import load_safetensors
 from .transformer import MultimodalTransformer, TransformerConfig, model_spec, spec_differences
 from .train import read_checkpoint
-from .tokens import check_codec_checksums, codec_checksum
+from .tokens import check_codec_checksums
 
 # %% ../nbs/12a_grow.ipynb #g005
 def model_from_checkpoint(path: str | Path) -> MultimodalTransformer:
@@ -53,8 +53,7 @@ def grow_model(model: MultimodalTransformer | str | Path,   # a trained model, o
     if missing: raise ValueError(f"grow_model: the codecs lack the model's token key(s) {missing}; a grown model "
                                  "keeps every source it had")
     if old.codec_checksums:   # the kept keys must be read by the very codecs the model learned them from
-        check_codec_checksums({k: v for k, v in old.codec_checksums.items() if k in codecs.codecs},
-                              {k: codec_checksum(codecs.codecs[k]) for k in old.codec_checksums if k in codecs.codecs},
+        check_codec_checksums({k: v for k, v in old.codec_checksums.items() if k in codecs.codecs}, codecs,
                               "the model to grow was trained on tokens that")
     added = [k for k in new_spec["vocab_sizes"] if k not in old.token_keys]
     if not added: raise ValueError("grow_model: the codecs hold no token key the model lacks; nothing to add")

@@ -128,11 +128,15 @@ def sample_digest(h,            # a hashlib object, updated in place
                 h.update(f"{f.name}:{t.dtype}:{tuple(t.shape)}".encode()); h.update(t.numpy().tobytes())
             else: h.update(f"{f.name}:{json.dumps(v, sort_keys=True, default=str)}".encode())
 
+def _recorded_source(dataset, unit: dict) -> bool:
+    "Whether a unit's input checksum is on record (a sample shard) rather than read from its samples."
+    return "shard" in unit and hasattr(dataset, "shard_checksum")
+
 def unit_source(dataset, unit: dict) -> str:
     """SHA-256 (hex) of a work unit's input: for a sample shard its recorded checksums and ids (`shard_checksum`,
     nothing read), otherwise the content of every sample it holds (`sample_digest`, each sample loaded). A token
     shard records it, and a rerun reuses the shard only when its input gives the same checksum."""
-    if "shard" in unit and hasattr(dataset, "shard_checksum"): return dataset.shard_checksum(unit["shard"])
+    if _recorded_source(dataset, unit): return dataset.shard_checksum(unit["shard"])
     data, rows = _unit_data(dataset, unit)
     h = hashlib.sha256()
     for i in rows: sample_digest(h, data[i], _split_of(data, i))
@@ -207,10 +211,10 @@ def _release_memory() -> bool:
 
 def _encode_and_write(out: str, unit: dict, first_index: int, batch_size: int, expected: dict) -> dict:
     "Encode one unit and write its shard then its description; returns the description."
-    shards = "shard" in unit and hasattr(_WORKER["dataset"], "shard_checksum")
-    h = None if shards else hashlib.sha256()          # map-style: the samples are hashed as they are read
+    on_record = _recorded_source(_WORKER["dataset"], unit)
+    h = None if on_record else hashlib.sha256()       # map-style: the samples are hashed as they are read
     tb, splits = encode_unit(_WORKER["dataset"], _WORKER["codecs"], unit, first_index, batch_size, digest=h)
-    source = unit_source(_WORKER["dataset"], unit) if shards else h.hexdigest()
+    source = unit_source(_WORKER["dataset"], unit) if on_record else h.hexdigest()
     out, name = Path(out), f"shard-{unit['unit']:05d}"
     table = shard_table(tb, splits, expected["vocab_sizes"])
     atomic_write(out / f"{name}.parquet", lambda p: pq.write_table(table, p, compression="zstd"))

@@ -820,8 +820,7 @@ def load(cls: MultimodalTransformer, directory: str | Path, codecs=None) -> Mult
     recorded = json.loads(meta.get("mmfm_codecs", "null"))
     if recorded and codecs is not None and hasattr(codecs, "codecs"):
         check_codec_checksums({k: v for k, v in recorded.items() if k in codecs.codecs},   # absent keys: checked below
-                              {k: codec_checksum(c) for k, c in codecs.codecs.items()},
-                              f"the model in {directory} was trained on tokens that")
+                              codecs, f"the model in {directory} was trained on tokens that")
     config, values = TransformerConfig(**spec["config"]), None
     if config.value_embedding is not None:
         digests = spec.get("value_tables") or {}
