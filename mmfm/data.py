@@ -143,7 +143,12 @@ class TableLoader(Loader):
             raise TypeError(f"TableLoader needs a TableModality, got {modality.__name__}")
         path = resolve_in_root(self.data_root, self.file, '<table>', self.file)
         ids_as_text = {self.id_column: str} if self.id_column is not None else None   # '007' stays '007'
-        with reading('<table>', self.file, self.file): df = pd.read_csv(path, dtype=ids_as_text)
+        try:
+            with reading('<table>', self.file, self.file): df = pd.read_csv(path, dtype=ids_as_text)
+        except DataError as e:
+            if not isinstance(e.__cause__, pd.errors.EmptyDataError): raise
+            raise DataError('<table>', self.file, f"cannot read {self.file!r}: EmptyDataError: the file is empty, "
+                            "without even a header line; a table with no rows must still name its columns") from e.__cause__
         cols = [self.rename.get(c, c) for c in modality.columns]
         missing = [c for c in cols if c not in df.columns]
         if missing: raise DataError('<table>', self.file, f"{self.file}: missing declared column(s) "

@@ -178,5 +178,5 @@ def main(argv: Sequence[str] | None = None) -> int:
               ", ".join(f"{k} ({c.num_tokens} tokens, vocabulary {c.vocab_size})" for k, c in manager.codecs.items()))
         return 0
     except (ValueError, KeyError, FileNotFoundError, CodecError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -220,10 +220,12 @@ def _build_flux_tokens(self, on: bool, pixel_scale: float, aperture: float, snr_
     "Check and keep the flux-token settings; the aperture is a buffer built from them (not saved: the config rebuilds it)."
     name = type(self).__name__
     lo, hi = (float(v) for v in snr_range)
-    if not lo < 0 < hi:
-        raise ValueError(f"{name}: flux_snr_range must be (negative, positive), got {tuple(snr_range)}")
-    if not pixel_scale > 0: raise ValueError(f"{name}: pixel_scale must be > 0 arcsec, got {pixel_scale}")
-    if not aperture > 0: raise ValueError(f"{name}: flux_aperture must be > 0 arcsec, got {aperture}")
+    if not (lo < 0 < hi and math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name}: flux_snr_range must be (finite negative, finite positive), got {tuple(snr_range)}")
+    if not 0 < pixel_scale < math.inf:
+        raise ValueError(f"{name}: pixel_scale must be finite and > 0 arcsec, got {pixel_scale}")
+    if not 0 < aperture < math.inf:
+        raise ValueError(f"{name}: flux_aperture must be finite and > 0 arcsec, got {aperture}")
     mask = aperture_mask(self.size, pixel_scale, aperture)
     if not mask.any():
         raise ValueError(f"{name}: flux_aperture {aperture}″ holds no pixel at {pixel_scale}″ per pixel")

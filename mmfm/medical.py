@@ -653,13 +653,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=positive_int, default=1000, help="patients per shard, with --shards (default 1000)")
     a = p.parse_args(argv)
     out, summary = Path(a.out), {}
+    cohort_cfg = CohortConfig(n=a.n_cohort, seed=a.seed, workers=a.workers, ecg_method=a.ecg_method,
+                              progress=not a.quiet)
+    if a.only in (None, "cohort"): _check_cohort(cohort_cfg)     # every option checked before anything is written
     if a.only in (None, "diabetes"):
         summary["diabetes"] = build_diabetes(out / "diabetes", DiabetesConfig(seed=a.seed))
     if a.only in (None, "cohort"):
-        summary["cohort"] = build_cohort(out / ("cohort_shards" if a.shards else "cohort"),
-                                         CohortConfig(n=a.n_cohort, seed=a.seed, workers=a.workers,
-                                                                     ecg_method=a.ecg_method,
-                                                      progress=not a.quiet),
+        summary["cohort"] = build_cohort(out / ("cohort_shards" if a.shards else "cohort"), cohort_cfg,
                                          shards=a.shards, shard_size=a.shard_size)
     for name, c in summary.items(): print(f"{out / name}: {json.dumps(c)}")
     return summary

@@ -407,7 +407,7 @@ def _predict_dataset(model, codecs, data: TokenDataset, keys: list, given: list,
 # %% ../nbs/13_predict.ipynb #s006
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm predict`; returns the exit status."
-    a = build_parser().parse_args(argv)
+    p = build_parser(); a = p.parse_args(argv)
     try:
         if Path(a.out).suffix != ".safetensors":   # the file is safetensors whatever its name: say so, before the work
             raise ValueError(f"--out {a.out}: predictions are written as safetensors; name the file *.safetensors")
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"predicted {keys} of {len(data)} samples from {given}: {a.out}")
         return 0
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
 
 # %% ../nbs/13_predict.ipynb #c050

@@ -493,6 +493,12 @@ TABLE_FILES = {'legacy_catalog': 'catalogs/legacy_catalog.csv', 'hsc_catalog': '
                'legacy_moments': 'catalogs/legacy_moments.csv', 'hsc_moments': 'catalogs/hsc_moments.csv'}
 
 # %% ../nbs/31_simulate.ipynb #v1s013
+def _table_frame(name: str, rows: list[dict]) -> pd.DataFrame:
+    """The rows of catalog `name` as a frame; with no rows, an empty frame whose header is `id` and the modality's
+    columns, so a small data set's empty table (no spectroscopic redshift among a few galaxies) still declares what it
+    holds and reads as a table of zero rows."""
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=['id', *CATALOGS[name].columns])
+
 def simulate_dataset(out: "str | Path",           # data root to write (e.g. data/astro)
                      cfg: SimConfig = SimConfig(),
                      workers: int = 1,            # parallel processes
@@ -536,7 +542,7 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
     for inst, (ids, fl, iv) in spectra.items():
         if inst in cfg.spectra: write_spectra(out / SPECTRUM_FILES[inst], fl, iv, inst, ids)
     for name, path in TABLE_FILES.items():
-        atomic_write(out / path, lambda p, t=pd.DataFrame(tables[name]): t.to_csv(p, index=False))
+        atomic_write(out / path, lambda p, t=_table_frame(name, tables[name]): t.to_csv(p, index=False))
     manifest = {'name': 'mmfm simulated multi-survey galaxies', 'version': 1, 'tables': TABLE_FILES,
                 'samples': samples}
     atomic_write(out / 'truth' / 'truth.csv', lambda p: truth.to_csv(p, index=False))

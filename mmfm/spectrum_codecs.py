@@ -117,7 +117,7 @@ class SpectrumCodec(Codec):
         lo, hi = (float(v) for v in amplitude_range)
         if not (math.isfinite(b) and b > 0): raise CodecError(f"{name}: softening must be > 0, got {b}")
         if not (lo < 0 < hi and math.isfinite(lo) and math.isfinite(hi)):
-            raise CodecError(f"{name}: amplitude_range must be (negative, positive), got {tuple(amplitude_range)}")
+            raise CodecError(f"{name}: amplitude_range must be (finite negative, finite positive), got {tuple(amplitude_range)}")
         if not (math.isfinite(fit_margin) and fit_margin >= 0):
             raise CodecError(f"{name}: fit_margin must be a finite number >= 0, got {fit_margin}")
         self.downsample, self.softening, self.amplitude_range, self.fit_margin = downsample, b, (lo, hi), float(fit_margin)

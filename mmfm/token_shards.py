@@ -668,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of `mmfm tokenize`; returns the exit status."
     from mmfm.codec import CodecManager, CodecError
     from mmfm.data import DataError
-    args = build_parser().parse_args(argv)
+    p = build_parser(); args = p.parse_args(argv)
     try:
         codecs = CodecManager.load(args.codecs).freeze()
         data = open_dataset(args.data, codecs, args.format, args.split)
@@ -679,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.1f} s; {args.out}")
         return 0
     except (DataError, CodecError, ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
 
 # %% ../nbs/08a_token_shards.ipynb #a065

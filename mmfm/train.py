@@ -742,7 +742,7 @@ def _token_data(args, cfg: TrainConfig, dinfo: DistInfo) -> tuple:
 # %% ../nbs/12_train.ipynb #c063
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mmfm train`; returns the exit status."
-    args = build_parser().parse_args(argv)
+    p = build_parser(); args = p.parse_args(argv)
     try:
         dinfo = init_distributed()
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort
         return 0
     except (NonFiniteLossError, ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
