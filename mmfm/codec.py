@@ -15,7 +15,8 @@ import torch
 from torch import nn, Tensor
 from jaxtyping import Float, Int
 from fastcore.basics import patch
-from .files import write_json, read_json, save_safetensors, load_safetensors, FileFormatError, sha256_file
+from .files import (write_json, read_json, save_safetensors, load_safetensors, FileFormatError, sha256_file,
+                        make_folder)
 from .modality import BaseModality, modality_for_token_key, modality_type, UnknownModalityError
 
 # %% ../nbs/02_codec.ipynb #c006
@@ -753,7 +754,7 @@ def save(self: CodecManager, directory: str | Path,
     cannot be saved is refused before anything is written."""
     if portable:
         for c in self.codecs.values(): _portable_config(c)
-    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    d = make_folder(directory, 'codec manager folder')
     for key, codec in self.codecs.items(): codec.save(d/key, portable=portable)
     index = {'format': 'mmfm-codec-manager',
              'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}

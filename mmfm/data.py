@@ -8,7 +8,7 @@ __all__ = ['READ_ERRORS', 'DataError', 'reading', 'resolve_in_root', 'Loader', '
            'collate', 'multi_table_dataset', 'multi_survey_dataset']
 
 # %% ../nbs/04_data.ipynb #c002
-import json, math, tokenize, unicodedata, warnings, zipfile
+import csv, json, math, tokenize, unicodedata, warnings, zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,22 +142,50 @@ class TableLoader(Loader):
         if not issubclass(modality, TableModality):
             raise TypeError(f"TableLoader needs a TableModality, got {modality.__name__}")
         path = resolve_in_root(self.data_root, self.file, '<table>', self.file)
-        ids_as_text = {self.id_column: str} if self.id_column is not None else None   # '007' stays '007'
+        cols = [self.rename.get(c, c) for c in modality.columns]
+        header = self._header(path)
+        self._check_header(header, cols)
+        # the id column as written ('007' stays '007', 'NA' stays 'NA'); no column is taken as an index, so a row
+        # with more fields than the header is refused instead of shifting its values one column to the right
+        ids_as_text = {self.id_column: str} if self.id_column in header else None
+        with reading('<table>', self.file, self.file), warnings.catch_warnings():
+            warnings.simplefilter('error', pd.errors.ParserWarning)
+            try: df = pd.read_csv(path, converters=ids_as_text, index_col=False)
+            except pd.errors.ParserWarning: self._refuse_long_row(path, len(header))
+        self._raw = df[cols]
+        self.row_ids = df[self.id_column].tolist() if ids_as_text else None
+        self.values = df[cols].apply(pd.to_numeric, errors='coerce').to_numpy(dtype=np.float64)
+        return self
+    def _refuse_long_row(self, path, n_header: int):
+        "Raise `DataError` naming the first row with more fields than the header's `n_header`."
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            for i, row in enumerate(csv.reader(f)):
+                if i and len(row) > n_header:
+                    raise DataError('<table>', self.file, f"{self.file}: row {i - 1} (line {i + 1}) has {len(row)} "
+                                    f"fields, the header {n_header}; its values would shift into other columns")
+        raise DataError('<table>', self.file, f"{self.file}: a row has more fields than the header")
+    def _header(self, path) -> list[str]:
+        "The column names of the CSV file as written (pandas would rename a repeated name 'a' to 'a.1')."
         try:
-            with reading('<table>', self.file, self.file): df = pd.read_csv(path, dtype=ids_as_text)
+            with reading('<table>', self.file, self.file):
+                return pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
         except DataError as e:
             if not isinstance(e.__cause__, pd.errors.EmptyDataError): raise
             raise DataError('<table>', self.file, f"cannot read {self.file!r}: EmptyDataError: the file is empty, "
                             "without even a header line; a table with no rows must still name its columns") from e.__cause__
-        cols = [self.rename.get(c, c) for c in modality.columns]
-        missing = [c for c in cols if c not in df.columns]
+    def _check_header(self, header: list[str], cols: list[str]):
+        """Refuse a header that names a column twice, lacks a declared column, or has the id column or a declared
+        column only with spaces around its name (which would turn the id check off or hide the column)."""
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice: raise DataError('<table>', self.file, f"{self.file}: column(s) {twice} appear more than once in the "
+                                                        "header; which one holds the values is ambiguous")
+        wanted = cols + ([self.id_column] if self.id_column is not None else [])
+        spaced = {c: h for c in wanted if c not in header for h in header if h.strip() == c}
+        if spaced: raise DataError('<table>', self.file, f"{self.file}: header name(s) "
+                                   f"{[spaced[c] for c in spaced]} differ from {list(spaced)} only by spaces")
+        missing = [c for c in cols if c not in header]
         if missing: raise DataError('<table>', self.file, f"{self.file}: missing declared column(s) "
-                                                          f"{missing}; the table has {list(df.columns)}")
-        self._raw = df[cols]
-        self.row_ids = (df[self.id_column].astype(str).tolist()
-                        if self.id_column is not None and self.id_column in df.columns else None)
-        self.values = df[cols].apply(pd.to_numeric, errors='coerce').to_numpy(dtype=np.float64)
-        return self
+                                                          f"{missing}; the table has {header}")
     def __len__(self): return len(self.values)
 
 # %% ../nbs/04_data.ipynb #s019

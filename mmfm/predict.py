@@ -411,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if Path(a.out).suffix != ".safetensors":   # the file is safetensors whatever its name: say so, before the work
             raise ValueError(f"--out {a.out}: predictions are written as safetensors; name the file *.safetensors")
+        if Path(a.out).exists():                   # never replace a file: it could be the model being read
+            raise FileExistsError(f"--out {a.out} already exists; predictions never replace a file (choose a new path)")
         codecs = CodecManager.load(a.codecs)
         model = MultimodalTransformer.load(a.model, codecs=codecs).eval()
         if Path(a.data).is_dir():                      # a token-shard folder: its split, read into memory
@@ -434,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_safetensors(a.out, tensors, meta)
         print(f"predicted {keys} of {len(data)} samples from {given}: {a.out}")
         return 0
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
 

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fastcore.basics import patch
 from .codec import as_grid
 from .data import MultiSourceDataset
-from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index
+from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index, make_folder
 from .tokens import (TokenBatch, TokenDataset, TokenError, encode_batch, codec_checksums,
                          check_codec_checksums)
 
@@ -282,7 +282,7 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
     for name, v in (("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     units = work_units(dataset, shard_size)        # checks shard_size and that there are samples
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)   # made only once the arguments are known good
+    out = make_folder(out, 'token-set folder')    # made only once the arguments are known good
     codecs.eval()
     sizes = _unit_rows(dataset, units)
     firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()

@@ -24,7 +24,7 @@ from .tokens import (TokenBatch, TokenDataset, as_token_batch, collate_tokens, s
 from .token_shards import TokenShards, TokenStream
 from .codec import token_presence
 from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
-                        check_setting)
+                        check_setting, make_folder)
 from .progress import progress
 from .machine import check_threads
 from .transformer import MultimodalTransformer, TransformerConfig, average_over_modalities, spec_differences
@@ -319,7 +319,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + self.dinfo.rank)
         np.random.seed(self.cfg.seed); random.seed(self.cfg.seed)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        if self.dinfo.is_main: self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dinfo.is_main: make_folder(self.out_dir, 'run folder')
         found = (self.ckpt_dir / "latest.json").exists()
         if found and not resume:
             raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True (--resume) to "
@@ -610,9 +610,11 @@ def restore(self: Trainer, path: str | Path | None = None):
 # %% ../nbs/12_train.ipynb #c053
 @patch
 def _end_epoch(self: Trainer):
-    if self.epoch_sums: self.log.write("epoch", step=self.step, epoch=self.epoch,
-                                       **{k: v / self.epoch_sums["_n"] for k,
-                                          v in self.epoch_sums.items() if k != "_n"})
+    # each metric's mean over the steps whose batch had it (a token key absent from a batch has no loss there);
+    # sums from a checkpoint written before the per-key counts are divided by the epoch's steps, as then
+    sums = self.epoch_sums
+    if sums: self.log.write("epoch", step=self.step, epoch=self.epoch,
+                            **{k: v / sums.get(f"_n/{k}", sums["_n"]) for k, v in sums.items() if not k.startswith("_n")})
     self.epoch, self.batch_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
 
 # %% ../nbs/12_train.ipynb #s014
@@ -654,6 +656,7 @@ def fit(self: Trainer) -> dict:
             for k, v in m.items():
                 if k == "loss" or k.startswith(("loss/", "acc/")):
                     self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                    self.epoch_sums[f"_n/{k}"] = self.epoch_sums.get(f"_n/{k}", 0) + 1   # steps that had k
             self.epoch_sums["_n"] = self.epoch_sums.get("_n", 0) + 1
             if last_of_epoch: self._end_epoch()
             bar.update(1); bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
