@@ -100,7 +100,8 @@ def fit_codecs(dataset,                          # a MultiSourceDataset or Shard
         t0 = time.perf_counter()
         codec = (codecs or {}).get(n) or default_codec(kinds[n], image, table, series)
         torch.manual_seed(cfg.seed)
-        res = train_codec(codec, train[n], val.get(n), cfg)
+        try: res = train_codec(codec, train[n], val.get(n), cfg)
+        except ValueError as e: raise CodecError(f"source {n!r}: {e}") from e      # which of the sources failed
         fitted.append(codec.eval())
         if verbose: print(f"codec {type(codec).__name__} for {n!r}: {train[n].batch_size} training samples, "
                           f"best epoch {res.best_epoch}, loss {res.best_val_loss:.4g}, "
@@ -137,18 +138,19 @@ def _patches(items: Sequence[str]) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm codecs`: fit a codec per source of a data set on a bounded training sample and save them."
+    from mmfm.cli import positive_int, seed_int
     p = argparse.ArgumentParser(prog="mmfm codecs", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("--data", required=True, help="data set folder: sample shards (mmfm simulate --shards) or a manifest")
     p.add_argument("--out", required=True, help="where to save the CodecManager (for mmfm tokenize)")
     p.add_argument("--format", default="auto", help="data set format (default: detected)")
     p.add_argument("--sources", nargs="+", help="sources to fit (default: all)")
-    p.add_argument("--max-samples", type=int, default=2000, help="training samples per source (default 2000)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training sample (default 10)")
-    p.add_argument("--batch-size", type=int, default=32, help="codec training batch size (default 32)")
+    p.add_argument("--max-samples", type=positive_int, default=2000, help="training samples per source (default 2000)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training sample (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="codec training batch size (default 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="codec learning rate (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-hidden", type=int, default=32, help="image codec channels (default 32)")
-    p.add_argument("--image-depth", type=int, default=1, help="image codec residual blocks (default 1)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--image-hidden", type=positive_int, default=32, help="image codec channels, >= 2 (default 32)")
+    p.add_argument("--image-depth", type=seed_int, default=1, help="image codec residual blocks, >= 0 (default 1)")
     p.add_argument("--patch", nargs="+", metavar="SURVEY=PIXELS", help="pixels per image token, e.g. legacy=4 hsc=6")
     p.add_argument("--table-bins", type=int, help="quantile bins per table column (default: TableCodec's)")
     a = p.parse_args(argv)
@@ -157,13 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"--out {out} already exists and is not an empty folder (it may hold codecs that made "
                              "tokens: replacing them would orphan those tokens); choose another folder or delete it")
-        for name, v in (("--max-samples", a.max_samples), ("--epochs", a.epochs), ("--batch-size", a.batch_size)):
-            if v < 1: raise ValueError(f"{name} must be >= 1, got {v}")
         if not a.lr > 0: raise ValueError(f"--lr must be > 0, got {a.lr}")
         data = open_for_codecs(a.data, a.sources, a.format)
         cfg = CodecTrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=3, seed=a.seed,
                                progress=False)
         patches = _patches(a.patch)
+        surveys = {getattr(m, "survey", None) for m in source_modalities(data).values()} - {None}
+        unknown = sorted(set(patches) - surveys)
+        if unknown: raise ValueError(f"--patch names survey(s) {unknown} that the data set's images do not come "
+                                     f"from; its surveys are {sorted(surveys)}")
         codecs = {}
         for name, mod in source_modalities(data).items():     # image codecs get their survey's patch size
             survey = getattr(mod, "survey", None)

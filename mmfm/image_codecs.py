@@ -28,6 +28,7 @@ from .surveys import (SURVEYS, SurveyInfo, survey_info, image_modality, SurveyIm
                           SurveyPreprocessor, AsinhStretch,
                           Preprocessed, SurveyDataError, to_nanomaggies, cutout_wcs, observed_bands)
 from .align import SurveyAligner
+from .files import check_setting
 
 # %% ../nbs/33_image_codecs.ipynb #c006
 class ResBlock(nn.Module):
@@ -75,6 +76,8 @@ class ImageCodecBase(Codec):
                flux_tokens: bool = False,
                flux_aperture: float = 2.5, flux_snr_range: Sequence[float] = (-100.0, 1e8),
                fit_margin: float = 1.0):
+        for name, v, low in (('hidden', hidden, 2), ('depth', depth, 0), ('patch', patch, 1)):
+            check_setting(type(self).__name__, name, v, int, low=low)   # hidden // 2 channels at full resolution
         self.n_bands, self.size, self.patch = n_bands, int(size), int(patch)
         padded = -(-self.size // self.patch) * self.patch           # the next multiple of the patch size
         self.pad = ((padded - self.size) // 2, padded - self.size - (padded - self.size) // 2)

@@ -368,6 +368,10 @@ class CohortConfig:
     workers: int = 1                     # processes simulating ECGs (the result does not depend on it)
     chunk_size: int = 256                # ECGs per task / per write
     progress: bool = False               # show a progress bar while simulating ECGs
+    def __post_init__(self):                 # refused when made, before anything is built or written
+        if self.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {self.n}")
+        if self.ecg_method not in ("ecgsyn", "simple"):
+            raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {self.ecg_method!r}")
 
 # %% ../nbs/35_medical_data.ipynb #v5026
 def _ecg_chunk(args) -> tuple[np.ndarray, int]:
@@ -402,10 +406,8 @@ def _write_ecgs(path: Path, fields: pd.DataFrame, indices: np.ndarray, cfg: Coho
 
 # %% ../nbs/35_medical_data.ipynb #cc001
 def _check_cohort(cfg: CohortConfig) -> None:
-    "Refuse a cohort configuration that cannot be built (`ValueError` naming the field)."
-    if cfg.n < 10: raise ValueError(f"CohortConfig.n must be at least 10, got {cfg.n}")
-    if cfg.ecg_method not in ("ecgsyn", "simple"):
-        raise ValueError(f"CohortConfig.ecg_method must be 'ecgsyn' or 'simple', got {cfg.ecg_method!r}")
+    "Refuse a cohort configuration that cannot be built (`ValueError` naming the field): one changed after it was made."
+    cfg.__post_init__()
 
 # %% ../nbs/35_medical_data.ipynb #c038
 def build_cohort(out_dir: str | Path,                # dataset folder, e.g. data/medical/cohort
@@ -639,11 +641,11 @@ def ecg_heart_rate(ecg,                                           # [L], or [B, 
 # %% ../nbs/35_medical_data.ipynb #c056
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: build the diabetes dataset and the synthetic cohort."
-    from mmfm.cli import positive_int
+    from mmfm.cli import positive_int, seed_int
     p = argparse.ArgumentParser(prog="mmfm medical", description="Build the medical example datasets.")
     p.add_argument("--out", default="data/medical", help="output folder (gets diabetes/ and cohort/)")
     p.add_argument("--n-cohort", type=positive_int, default=1000, help="patients in the synthetic cohort")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
     p.add_argument("--workers", type=positive_int, default=1, help="processes simulating ECGs")
     p.add_argument("--ecg-method", default="ecgsyn", choices=["ecgsyn", "simple"], help="neurokit2 ECG model")
     p.add_argument("--only", choices=["diabetes", "cohort"], help="build only this dataset")
@@ -654,14 +656,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = p.parse_args(argv)
     out, summary = Path(a.out), {}
     cohort_cfg = CohortConfig(n=a.n_cohort, seed=a.seed, workers=a.workers, ecg_method=a.ecg_method,
-                              progress=not a.quiet)
-    if a.only in (None, "cohort"): _check_cohort(cohort_cfg)     # every option checked before anything is written
+                              progress=not a.quiet)          # checked when made: before anything is written
+    folders = {"diabetes": out / "diabetes", "cohort": out / ("cohort_shards" if a.shards else "cohort")}
     if a.only in (None, "diabetes"):
-        summary["diabetes"] = build_diabetes(out / "diabetes", DiabetesConfig(seed=a.seed))
+        summary["diabetes"] = build_diabetes(folders["diabetes"], DiabetesConfig(seed=a.seed))
     if a.only in (None, "cohort"):
-        summary["cohort"] = build_cohort(out / ("cohort_shards" if a.shards else "cohort"), cohort_cfg,
-                                         shards=a.shards, shard_size=a.shard_size)
-    for name, c in summary.items(): print(f"{out / name}: {json.dumps(c)}")
+        summary["cohort"] = build_cohort(folders["cohort"], cohort_cfg, shards=a.shards, shard_size=a.shard_size)
+    for name, c in summary.items(): print(f"{folders[name]}: {json.dumps(c)}")
     return summary
 
 # %% ../nbs/35_medical_data.ipynb #c057

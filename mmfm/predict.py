@@ -413,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out {a.out}: predictions are written as safetensors; name the file *.safetensors")
         if Path(a.out).exists():                   # never replace a file: it could be the model being read
             raise FileExistsError(f"--out {a.out} already exists; predictions never replace a file (choose a new path)")
+        points = [_point_arg(p) for p in a.points]   # checked before the work, like --out
+        twice = sorted({str(x) for x in points if points.count(x) > 1})
+        if twice: raise ValueError(f"--points names {twice} more than once")
         codecs = CodecManager.load(a.codecs)
         model = MultimodalTransformer.load(a.model, codecs=codecs).eval()
         if Path(a.data).is_dir():                      # a token-shard folder: its split, read into memory
@@ -426,7 +429,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
                                 role="input") if a.given else [k for k in data.tokens if k not in keys]
-        points = [_point_arg(p) for p in a.points]
         toks, decoded = _predict_dataset(model, codecs, data, keys, given, a.steps, a.batch_size, points)
         tensors = {f"tokens/{k}": t for k, t in toks.items()}
         for (point, k, f), v in decoded.items():

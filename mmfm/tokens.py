@@ -176,6 +176,11 @@ class TokenDataset(Dataset):
         n = len(next(iter(present.values())))
         self.ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
         if len(self.ids) != n: raise ValueError(f"{len(self.ids)} ids for {n} samples")
+        if len(set(self.ids)) != n:               # predictions and saved outputs are keyed by id
+            seen, twice = set(), set()
+            for i in self.ids: (twice if i in seen else seen).add(i)
+            raise ValueError(f"sample id(s) {sorted(twice)[:5]} appear more than once (compared as text); "
+                             "ids must be unique")
         self.splits = None if splits is None else [None if s is None else str(s) for s in splits]
         if self.splits is not None and len(self.splits) != n:
             raise ValueError(f"{len(self.splits)} splits for {n} samples")
