@@ -79,4 +79,5 @@ def test_the_command_line_passes_workers_and_resume_on(stand_in, capsys):
     printed = capsys.readouterr().out
     assert printed.count(": reusing ") == 2 and "done in" not in printed, printed
     assert again["results"] == first["results"]
-    with pytest.raises(ValueError, match="workers must be"): demo.main(args + ["--workers", "0"])
+    with pytest.raises(SystemExit): demo.main(args + ["--workers", "0"])     # argparse: a count >= 1
+    assert "argument --workers: expected a whole number >= 1, got 0" in capsys.readouterr().err
