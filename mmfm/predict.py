@@ -429,12 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
                                 role="input") if a.given else [k for k in data.tokens if k not in keys]
+        # a sample with none of the given keys present has nothing to predict from: it is left out and named, not
+        # given the model's unconditional guess
+        has_input = torch.stack([data.present[k] for k in given if k in data.present]).any(0) if given else None
+        left_out = [] if has_input is None else [i for i, h in zip(data.ids, has_input.tolist()) if not h]
+        if left_out and len(left_out) < len(data):
+            data = data.subset(torch.nonzero(has_input).flatten().tolist())
+            print(f"{p.prog}: {len(left_out)} sample(s) have none of {given} and are left out "
+                  f"(first: {left_out[:5]}); their ids are in the output's 'left_out' metadata", file=sys.stderr)
         toks, decoded = _predict_dataset(model, codecs, data, keys, given, a.steps, a.batch_size, points)
         tensors = {f"tokens/{k}": t for k, t in toks.items()}
         for (point, k, f), v in decoded.items():
             tensors[f"decoded/{k}/{f}" if point == "argmax" else f"{point}/{k}/{f}"] = v
         meta = {"ids": json.dumps(data.ids), "targets": json.dumps(keys), "given": json.dumps(given),
-                "points": json.dumps(points)}
+                "points": json.dumps(points), "left_out": json.dumps(left_out)}
         save_safetensors(a.out, tensors, meta)
         print(f"predicted {keys} of {len(data)} samples from {given}: {a.out}")
         return 0
