@@ -429,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
                                 role="input") if a.given else [k for k in data.tokens if k not in keys]
+        both = [k for k in given if k in keys]
+        if both: raise ValueError(f"{both} named both as --given and as --targets: a target is never an input")
         # a sample with none of the given keys present has nothing to predict from: it is left out and named, not
         # given the model's unconditional guess
         has_input = torch.stack([data.present[k] for k in given if k in data.present]).any(0) if given else None

@@ -420,16 +420,19 @@ def batches(self: Trainer):
 @patch
 def _stream_batches(self: Trainer):
     """`batches()` of a `TokenStream`: the stream's own endless order from its recorded position; each batch is
-    recorded as used (`advance`) when it is handed out, so a checkpoint after its step resumes after it."""
+    recorded as used (`advance`) when it is handed out, so a checkpoint after its step resumes after it. With several
+    DataLoader workers (or shards of uneven size) the workers' passes end at different batches: the trainer's epoch
+    is the furthest pass begun so far, so it never goes back (each batch's masks still follow its own pass)."""
     items = iter(self.data.loader(pin_memory=self.dinfo.device.type == "cuda"))
     ahead = next(items)
     while True:
         batch, ahead = ahead, next(items)   # endless: never exhausted
-        epoch = int(batch.epoch[0])
-        if epoch != self.epoch: self.epoch, self.batch_in_epoch = epoch, 0
+        own = int(batch.epoch[0])                     # the pass of the worker that read this batch
+        if own > self.epoch: self.epoch, self.batch_in_epoch = own, 0
+        epoch = self.epoch
         self.data.advance(batch)
-        masks = self._masks(batch, _TRAIN_STREAM, epoch)
-        yield epoch, self.batch_in_epoch, batch, masks, int(ahead.epoch[0]) != epoch
+        masks = self._masks(batch, _TRAIN_STREAM, own)
+        yield epoch, self.batch_in_epoch, batch, masks, int(ahead.epoch[0]) > epoch
 
 # %% ../nbs/12_train.ipynb #c046
 @patch
@@ -648,8 +651,8 @@ def fit(self: Trainer) -> dict:
     bar = progress(total=cfg.steps, initial=self.step, enable=cfg.progress and self.dinfo.is_main,
                    desc="train")
     try:
-        if self.step >= cfg.steps: return last
-        for epoch, i, batch, masks, last_of_epoch in self.batches():
+        # a finished run (resumed at its last step) trains nothing, but still ends on its best weights below
+        for epoch, i, batch, masks, last_of_epoch in (self.batches() if self.step < cfg.steps else ()):
             m = self.train_step(batch, masks)
             self.batch_in_epoch = i + 1
             self.log.write("step", epoch=epoch, **m)
@@ -778,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         last = trainer.fit()
         if dinfo.is_main:
             model.save(Path(args.out) / "model")
-            print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
+            print(f"done: step {trainer.step}" + (f", loss {last['loss']:.4f}" if "loss" in last
+                                                  else " (the run had finished: nothing trained)")
                   + (f", val loss {last['val']['loss']:.4f}" if "val" in last
                      else "") + f"; run in {args.out}")
         if dist.is_initialized():

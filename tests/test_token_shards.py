@@ -215,3 +215,18 @@ def test_mmfm_tokenize_on_the_diabetes_data(tmp_path):
     assert mem.ids == ref.ids and mem.splits == ref.splits
     for k in ref.tokens: assert torch.equal(mem.tokens[k], ref.tokens[k]) and torch.equal(mem.present[k], ref.present[k])
     tok.check_codecs(codecs)
+
+
+def test_the_trainer_epoch_never_goes_back_with_several_workers(tmp_path):
+    "Two DataLoader workers end their passes at different batches; the step log's epoch still only grows."
+    ts = tokenize_dataset(toy_dataset(tmp_path / "d", n=20), toy_manager(), tmp_path / "tok", shard_size=4,
+                          verbose=False)
+    m = MultimodalTransformer(ts.vocab_sizes, ts.num_tokens, "tiny", token_grids=ts.token_grids)
+    cfg = TrainConfig(steps=14, batch_size=2, warmup_steps=1, checkpoint_every=0, eval_every=0, progress=False)
+    t = Trainer(m, TokenStream(ts, 2, window=1, shuffle=False, num_workers=2), cfg, MaskingConfig(2, 1),
+                tmp_path / "run", dinfo=DistInfo())
+    t.fit()
+    epochs = [r["epoch"] for r in t.log.rows("step")]
+    assert epochs == sorted(epochs) and epochs[-1] >= 1, epochs
+    ended = [r["epoch"] for r in t.log.rows("epoch")]
+    assert ended == sorted(set(ended)), ended
