@@ -24,7 +24,7 @@ from .tokens import (TokenBatch, TokenDataset, as_token_batch, collate_tokens, s
 from .token_shards import TokenShards, TokenStream
 from .codec import token_presence
 from .files import (atomic_write, write_json, read_json, save_safetensors, load_safetensors, sha256_file,
-                        check_setting, make_folder)
+                        check_setting, make_folder, tensors_digest)
 from .progress import progress
 from .machine import check_threads
 from .transformer import MultimodalTransformer, TransformerConfig, average_over_modalities, spec_differences
@@ -505,6 +505,18 @@ def evaluate(self: Trainer, data=None) -> dict:
 
 # %% ../nbs/12_train.ipynb #c050
 @patch
+def _data_digest(self: Trainer) -> str | None:
+    """SHA-256 of an in-memory `TokenDataset` (tokens, presence, ids), computed once per run; None for a stream, whose
+    checkpoints record each shard's position and checksum instead. A checkpoint records it, and a resume on other
+    data is refused: its epoch and batch positions would point into rows that are not the ones it trained on."""
+    if not isinstance(self.data, TokenDataset): return None
+    if getattr(self, "_digest", None) is None:
+        d = self.data
+        self._digest = tensors_digest({**{f"tokens/{k}": t for k, t in d.tokens.items()},
+                                       **{f"present/{k}": p for k, p in d.present.items()}}, {"ids": json.dumps(d.ids)})
+    return self._digest
+
+@patch
 def _run_meta(self: Trainer) -> dict:
     return {"model_spec": self.model.spec(), "train_config": asdict(self.cfg),
             "masking": masking_meta(self.masking)}
@@ -550,6 +562,7 @@ def save_checkpoint(self: Trainer) -> Path | None:
             "rng": [m for _, m, _ in gathered], "best": self.best, **self._run_meta()}
     if stream is not None: meta["stream"] = [s for _, _, s in gathered]
     if getattr(self.model, "codec_checksums", None): meta["codec_checksums"] = self.model.codec_checksums
+    if self._data_digest() is not None: meta["data_digest"] = self._data_digest()
     name = f"step-{self.step:07d}.safetensors"
     path = save_safetensors(self.ckpt_dir / name, tensors, {"mmfm_checkpoint": json.dumps(meta)})
     write_json(self.ckpt_dir / f"step-{self.step:07d}.json",
@@ -586,6 +599,9 @@ def restore(self: Trainer, path: str | Path | None = None):
     for k in TrainConfig.resumable: saved["train_config"].pop(k, None); now["train_config"].pop(k, None)
     diff = spec_differences(saved, now)
     if diff: raise ValueError("the checkpoint was made with a different configuration: " + "; ".join(diff))
+    if meta.get("data_digest") and self._data_digest() not in (None, meta["data_digest"]):
+        raise ValueError(f"the checkpoint's run trained on other token data than these {len(self.data)} samples (their "
+                         "tokens, presence or ids differ): resume it on the data it used")
     mine = getattr(self.model, "codec_checksums", None)   # the run went on tokens of other codecs: refused
     if meta.get("codec_checksums") and mine: check_codec_checksums(meta["codec_checksums"], mine,
                                                                    "the checkpoint's run was trained on tokens that")
