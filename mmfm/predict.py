@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from jaxtyping import Bool, Float, Int
 from .modality import BaseModality, modality_type, UnknownModalityError
-from .codec import CodecManager, check_point, token_presence
+from .codec import CodecManager, check_point, token_presence, ABSENT_TOKEN
 from .data import Batch
 from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens
 from .transformer import MultimodalTransformer
@@ -258,6 +258,17 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                     for k in targets}
     where = _positions(positions, targets, model)
     target_mask = {k: predict_rows[k][:, None] & where[k].to(dev)[None] for k in targets}   # [B, N_key]
+    for k in targets:   # part of a target a sample lacks: its other tokens must read "not measured", never a value
+        rest, lacking = ~where[k].to(dev), predict_rows[k] & ~present[k]
+        if not (rest.any() and lacking.any()): continue
+        ap = (absent_positions or {}).get(k)
+        ap = torch.zeros_like(rest) if ap is None else ap.to(dev)
+        if (rest & ~ap).any():
+            raise PredictionError(f"samples {_names(lacking, ids)} have no {k!r}: predicting only some of its tokens "
+                                  f"would leave positions {torch.nonzero(rest & ~ap).flatten().tolist()[:8]} holding "
+                                  "a placeholder that decodes as a value, and its codec has no 'not measured' token "
+                                  "there; predict every position of it for them, or leave them out")
+        tokens[k][lacking[:, None] & rest[None]] = ABSENT_TOKEN
     cells = token_presence(tokens, present, absent_positions or {})   # absent cells are never inputs
     is_input = {k: (cells[k] if cells[k].dim() == 2 else present[k][:, None]).expand_as(t).clone()
                 for k, t in tokens.items()}

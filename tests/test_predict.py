@@ -350,3 +350,12 @@ def test_probe_explicit_validation_set_and_early_stopping():
     assert len(probe.history) < 100 and probe.best_epoch == min(range(len(probe.history)), key=lambda i: probe.history[i]["val_loss"])
     with pytest.raises(ValueError, match="X_val has 3 features"):
         fit_probe(X[:200], y[:200], X_val=X[200:, :3], y_val=y[200:])
+
+
+def test_part_of_a_target_a_sample_lacks_is_refused_without_a_not_measured_token():
+    "Sample 1 has no table: predicting its first cell only would leave the others as placeholders read as values."
+    model = MultimodalTransformer.from_codecs(CODECS, "tiny").eval()
+    with pytest.raises(PredictionError, match=r"have no 'tok_toy_table': predicting only some of its tokens"):
+        predict(model, CODECS, token_batch(4), {ToyTable: [0]})
+    full = predict(model, CODECS, token_batch(4), {ToyTable: None})            # every position: fine
+    assert torch.isfinite(full[ToyTable].as_matrix()).all()
