@@ -90,8 +90,12 @@ class SurveyAligner:
         return cutout_wcs(self.info, ra, dec, self.size)
 
     def align(self, flux: np.ndarray, wcs: WCS, target_wcs: WCS | None = None) -> Aligned:
-        "Resample one `[band, y, x]` cube with WCS `wcs` onto the target grid (centred like the input by default)."
-        if target_wcs is None: target_wcs = self.target_wcs(*wcs.celestial.wcs.crval)
+        """Resample one `[band, y, x]` cube with WCS `wcs` onto the target grid (by default centred on the sky
+        position of the input's central pixel, whatever its reference pixel CRPIX is)."""
+        if target_wcs is None:
+            ny, nx = np.shape(flux)[-2:]
+            ra, dec = wcs.celestial.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
+            target_wcs = self.target_wcs(float(ra), float(dec))
         return reproject_cube(flux, wcs, target_wcs, (self.size, self.size), self.method,
                               self.flux_conserving, self.min_coverage)
 

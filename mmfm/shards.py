@@ -372,6 +372,9 @@ def read_shard_index(root: str | Path) -> dict:
         hint = " (the write has not finished: rerun it to resume)" if (Path(root) / JOURNAL_DIR).is_dir() else ""
         raise FileNotFoundError(f"no shard index {path}{hint}")
     index = read_index(path, SHARD_FORMAT, SHARD_FORMAT_VERSION, "shard index", ("sources", "shards"))
+    listed = sum(int(e.get("rows", 0)) for e in index["shards"])
+    if "rows" in index and listed != index["rows"]:      # an entry removed or added by hand: samples would go missing
+        raise FileFormatError(f"{path}: its shard entries hold {listed} rows but the index records {index['rows']}")
     return index
 
 # %% ../nbs/04a_shards.ipynb #a044

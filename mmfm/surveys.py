@@ -777,8 +777,13 @@ def load_survey_cutout(path: "str | Path",           # the .fits file
     try:
         with fits.open(path, memmap=False) as hdul:
             header, data = hdul[0].header.copy(), hdul[0].data
-            data = None if data is None else np.array(data, dtype=np.float32)   # native byte order
+            raw, too_big = hdul[0].data, 0
+            if raw is not None and np.issubdtype(raw.dtype, np.floating) and raw.dtype.itemsize > 4:
+                too_big = int((np.isfinite(raw) & (np.abs(raw) > np.finfo(np.float32).max)).sum())
+            with np.errstate(over='ignore'):
+                data = None if raw is None else np.array(raw, dtype=np.float32)   # native byte order
     except (OSError, ValueError) as e: fail(f"not a readable FITS file ({e})")
+    if too_big: fail(f"{too_big} finite pixel value(s) beyond float32's range: cutouts are read as float32")
     _check_cutout_header(header, info, fail)
     if data is None or data.ndim != 3 or data.shape[0] != info.n_bands:
         fail(f"expected a [{info.n_bands}, y, x] cube ({', '.join(info.bands)}), got data of shape "
@@ -874,6 +879,8 @@ class SpectrumLoader(Loader):
         if len(shape) != 3 or shape[1:] != (2, modality.length):
             fail(f"expected an array [n, 2, {modality.length}] (flux, ivar), got {shape}")
         self._len, self._arr, self.ids = int(shape[0]), None, list(desc.get('ids', []))
+        if self.ids and len(self.ids) != self._len:
+            fail(f"its description lists {len(self.ids)} ids for {self._len} spectra: the files disagree")
         return self
     def __len__(self): return self._len
     def __getstate__(self): return {**self.__dict__, '_arr': None}   # re-open the memory map in each worker
