@@ -8,7 +8,7 @@ __all__ = ['TrainConfig', 'lr_at', 'sample_seed', 'per_sample_masks', 'DistInfo'
            'NonFiniteLossError', 'Trainer', 'batch_seed', 'read_checkpoint', 'build_parser', 'main']
 
 # %% ../nbs/12_train.ipynb #c002
-import argparse, csv, hashlib, json, math, os, random, sys, time, warnings
+import argparse, csv, gc, hashlib, json, math, os, random, sys, time, warnings
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -803,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
                      else "") + f"; run in {args.out}")
         if dist.is_initialized():
             dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort
+            # DistributedDataParallel holds the process group: drop it now, so that the group is really destroyed
+            # below and not at interpreter exit, where gloo's worker threads can abort the process (SIGABRT)
+            trainer = model = None; gc.collect()
         return 0
     except (NonFiniteLossError, ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
