@@ -138,7 +138,7 @@ def _patches(items: Sequence[str]) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm codecs`: fit a codec per source of a data set on a bounded training sample and save them."
-    from mmfm.cli import positive_int, seed_int
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog="mmfm codecs", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("--data", required=True, help="data set folder: sample shards (mmfm simulate --shards) or a manifest")
     p.add_argument("--out", required=True, help="where to save the CodecManager (for mmfm tokenize)")
@@ -148,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training sample (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="codec training batch size (default 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="codec learning rate (default 2e-3)")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--image-hidden", type=positive_int, default=32, help="image codec channels, >= 2 (default 32)")
-    p.add_argument("--image-depth", type=seed_int, default=1, help="image codec residual blocks, >= 0 (default 1)")
+    p.add_argument("--image-depth", type=nonnegative_int, default=1, help="image codec residual blocks, >= 0 (default 1)")
     p.add_argument("--patch", nargs="+", metavar="SURVEY=PIXELS", help="pixels per image token, e.g. legacy=4 hsc=6")
     p.add_argument("--table-bins", type=int, help="quantile bins per table column (default: TableCodec's)")
     a = p.parse_args(argv)

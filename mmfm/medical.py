@@ -641,11 +641,11 @@ def ecg_heart_rate(ecg,                                           # [L], or [B, 
 # %% ../nbs/35_medical_data.ipynb #c056
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: build the diabetes dataset and the synthetic cohort."
-    from mmfm.cli import positive_int, seed_int
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog="mmfm medical", description="Build the medical example datasets.")
     p.add_argument("--out", default="data/medical", help="output folder (gets diabetes/ and cohort/)")
     p.add_argument("--n-cohort", type=positive_int, default=1000, help="patients in the synthetic cohort")
-    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--workers", type=positive_int, default=1, help="processes simulating ECGs")
     p.add_argument("--ecg-method", default="ecgsyn", choices=["ecgsyn", "simple"], help="neurokit2 ECG model")
     p.add_argument("--only", choices=["diabetes", "cohort"], help="build only this dataset")

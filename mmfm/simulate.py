@@ -745,11 +745,11 @@ def simulate_shards(out: "str | Path",          # folder to write (shards.json, 
 # %% ../nbs/31_simulate.ipynb #c046
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line `mmfm simulate`: write the multi-survey galaxy data set (cutouts, catalogs, manifest, truth)."
-    from mmfm.cli import positive_int, seed_int
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog="mmfm simulate", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("--out", default="data/astro", help="data root to write (default: data/astro)")
     p.add_argument("--n", type=positive_int, default=2000, help="number of galaxies (default: 2000)")
-    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default: 1)")
     p.add_argument("--shards", action="store_true", help="write Parquet shards instead of FITS files and CSVs "
                    "(resumable: rerun the same command after a kill)")

@@ -177,14 +177,14 @@ def run_demo(size: str = 'demo',                     # 'tiny' (seconds), 'demo' 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: `mmfm demo [--size demo] [--only medical] [--out reports] [--data data] [--seed 0 | --seeds 0 1 2]
     [--workers N] [--resume]`."""
-    from mmfm.cli import positive_int, seed_int
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog='mmfm demo', description=main.__doc__)
     p.add_argument('--size', default='demo', choices=['tiny', 'demo', 'full'])
     p.add_argument('--only', action='append', choices=list(EXAMPLES),
                    help='run only this example (repeatable)')
     p.add_argument('--out', default='reports'); p.add_argument('--data', default='data')
-    p.add_argument('--seed', type=seed_int, default=0)
-    p.add_argument('--seeds', type=seed_int, nargs='+', default=None,
+    p.add_argument('--seed', type=nonnegative_int, default=0)
+    p.add_argument('--seeds', type=nonnegative_int, nargs='+', default=None,
                    help='run every example once per seed and report mean ± sd (e.g. --seeds 0 1 2)')
     p.add_argument('--workers', type=positive_int, default=None,
                    help='(example, seed) jobs at once, each in its own process with its log beside its figures '

@@ -210,13 +210,13 @@ def plot_scaling(study: dict, path, metrics: Sequence[str] | None = None, cols: 
 # %% ../../nbs/examples/24_scaling.ipynb #s010
 def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: `python -m mmfm.examples.scaling astronomy|medical --points N [N ...] [--out reports/scaling] [--data data] [--seed 0] [--steps fixed|epochs]`."
-    from mmfm.cli import positive_int, seed_int
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog='python -m mmfm.examples.scaling', description=main.__doc__)
     p.add_argument('example', choices=list(POINTS))
     p.add_argument('--points', type=positive_int, nargs='+', required=True,
                    help='sizes: galaxies (astronomy) or patients (medical)')
     p.add_argument('--out', default='reports/scaling'); p.add_argument('--data', default='data')
-    p.add_argument('--seed', type=seed_int, default=0); p.add_argument('--base', default='demo')
+    p.add_argument('--seed', type=nonnegative_int, default=0); p.add_argument('--base', default='demo')
     p.add_argument('--steps', choices=STEPS, default='fixed',
                    help="'fixed': the recipe's step counts at every size; 'epochs': steps in proportion to the objects")
     a = p.parse_args(argv)
