@@ -201,8 +201,15 @@ def quantize(self: Codec, z: Tensor):
 # %% ../nbs/02_codec.ipynb #c013
 @patch
 def _check_modality(self: Codec, x) -> BaseModality:
-    if not isinstance(x, self.modality):
-        raise CodecError(f"{type(self).__name__} encodes {self.modality.__name__}, got {type(x).__name__}")
+    mine, got = self.modality, type(x)
+    same = getattr(mine, 'definition', None) is not None and getattr(got, 'definition', None) == mine.definition
+    if not isinstance(x, mine) and not same:           # a factory-made class is its definition
+        if got.__name__ == mine.__name__:           # two classes of one name: say how they differ
+            raise CodecError(f"{type(self).__name__} encodes {mine.__name__} as defined in {mine.__module__} "
+                             f"({getattr(mine, 'definition', None) or 'a class'}), got another class of that name "
+                             f"from {got.__module__} ({getattr(got, 'definition', None) or 'a class'}); make the data "
+                             "with the codec's definition (the same columns, token key and units)")
+        raise CodecError(f"{type(self).__name__} encodes {mine.__name__}, got {got.__name__}")
     return x
 
 # %% ../nbs/02_codec.ipynb #s008

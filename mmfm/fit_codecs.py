@@ -9,6 +9,7 @@ __all__ = ['default_codec', 'training_sample', 'source_modalities', 'fit_codecs'
 import argparse, sys, time
 from pathlib import Path
 from typing import Sequence
+import numpy as np
 import torch
 from .modality import BaseModality, TableModality, SeriesModality, concat
 from .codec import CODEC_CLASSES, Codec, CodecError, CodecManager
@@ -55,18 +56,23 @@ def training_sample(dataset,                 # a MultiSourceDataset or ShardData
                     names: Sequence[str],    # source names to collect
                     split: str | None = 'train',   # keep samples of this split (None: every sample)
                     max_samples: int = 2000,  # at most this many samples per source
+                    seed: int = 0,            # seeds the draw where the split holds more than max_samples
                     ) -> dict[str, BaseModality]:
-    """`{name: modality batch}`: the first `max_samples` samples of `split` that have each source, concatenated.
-    A source with no sample in the split is left out (the caller decides whether that is an error)."""
+    """`{name: modality batch}`: up to `max_samples` samples of `split` per source, drawn at random from the whole
+    split where it holds more, concatenated in file order. A source with no sample in the split is left out (the
+    caller decides whether that is an error). Raises `ValueError` for `max_samples` < 1."""
     if max_samples < 1: raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    rows = [i for i in range(len(dataset)) if split is None or _split_of(dataset, i) == split]
+    order = rows if len(rows) <= max_samples else [rows[j] for j in np.random.default_rng(seed).permutation(len(rows))]
     got: dict[str, list] = {n: [] for n in names}
-    for i in range(len(dataset)):
+    for start in range(0, len(order), max_samples):
         if all(len(v) >= max_samples for v in got.values()): break
-        if split is not None and _split_of(dataset, i) != split: continue
-        sample = dataset[i]
-        for n, m in sample.mods.items():
-            if n in got and len(got[n]) < max_samples: got[n].append(m)
-    return {n: concat(v) for n, v in got.items() if v}
+        chunk = order[start:start + max_samples]                    # candidates in random order...
+        read = {i: dataset[i] for i in sorted(chunk)}               # ...read in file order
+        for i in chunk:
+            for n, m in read[i].mods.items():
+                if n in got and len(got[n]) < max_samples: got[n].append((i, m))
+    return {n: concat([m for _, m in sorted(v, key=lambda t: t[0])]) for n, v in got.items() if v}
 
 # %% ../nbs/34_fit_codecs.ipynb #f010b
 def source_modalities(dataset) -> dict[str, type]:
@@ -91,8 +97,8 @@ def fit_codecs(dataset,                          # a MultiSourceDataset or Shard
     unknown = [n for n in names if n not in kinds]
     if unknown: raise ValueError(f"unknown source(s) {unknown}; the data set has {list(kinds)}")
     cfg = config or CodecTrainConfig(epochs=10, patience=3, progress=False)
-    train = training_sample(dataset, names, 'train', max_samples)
-    val = training_sample(dataset, names, 'val', max(1, max_samples // 5))
+    train = training_sample(dataset, names, 'train', max_samples, cfg.seed)
+    val = training_sample(dataset, names, 'val', max(1, max_samples // 5), cfg.seed)
     missing = [n for n in names if n not in train]
     if missing: raise ValueError(f"source(s) {missing}: no sample of the training split has them")
     fitted = []

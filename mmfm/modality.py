@@ -8,7 +8,7 @@ __all__ = ['ModalityError', 'UnknownModalityError', 'DuplicateTokenKeyError', 'm
            'SeriesModality', 'scalar_modality', 'series_modality', 'modality_from_definition']
 
 # %% ../nbs/00_modality.ipynb #c002
-import dataclasses, sys, typing
+import dataclasses, math, sys, typing
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Any, Sequence
 import numpy as np
@@ -230,8 +230,13 @@ def batch_size(self: BaseModality) -> int:
 
 # %% ../nbs/00_modality.ipynb #c023
 def _per_row_metadata(m: BaseModality) -> list:
+    "One metadata dict per row: `per_sample` as it is, a batch-level `ids` list split into one `id` per row."
     md = m.metadata or {}
     if 'per_sample' in md: return list(md['per_sample'])
+    ids = md.get('ids')
+    if isinstance(ids, (list, tuple)) and len(ids) == m.batch_size:
+        rest = {k: v for k, v in md.items() if k != 'ids'}
+        return [{**rest, 'id': i} for i in ids]
     return [md] * m.batch_size
 
 # %% ../nbs/00_modality.ipynb #s010
@@ -246,7 +251,16 @@ def concat(mods: Sequence[BaseModality]) -> BaseModality:
     for f in fields(cls):
         if not f.init or f.name == 'metadata': continue
         values = [getattr(m, f.name) for m in mods]
-        if f.name in cls.tensor_fields(): kwargs[f.name] = torch.cat(values, dim=0)
+        if f.name in cls.tensor_fields():
+            given = [v is not None for v in values]
+            if all(given): kwargs[f.name] = torch.cat(values, dim=0)
+            elif not any(given): kwargs[f.name] = None              # an optional field none of them has
+            else:
+                i = given.index(not given[0])
+                who = _per_row_metadata(mods[i])[0].get('id', f'item {i}') if mods[i].batch_size else f'item {i}'
+                raise ModalityError(f"concat: {cls.__name__}.{f.name} is {'given' if given[i] else 'None'} in sample "
+                                    f"{who!r} (item {i}) but {'given' if given[0] else 'None'} in item 0; give it "
+                                    "for every sample or for none")
         else:
             for i, v in enumerate(values):
                 if v != values[0]:
@@ -254,7 +268,7 @@ def concat(mods: Sequence[BaseModality]) -> BaseModality:
                                         f"({values[0]!r}) and item {i} ({v!r})")
             kwargs[f.name] = values[0]
     mds = [m.metadata for m in mods]
-    if all(md == mds[0] for md in mds): metadata = mds[0]
+    if all(md == mds[0] for md in mds) and 'ids' not in (mds[0] or {}): metadata = mds[0]
     else: metadata = {'per_sample': [row for m in mods for row in _per_row_metadata(m)]}
     return cls(**kwargs, metadata=metadata)
 
@@ -280,6 +294,8 @@ def select(self: BaseModality, rows) -> BaseModality:
     changes = {n: getattr(self, n)[idx] for n in self.tensor_fields() if getattr(self, n) is not None}
     md = self.metadata
     if md and 'per_sample' in md: md = {**md, 'per_sample': [md['per_sample'][i] for i in idx.tolist()]}
+    elif md and isinstance(md.get('ids'), (list, tuple)) and len(md['ids']) == self.batch_size:
+        md = {**md, 'ids': [md['ids'][i] for i in idx.tolist()]}      # a batch-level id list follows its rows
     return dataclasses.replace(self, **changes, metadata=md)
 
 # %% ../nbs/00_modality.ipynb #s012
@@ -320,9 +336,14 @@ def _make_modality(name, specs, bases, namespace, module):
     if not name.isidentifier(): raise ValueError(f"modality name {name!r} is not a Python identifier")
     for f, _ in specs:
         if not f.isidentifier() or f in ('metadata', 'token_key', 'num_tokens'):
-            raise ValueError(f"{name}: invalid field name {f!r}")
+            raise ValueError(f"{name}: invalid field name {f!r}: a field (column) name must be a Python identifier "
+                             "(letters, digits and _, e.g. 'bmi_kg_m2'; the unit goes in `units`) other than "
+                             "metadata, token_key and num_tokens")
     if len({f for f, _ in specs}) != len(specs):
         raise ValueError(f"{name}: duplicate field names in {[f for f, _ in specs]}")
+    old, definition = _BY_NAME.get(name), namespace.get('definition')
+    if old is not None and definition is not None and getattr(old, 'definition', None) == definition:
+        return old        # one definition, one class: a second DataFrame or a codec loaded again meets the same type
     ns = {'__module__': module, '__qualname__': name, **namespace}
     return dataclasses.make_dataclass(name, specs, bases=bases, namespace=ns, frozen=True, eq=False)
 
@@ -389,7 +410,15 @@ def series_modality(name: str,  # class name (assign the result to a variable of
                     unit: str | None = None,        # unit of the values
                     doc: str | None = None,         # docstring
                     ) -> type[SeriesModality]:
-    "A modality holding a `[batch, channels, time]` series."
+    """A modality holding a `[batch, channels, time]` series. Raises `ValueError` for channels or a length that is not
+    a positive whole number, and a sampling rate that is not a finite positive number."""
+    for what, v in (('channels', channels), ('length', length)):
+        if v is None and what == 'length': continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: {what} must be a positive whole number, got {v!r}")
+    if sampling_rate_hz is not None and not (isinstance(sampling_rate_hz, (int, float, np.number))
+                                             and math.isfinite(sampling_rate_hz) and sampling_rate_hz > 0):
+        raise ValueError(f"{name}: sampling_rate_hz must be a finite positive number (Hz), got {sampling_rate_hz!r}")
     shape = f"batch {int(channels)} {int(length) if length else 'time'}"
     ns = dict(token_key=token_key, num_tokens=None, signal_field=field, channels=int(channels), length=length,
               sampling_rate_hz=sampling_rate_hz, unit=unit,

@@ -418,7 +418,7 @@ def to_token_dataset(self: TokenShards, split: str | None = None,  # one split (
     return TokenDataset({k: torch.cat([p.tokens[k] for p in parts]) for k in self.keys},
                         {k: torch.cat([p.present[k] for p in parts]) for k in self.keys}, self.vocab_sizes,
                         self.token_grids, sum([p.ids for p in parts], []),
-                        splits if all(isinstance(s, str) for s in splits) else None, self.codec_checksums)
+                        splits if any(isinstance(s, str) for s in splits) else None, self.codec_checksums)
 
 # %% ../nbs/08a_token_shards.ipynb #a026
 @patch

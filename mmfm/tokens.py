@@ -313,9 +313,14 @@ def load(cls: TokenDataset, path: str | Path) -> TokenDataset:
 # %% ../nbs/08_tokens.ipynb #h002
 def codec_checksum(codec,  # a Codec
                    ) -> str:
-    "Hex SHA-256 of a codec's tensors, class, constructor arguments, token count, vocabulary and grid."
+    """Hex SHA-256 of a codec's tensors, class, constructor arguments, token count, vocabulary and grid. A modality
+    made by a factory (`table_modality` & co.) counts by its definition, not by the module it was made in, so the
+    codec loaded in another process (where the class is made again from its definition) has the same checksum."""
+    config = json.loads(json.dumps(codec.config, default=repr))
+    definition = getattr(getattr(codec, 'modality', None), 'definition', None)
+    if definition is not None and 'modality' in config: config['modality'] = definition
     meta = {"class": f"{type(codec).__module__}:{type(codec).__qualname__}",
-            "config": json.dumps(codec.config, sort_keys=True, default=repr), "token_key": codec.token_key,
+            "config": json.dumps(config, sort_keys=True, default=repr), "token_key": codec.token_key,
             "num_tokens": str(codec.num_tokens), "vocab_size": str(codec.vocab_size),
             "token_grid": json.dumps(as_grid(codec.token_grid))}
     return tensors_digest(dict(codec.state_dict()), meta)
@@ -371,13 +376,14 @@ def encode(cls: TokenDataset, dataset,  # a MultiSourceDataset (anything with __
            batch_size: int = 256,       # samples read and encoded at a time
            progress_bar: bool = True,   # show progress
            ) -> TokenDataset:
-    "Every sample of `dataset` encoded by `codecs`: the data set's tokens, ids and splits."
+    """Every sample of `dataset` encoded by `codecs`: the data set's tokens, ids and splits (a sample without a split
+    is in none of them; splits are recorded when any sample has one)."""
     n = len(dataset)
     if n == 0: raise ValueError("the dataset holds no samples")
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
     parts = [encode_batch(codecs, dataset.collate([dataset[i] for i in range(s, min(s + batch_size, n))]))
              for s in progress(starts, desc=f"encoding {n} samples", enable=progress_bar, leave=False)]
+    # a sample without a split is in none (TokenDataset.split), and the others keep theirs
     splits = [s.get("split") for s in getattr(dataset, "samples", [])]
-    return cls.from_batches(parts, codecs,
-                            splits if splits and all(isinstance(s, str) for s in splits) else None)
+    return cls.from_batches(parts, codecs, splits if any(s is not None for s in splits) else None)
