@@ -20,7 +20,12 @@ def model_from_checkpoint(path: str | Path) -> MultimodalTransformer:
     """The model of a training checkpoint (a `.safetensors` file, a run or checkpoints directory: its latest) or of a
     directory written by `MultimodalTransformer.save`. Raises `FileNotFoundError` when there is neither, `ValueError`
     for a file that is not an mmfm checkpoint."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"a model is a MultimodalTransformer or the path of a checkpoint or saved model, got "
+                        f"{type(path).__name__}")
     path = Path(path)
+    if path.name == "model.safetensors" and path.is_file() and (path.parent / "model.json").is_file():
+        path = path.parent                         # the weights file of a saved model: its directory
     if (path / "model.safetensors").is_file(): return MultimodalTransformer.load(path)
     tensors, meta = read_checkpoint(path)
     spec = meta["model_spec"]
@@ -47,6 +52,9 @@ def grow_model(model: MultimodalTransformer | str | Path,   # a trained model, o
     carried and new parameters. Raises `ValueError` when `codecs` lacks a key of the model or describes a kept key
     differently (vocabulary, token count, grid or token values), or when no key is new, and `CodecMismatchError`
     when the model records the codecs it trained with (`codec_checksums`) and a kept key's codec is another one."""
+    if not isinstance(codecs, CodecManager):
+        raise TypeError(f"grow_model: codecs must be a CodecManager (the model's codecs plus the new ones), got "
+                        f"{type(codecs).__name__}")
     old = model if isinstance(model, MultimodalTransformer) else model_from_checkpoint(model)
     new_spec, old_spec = model_spec(codecs=codecs), old.spec()
     missing = [k for k in old.token_keys if k not in new_spec["vocab_sizes"]]

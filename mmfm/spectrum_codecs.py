@@ -34,10 +34,13 @@ def _row_label(m, r: int) -> str:
 @dataclass(frozen=True, eq=False)
 class SpectrumModality(SeriesModality):
     """Base of 1-D spectra: `flux [batch, 1, pixel]` in the instrument's `unit` on its wavelength grid (bin centres
-    `wavelength`, Å), optional `ivar` (inverse variance, unit⁻², 0 at masked pixels). NaN flux marks a masked pixel.
+    `wavelength`, Å), optional `ivar` (inverse variance, unit⁻², 0 at masked pixels). A pixel is
+    masked where its flux is NaN or its `ivar` is 0 (the DESI and SDSS convention: a zero-weight pixel keeps a finite
+    flux that is no measurement).
     Subclasses (one per instrument, see `mmfm.surveys`) declare the fields with their pixel count and the class
     attributes. Raises `ModalityError` naming the class, field and sample for infinite flux, a spectrum with every
-    pixel masked, a negative or non-finite `ivar`, or `ivar > 0` at a masked pixel."""
+    pixel masked, a negative or non-finite `ivar`, `ivar > 0` at a NaN pixel, and a wavelength grid that is not
+    finite, positive and strictly increasing."""
     signal_field: ClassVar[str] = 'flux'
     channels: ClassVar[int] = 1
     instrument: ClassVar[str] = ''                     # registry name of the spectrograph
@@ -53,10 +56,9 @@ class SpectrumModality(SeriesModality):
             r = int(torch.isinf(f).flatten(1).any(1).nonzero()[0])
             raise ModalityError(f"{cls}.flux: infinite values in sample {_row_label(self, r)!r}; mark masked "
                                 "pixels with NaN")
-        empty = torch.isnan(f).flatten(1).all(1)
-        if empty.any():
-            raise ModalityError(f"{cls}.flux: every pixel is masked (NaN) in sample "
-                                f"{_row_label(self, int(empty.nonzero()[0]))!r}; mark the spectrum absent instead")
+        w = np.asarray(self.wavelength, dtype=float)
+        if len(w) and not (np.isfinite(w).all() and (w > 0).all() and (np.diff(w) > 0).all()):
+            raise ModalityError(f"{cls}.wavelength: bin centres must be finite, positive (Å) and strictly increasing")
         if self.ivar is not None:
             iv = self.ivar
             bad = ~torch.isfinite(iv) | (iv < 0) | (torch.isnan(f) & (iv > 0))
@@ -64,12 +66,18 @@ class SpectrumModality(SeriesModality):
                 r = int(bad.flatten(1).any(1).nonzero()[0])
                 raise ModalityError(f"{cls}.ivar: negative or non-finite inverse variance, or ivar > 0 at a masked "
                                     f"(NaN) pixel, in sample {_row_label(self, r)!r}")
+        masked = torch.isnan(f) if self.ivar is None else torch.isnan(f) | (self.ivar == 0)
+        empty = masked.flatten(1).all(1)
+        if empty.any():
+            raise ModalityError(f"{cls}.flux: every pixel is masked (NaN flux or ivar 0) in sample "
+                                f"{_row_label(self, int(empty.nonzero()[0]))!r}; mark the spectrum absent instead")
 
 # %% ../nbs/06a_spectrum_codecs.ipynb #sp007
 @patch(as_prop=True)
 def valid(self: SpectrumModality) -> Bool[Tensor, "batch 1 pixel"]:
-    "True where a pixel was measured (flux not NaN)."
-    return ~torch.isnan(self.flux)
+    "True where a pixel was measured: its flux is not NaN and, where `ivar` is given, its `ivar` is not 0."
+    ok = ~torch.isnan(self.flux)
+    return ok if self.ivar is None else ok & (self.ivar != 0)
 
 @patch(as_prop=True)
 def sigma(self: SpectrumModality) -> Float[Tensor, "batch 1 pixel"] | None:
@@ -294,13 +302,18 @@ def spectrum_rms_sigma(flux: Float[Tensor, "batch 1 pixel"] | np.ndarray,    # d
                        sigma: Float[Tensor, "batch 1 pixel"] | np.ndarray,   # each pixel's noise σ, same unit
                        ) -> float:
     """RMS of `flux - truth` in units of `sigma`, over spectra and pixels with a finite σ (the others are masked).
-    Raises `ValueError` on shape mismatch, for no pixel with a finite σ, and for a NaN or infinite flux or truth at
-    a pixel that counts (naming the spectrum and pixel): a prediction that failed is not left out of the score."""
+    Raises `ValueError` on shape mismatch, for no pixel with a finite σ, for a σ ≤ 0 (naming the spectrum and
+    pixel), and for a NaN or infinite flux or truth at a pixel that counts (naming the spectrum and pixel): a
+    prediction that failed is not left out of the score."""
     f, t, s = (np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v, dtype=np.float64) for v in (flux, truth, sigma))
     if not f.shape == t.shape == s.shape:
         raise ValueError(f"spectrum_rms_sigma: shapes differ: flux {f.shape}, truth {t.shape}, sigma {s.shape}")
     keep = np.isfinite(s)
     if not keep.any(): raise ValueError("spectrum_rms_sigma: no pixel has a finite sigma: nothing to score")
+    if (keep & (s <= 0)).any():
+        where = np.argwhere(keep & (s <= 0))[0]
+        raise ValueError(f"spectrum_rms_sigma: sigma must be > 0 (a noise σ), got {s[tuple(where)]} at spectrum "
+                         f"{where[0]}, pixel {where[-1]}")
     for name, v in (("flux", f), ("truth", t)):
         bad = keep & ~np.isfinite(v)
         if bad.any():

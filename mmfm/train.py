@@ -581,8 +581,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         if (d / "latest.json").exists(): path = d / read_json(d / "latest.json",
                                                               "checkpoint index")["file"]; break
     if not path.exists(): raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir(): raise FileNotFoundError(f"no checkpoint in {path}: it holds no latest.json (nor checkpoints/"
+                                              "latest.json); give a run directory or a checkpoint file")
     sidecar = path.with_suffix(".json")
-    if sidecar.exists() and sha256_file(path) != read_json(sidecar, "checkpoint record")["sha256"]:
+    record = read_json(sidecar, "checkpoint record") if sidecar.exists() else None
+    if record is not None and not (isinstance(record, dict) and "sha256" in record):
+        raise ValueError(f"{path} is not an mmfm training checkpoint ({sidecar.name} records no checksum of it)")
+    if record is not None and sha256_file(path) != record["sha256"]:
         raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one recorded in "
                          f"{sidecar.name}")
     tensors, meta = load_safetensors(path)
