@@ -68,3 +68,14 @@ def test_tiny_run_has_finite_metrics_with_baselines(tmp_path):
     assert 0 <= recs["cens_auc"]["model"] <= 1 and recs["cd420_rmse"]["train_mean"] > 0
     json.dumps(res)                                                   # the demo writes it as JSON
     assert (tmp_path / "actg_event_roc.png").exists()
+
+def test_too_few_patients_for_the_linear_baseline_is_named(tmp_path):
+    """A fold with fewer training patients than the linear baseline's features cannot give its residual σ: the
+    error says so, naming the task and fold (it used to be a NaN σ refused far downstream)."""
+    from mmfm.actg175 import load_actg175, patient_folds
+    from mmfm.examples.actg import example_config, fold_predictions
+    df = load_actg175().iloc[:40]
+    cfg = example_config("tiny", steps=2, n_patients=40)
+    fold = patient_folds(df.index, 2, cfg.seed)
+    with pytest.raises(ValueError, match=r"task 'cd496', fold 0: \d+ training patients with cd496 for \d+ features"):
+        fold_predictions(df, fold, 0, cfg, tmp_path)

@@ -205,8 +205,11 @@ def fold_predictions(df: pd.DataFrame, fold: np.ndarray, k: int, cfg: ActgExampl
                 lin = make_pipeline(IterativeImputer(max_iter=cfg.imputer_iter, random_state=seed), LinearRegression()).fit(X_tr, y_tr)
                 hgb = HistGradientBoostingRegressor(max_iter=cfg.hgb_iter, random_state=seed).fit(X_tr, y_tr)
                 rows["linear"], rows["hgb"], rows["train_mean"] = lin.predict(X), hgb.predict(X), y_tr.mean()
-                resid = y_tr - lin.predict(X_tr)
-                sigma = float(np.sqrt((resid ** 2).sum() / (len(resid) - X_tr.shape[1] - 1)))
+                resid, dof = y_tr - lin.predict(X_tr), len(y_tr) - X_tr.shape[1] - 1
+                if dof < 1: raise ValueError(f"task {task!r}, fold {k}: {len(y_tr)} training patients with {col} for "
+                                             f"{X_tr.shape[1]} features: too few to fit the linear baseline's residual "
+                                             "σ; use more patients or fewer folds")
+                sigma = float(np.sqrt((resid ** 2).sum() / dof))
                 rows.update({f"model_{n}": v for n, v in binned_scores(codec, probs[have], j, y).items()})
                 rows.update({f"linear_{n}": v for n, v in gaussian_scores(rows["linear"], sigma, y).items()})
             else:
