@@ -222,7 +222,8 @@ def predict_tokens(model,                                  # a MultimodalTransfo
                    choice_temperature: float = 0.0,
                    # False: targets jointly; True (or an order): one after another
                    chain: bool | Sequence[str] = False,
-                   # samples that have a target keep its tokens; False: predict all
+                   # samples keep the target tokens they measured and get the others (a whole absent target, or
+                   # the cells marked "not measured"); False: predict every target token
                    keep_present: bool = False,
                    generator: torch.Generator | None = None,  # source of randomness for sampling
                    ids: Sequence[str] | None = None,       # sample ids, for error messages
@@ -254,10 +255,16 @@ def predict_tokens(model,                                  # a MultimodalTransfo
         if k not in tokens:
             tokens[k] = torch.zeros(B, model.num_tokens[k], dtype=torch.long, device=dev)
             present[k] = torch.zeros(B, dtype=torch.bool, device=dev)
-    predict_rows = {k: ~present[k] if keep_present else torch.ones(B, dtype=torch.bool, device=dev)
-                    for k in targets}
     where = _positions(positions, targets, model)
-    target_mask = {k: predict_rows[k][:, None] & where[k].to(dev)[None] for k in targets}   # [B, N_key]
+    if keep_present:   # what a sample measured stays; what it lacks is predicted: a whole target or single cells
+        measured = token_presence(tokens, present, absent_positions or {})
+        measured = {k: measured[k] if measured[k].dim() == 2 else present[k][:, None].expand_as(tokens[k])
+                    for k in targets}
+        target_mask = {k: ~measured[k] & where[k].to(dev)[None] for k in targets}                # [B, N_key]
+        predict_rows = {k: target_mask[k].any(1) for k in targets}
+    else:
+        predict_rows = {k: torch.ones(B, dtype=torch.bool, device=dev) for k in targets}
+        target_mask = {k: predict_rows[k][:, None] & where[k].to(dev)[None] for k in targets}
     for k in targets:   # part of a target a sample lacks: its other tokens must read "not measured", never a value
         rest, lacking = ~where[k].to(dev), predict_rows[k] & ~present[k]
         if not (rest.any() and lacking.any()): continue
@@ -327,7 +334,8 @@ def predict(model,                         # a trained MultimodalTransformer
             seed: int | None = 0,           # seed of the sampling generator; None: torch's global RNG
             # False: targets jointly; True (or an order of targets): one after another
             chain: bool | Sequence = False,
-            # samples that have a target keep it; False: every sample's target is predicted
+            # samples keep what they measured of a target and get the rest (an absent target, cells marked
+            # "not measured"); False: every sample's target is predicted
             keep_present: bool = False,
             choice_temperature: float = 0.0,  # MaskGIT's annealed noise on the confidences
             metadata: Mapping | None = None,  # {target: keyword arguments for its codec's decode}
@@ -338,8 +346,9 @@ def predict(model,                         # a trained MultimodalTransformer
             ) -> dict | tuple[dict, TokenPrediction]:
     """Predict the `targets` modalities of `sample` and decode them: `{ModalityClass: modality of batch B}`.
     With `point="argmax"` the decoded tokens; otherwise the mean, median or q-quantile of each target token's
-    predicted distribution (the distribution it was committed from). Raises `PredictionError` for targets
-    that cannot be served, `ValueError` for a bad `point`."""
+    predicted distribution (the distribution it was committed from). Every cell of a target comes back decoded from
+    its token (a kept cell as its bin's value, not as it was given). Raises `PredictionError` for targets that cannot
+    be served, `ValueError` for a bad `point`."""
     point = check_point(point)
     tb = as_token_batch(sample, manager)
     parts = dict(targets) if isinstance(targets, Mapping) else None
@@ -446,7 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # given the model's unconditional guess
         has_input = torch.stack([data.present[k] for k in given if k in data.present]).any(0) if given else None
         left_out = [] if has_input is None else [i for i, h in zip(data.ids, has_input.tolist()) if not h]
-        if left_out and len(left_out) < len(data):
+        if left_out and len(left_out) == len(data):
+            raise ValueError(f"none of the {len(data)} samples" + (f" of split {a.split!r}" if a.split else "") +
+                             f" has any of the given keys {given}: nothing to predict from")
+        if left_out:
             data = data.subset(torch.nonzero(has_input).flatten().tolist())
             print(f"{p.prog}: {len(left_out)} sample(s) have none of {given} and are left out "
                   f"(first: {left_out[:5]}); their ids are in the output's 'left_out' metadata", file=sys.stderr)
