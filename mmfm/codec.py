@@ -216,6 +216,7 @@ def _check_modality(self: Codec, x) -> BaseModality:
 @patch
 def _check_tokens(self: Codec, tokens) -> Tensor:
     name = type(self).__name__
+    _check_prepared(self, 'decode')
     if not isinstance(tokens, Tensor):
         raise TokenRangeError(f"{name}.decode: tokens must be a tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
@@ -247,12 +248,22 @@ def _single_grid(codec: Codec, what: str):
         raise CodecError(f"{type(codec).__name__}: its token_grid {codec.token_grid} has segments, so it "
                          f"must define its own {what}")
 
+def _check_prepared(codec: Codec, what: str):
+    """`CodecError` when `codec` keeps a `prepared` flag (fitted statistics: table bins, series scales) that is False:
+    its placeholders would turn data into tokens (and tokens into values) that mean nothing."""
+    flag = getattr(codec, 'prepared', None)
+    if isinstance(flag, Tensor) and not bool(flag):
+        mod = getattr(codec, 'modality', None)
+        raise CodecError(f"{type(codec).__name__}({getattr(mod, '__name__', '?')}).{what}: the codec is not prepared "
+                         "(its bins or scales are placeholders); call prepare(training data) or fit_codecs first")
+
 # %% ../nbs/02_codec.ipynb #s011
 @patch
 @torch.no_grad()
 def encode(self: Codec, x: BaseModality) -> Int[Tensor, "batch num_tokens"]:
     "Tokens of modality `x`: `Long[batch, num_tokens]`."
     x = self._check_modality(x).to(self.device)
+    _check_prepared(self, 'encode')
     _single_grid(self, 'encode')
     return self._flat_indices(self.latent_to_indices(self._encode(x)), x.batch_size, self.token_grid)
 
@@ -361,6 +372,7 @@ def binned_summary(centres: Float[Tensor, "bins m"],    # each bin's value (what
 def _check_probs(self: Codec, probs) -> Tensor:
     "`probs` as a float tensor `[batch, num_tokens, vocab_size]` of distributions; `CodecError` naming the place otherwise."
     name = type(self).__name__
+    _check_prepared(self, 'decode_distribution')
     if not isinstance(probs, Tensor) or not probs.is_floating_point():
         raise CodecError(f"{name}.decode_distribution: probs must be a float tensor, got "
                          f"{getattr(probs, 'dtype', type(probs).__name__)}")
@@ -608,6 +620,8 @@ def check_codec(codec: Codec,               # the codec under test
                                tokens), f"{name}: save → load → encode changed the tokens"
         if check_default:
             fresh = type(codec)()
+            if isinstance(getattr(fresh, 'prepared', None), Tensor) and not bool(fresh.prepared):
+                fresh.prepare(sample)                  # a codec with fitted statistics is prepared before use
             assert fresh.modality is codec.modality, f"{name}(): default codec encodes {fresh.modality.__name__}"
             assert fresh.encode(sample).shape[0] == B, f"{name}(): default codec cannot encode the sample"
     finally: codec.train(was_training)

@@ -158,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-hidden", type=positive_int, default=32, help="image codec channels, >= 2 (default 32)")
     p.add_argument("--image-depth", type=nonnegative_int, default=1, help="image codec residual blocks, >= 0 (default 1)")
     p.add_argument("--patch", nargs="+", metavar="SURVEY=PIXELS", help="pixels per image token, e.g. legacy=4 hsc=6")
-    p.add_argument("--table-bins", type=int, help="quantile bins per table column (default: TableCodec's)")
+    p.add_argument("--table-bins", type=positive_int, help="quantile bins per table column (default: TableCodec's)")
+    p.add_argument("--table-missing-cells", action="store_true",
+                   help="NaN table cells are 'not measured' (a token of their own, never predicted as a value); "
+                        "without it a table with NaN cells is refused")
     a = p.parse_args(argv)
     try:
         out = Path(a.out)
@@ -182,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if survey in patches: opts["patch"] = patches[survey]
                 codecs[name] = default_codec(mod, image=opts)
         manager = fit_codecs(data, a.sources, a.max_samples, cfg, codecs,
-                             table=None if a.table_bins is None else dict(num_bins=a.table_bins))
+                             table={**({} if a.table_bins is None else dict(num_bins=a.table_bins)),
+                                    **(dict(missing_cells=True) if a.table_missing_cells else {})} or None)
         manager.save(a.out)
         print(f"saved {len(manager.codecs)} codecs to {a.out}: " +
               ", ".join(f"{k} ({c.num_tokens} tokens, vocabulary {c.vocab_size})" for k, c in manager.codecs.items()))

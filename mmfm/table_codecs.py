@@ -16,7 +16,7 @@ from jaxtyping import Float
 from fastcore.basics import patch
 from .modality import (BaseModality, TableModality, modality_type, registered_modalities,
                            modality_from_definition)
-from .quantize import QuantileScalarQuantizer, VectorQuantizer
+from .quantize import QuantileScalarQuantizer, VectorQuantizer, whole_number
 from .codec import Codec, CodecError, check_point, binned_summary, padded_range, ABSENT_TOKEN
 
 # %% ../nbs/05_table_codecs.ipynb #c006
@@ -82,7 +82,8 @@ def table_matrix(x: TableModality,   # a batch of a table modality
                                    "A missing cell is NaN; an infinite value is not a measurement")
         raise MissingCellError(f"{where}{type(x).__name__}: NaN or infinite cells in column(s) "
                                f"{', '.join(cols)}{who}. "
-                               "This codec does not encode missing cells: build it with missing_cells=True (NaN "
+                               "This codec does not encode missing cells: build it with missing_cells=True "
+                               "(`mmfm codecs --table-missing-cells`; NaN "
                                "cells become absent tokens), or mark the table absent for those samples "
                                "(present=False) instead of filling in a value")
     return m
@@ -123,7 +124,15 @@ class TableCodec(Codec):
             self._config['modality'] = modality_path(self._modality)   # JSON, importable at load
         if layout not in LAYOUTS:
             raise CodecError(f"{type(self).__name__}: layout must be one of {LAYOUTS}, got {layout!r}")
-        self.layout, self.density_floor, self.range_margin = layout, int(density_floor), float(range_margin)
+        name = type(self).__name__
+        density_floor = whole_number(density_floor, f"{name}: density_floor", 2)
+        for what, v in (("num_codes", num_codes), ("code_dim", code_dim), ("hidden", hidden)):
+            whole_number(v, f"{name}: {what}")
+        if isinstance(range_margin, bool) or not isinstance(range_margin, (int, float)) \
+                or not (math.isfinite(range_margin) and range_margin >= 0):
+            raise CodecError(f"{name}: range_margin must be a finite number >= 0 (× the training range's width), "
+                             f"got {range_margin!r}")
+        self.layout, self.density_floor, self.range_margin = layout, density_floor, float(range_margin)
         self.missing_cells = bool(missing_cells)
         if self.missing_cells and layout != "per_column":
             raise CodecError(f"{type(self).__name__}: missing_cells needs layout='per_column' (one token per row "
