@@ -100,7 +100,11 @@ def fit_codecs(dataset,                          # a MultiSourceDataset or Shard
     train = training_sample(dataset, names, 'train', max_samples, cfg.seed)
     val = training_sample(dataset, names, 'val', max(1, max_samples // 5), cfg.seed)
     missing = [n for n in names if n not in train]
-    if missing: raise ValueError(f"source(s) {missing}: no sample of the training split has them")
+    if missing:
+        splits = {s.get('split') for s in getattr(dataset, 'samples', [])} - {None}
+        raise ValueError(f"source(s) {missing}: no sample of the training split has them" + (
+            "; the data set records no splits (frame_dataset(..., split_column=...), or a 'split' per sample): codecs "
+            "are fitted on the 'train' split only" if not splits else f" (its splits: {sorted(splits)})"))
     fitted = []
     for n in names:
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 from fastcore.basics import patch
-from .modality import table_modality, concat
+from .modality import table_modality, concat, _EXACT_INT
 from .data import DataError, Sample, Batch, collate
 
 # %% ../nbs/04b_frames.ipynb #fr005
@@ -36,13 +36,21 @@ class FrameDataset(Dataset):
         if not isinstance(df, pd.DataFrame): raise TypeError(f"frame_dataset needs a pandas DataFrame, got {type(df).__name__}")
         if len(df) == 0: raise ValueError("the DataFrame has no rows")
         if not tables: raise ValueError("tables is empty: give {name: [columns]} for at least one table")
+        for what, col in (("id_column", id_column), ("split_column", split_column)):
+            if col is not None and col not in df.columns:
+                raise DataError("<frame>", what, f"no column {col!r} in the DataFrame (its columns: {list(df.columns)[:20]})")
+        twice = set(df.columns[df.columns.duplicated()])
         seen: dict[str, str] = {}
         for name, cols in tables.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ValueError(f"table name {name!r} must be a Python identifier (it names the modality class)")
             if isinstance(cols, str) or len(cols) == 0: raise ValueError(f"table {name!r}: give a list of columns")
             for c in cols:
+                if not isinstance(c, str):
+                    raise DataError("<frame>", name, f"column {c!r} is a {type(c).__name__}: a column becomes a field "
+                                    "of the modality, so name it with a string (df.columns = df.columns.astype(str))")
                 if c not in df.columns: raise DataError("<frame>", name, f"no column {c!r} in the DataFrame")
+                if c in twice: raise DataError("<frame>", name, f"the DataFrame has more than one column {c!r}")
                 if c in seen: raise DataError("<frame>", name, f"column {c!r} is already in table {seen[c]!r}")
                 seen[c] = name
         ids = df.index if id_column is None else df[id_column]
@@ -70,14 +78,23 @@ def _numeric(df: pd.DataFrame, cols: list, ids: list, table: str) -> np.ndarray:
     out = np.empty((len(df), len(cols)), dtype=np.float32)
     for j, c in enumerate(cols):
         col = df[c]
-        if col.dtype == bool or not (pd.api.types.is_numeric_dtype(col) or col.dtype == object):
-            raise DataError("<frame>", table, f"column {c!r} has dtype {col.dtype}: give numbers (NaN for missing)")
+        if col.dtype == bool or col.dtype.kind == "c" or not (pd.api.types.is_numeric_dtype(col) or col.dtype == object):
+            raise DataError("<frame>", table, f"column {c!r} has dtype {col.dtype}: give real numbers (NaN for missing)")
+        if col.dtype == object:                       # booleans and complex numbers are no measurements either
+            odd = col.map(lambda v: isinstance(v, (bool, np.bool_, complex, np.complexfloating))).to_numpy(dtype=bool)
+            if odd.any():
+                i = int(np.flatnonzero(odd)[0])
+                raise DataError(ids[i], table, f"column {c!r} holds {col.iloc[i]!r}, not a real number")
         num = pd.to_numeric(col, errors="coerce")
         wrong = num.isna() & col.notna()
         if wrong.any():
             i = int(np.flatnonzero(wrong.to_numpy())[0])
             raise DataError(ids[i], table, f"column {c!r} holds {col.iloc[i]!r}, not a number")
-        v = num.to_numpy(dtype=np.float64)
+        v = num.to_numpy(dtype=np.float64, na_value=np.nan)
+        if num.dtype.kind in "iu" and (np.abs(v) > _EXACT_INT).any():     # float32 would change the integer
+            i = int(np.flatnonzero(np.abs(v) > _EXACT_INT)[0])
+            raise DataError(ids[i], table, f"column {c!r} holds the integer {num.iloc[i]}, which float32 does not hold "
+                            f"exactly (beyond ±2**24 = {_EXACT_INT}); give it as a float or in other units")
         if np.isinf(v).any():
             i = int(np.flatnonzero(np.isinf(v))[0])
             raise DataError(ids[i], table, f"column {c!r} holds {v[i]}: infinite values are not measurements")

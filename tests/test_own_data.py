@@ -59,3 +59,7 @@ def test_a_sample_without_split_keeps_the_others(fitted):
     toks = TokenDataset.encode(frame_dataset(df, TABLES, split_column="split"), m, progress_bar=False)
     assert toks.splits[0] is None and toks.splits[1:] == ["train"] * 3 + ["val"] * 4
     assert len(toks.split("train")) == 3 and len(toks.split("val")) == 4
+
+def test_fitting_without_splits_says_so():
+    with pytest.raises(ValueError, match="the data set records no splits"):
+        fit_codecs(frame_dataset(_frame(10, 4, split=False), TABLES), table=dict(num_bins=8), verbose=False)
