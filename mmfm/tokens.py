@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from fastcore.basics import patch
 from .modality import BaseModality
-from .codec import CodecError, as_grid, grid_size
+from .codec import CodecError, as_grid, grid_size, ABSENT_TOKEN
 from .data import Batch
 from .files import save_safetensors, load_safetensors, tensors_digest
 from .progress import progress
@@ -87,7 +87,9 @@ def select(self: TokenBatch, rows) -> TokenBatch:
 def encode_batch(codecs,        # the CodecManager: one codec per modality of the batch
                  batch: Batch,  # a collated batch (`collate`, `MultiSourceDataset.collate`)
                  ) -> TokenBatch:
-    "Encode a collated `Batch`: tokens `Long[B, N]` per token key, scattered to the rows of present samples."
+    """Encode a collated `Batch`: tokens `Long[B, N]` per token key, scattered to the rows of present samples. A
+    modality whose every token reads "not measured" (a table with all cells NaN under `missing_cells`) holds no
+    measurement and is marked absent for that sample, as `frame_dataset` does for such a table."""
     B, tokens, present = len(batch), {}, {}
     for name, mask in batch.present.items():
         if name not in batch.mods and name not in batch.types:
@@ -97,6 +99,9 @@ def encode_batch(codecs,        # the CodecManager: one codec per modality of th
         if key in tokens: raise CodecError(f"two sources of the batch map to token key {key!r}")
         toks = torch.zeros(B, codec.num_tokens, dtype=torch.long, device=mask.device)
         if name in batch.mods: toks[mask] = codec.encode(batch.mods[name]).to(mask.device)
+        ap = codec.absent_positions
+        if ap is not None and ap.all():            # every token can say "not measured": is anything measured?
+            mask = mask & (toks != ABSENT_TOKEN).any(1)
         tokens[key], present[key] = toks, mask
     return TokenBatch(list(batch.ids), tokens, present)
 
