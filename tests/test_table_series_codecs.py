@@ -75,11 +75,11 @@ def test_missing_cells_are_refused_with_column_rows_and_ids():
     x = _table("normal", 6, 0); x[2, 1] = float("nan"); x[4, 1] = float("inf")
     m = Lab3.from_matrix(x, metadata={"per_sample": [{"id": f"p{i}"} for i in range(6)]})
     for layout in ("per_column", "per_table"):
-        codec = TableCodec(Lab3, layout=layout)
+        codec = TableCodec(Lab3, layout=layout).prepare(Lab3.from_matrix(_table("normal", 6, 1)))
         with pytest.raises(MissingCellError, match=r"column\(s\) 'b' \(rows \[2, 4\]\); sample ids \['p2', 'p4'\]"):
             codec.encode(m)
         with pytest.raises(MissingCellError, match="prepare"):
-            codec.prepare(m)
+            TableCodec(Lab3, layout=layout).prepare(m)
 
 
 def test_input_not_modified_and_batch_of_one():
@@ -125,7 +125,7 @@ def test_every_medical_codec_default_constructible_and_checked():
 
 
 def test_series_codec_rejects_nan_and_is_deterministic():
-    codec = CohortEcgCodec()
+    codec = CohortEcgCodec().prepare(CohortEcg(ecg=torch.randn(4, 1, 1024)))
     x = torch.randn(2, 1, 1024); x[1, 0, 3] = float("nan")
     with pytest.raises(Exception, match=r"NaN or infinite samples in rows \[1\]"):
         codec.encode(CohortEcg(ecg=x))

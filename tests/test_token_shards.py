@@ -13,6 +13,7 @@ from mmfm.files import sha256_file
 from mmfm.masking import MaskingConfig
 from mmfm.testing import ToyTable, ToyImage, ToyImageCodec, toy_manager, toy_table, toy_image
 from mmfm.tokens import TokenDataset, CodecMismatchError
+from mmfm.fit_codecs import training_sample
 from mmfm.token_shards import tokenize_dataset, TokenShards, TokenStream, main as tokenize_main
 from mmfm.train import Trainer, TrainConfig, DistInfo, MetricsLog
 from mmfm.transformer import MultimodalTransformer
@@ -201,11 +202,14 @@ def test_tokens_of_other_codecs_are_refused(tokens, tmp_path):
 def test_mmfm_tokenize_on_the_diabetes_data(tmp_path):
     from mmfm.medical import build_diabetes, medical_codecs, diabetes_sources
     build_diabetes(tmp_path / "dia")
-    codecs = medical_codecs("diabetes"); codecs.save(tmp_path / "codecs")
+    codecs = medical_codecs("diabetes")
+    dia = MultiSourceDataset(tmp_path / "dia", "manifest.json", diabetes_sources())
+    for m in training_sample(dia, [s.name for s in dia.sources]).values(): codecs.codec_for(type(m)).prepare(m)
+    codecs.save(tmp_path / "codecs")
     args = ["--data", str(tmp_path / "dia"), "--codecs", str(tmp_path / "codecs"), "--out", str(tmp_path / "tok"),
             "--shard-size", "100", "--quiet"]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                       # untrained codecs: values outside their ranges
+        warnings.simplefilter("ignore")                       # codecs prepared on train: test values outside their ranges
         assert tokenize_main(args + ["--workers", "2"]) == 0
         ref = TokenDataset.encode(MultiSourceDataset(tmp_path / "dia", "manifest.json", diabetes_sources()), codecs,
                                   progress_bar=False)
