@@ -28,6 +28,7 @@ class DataError(ValueError):
     def __init__(self, sample_id, source, problem):
         self.sample_id, self.source, self.problem = sample_id, source, problem
         super().__init__(f"sample {sample_id!r}, source {source!r}: {problem}")
+    def __reduce__(self): return (DataError, (self.sample_id, self.source, self.problem))   # crosses process pools
 
 # %% ../nbs/04_data.ipynb #r01c
 # what reading a file can raise: OS errors (ELOOP, EISDIR, EACCES), symlink loops and deep JSON

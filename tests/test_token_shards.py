@@ -234,3 +234,14 @@ def test_the_trainer_epoch_never_goes_back_with_several_workers(tmp_path):
     assert epochs == sorted(epochs) and epochs[-1] >= 1, epochs
     ended = [r["epoch"] for r in t.log.rows("epoch")]
     assert ended == sorted(set(ended)), ended
+
+
+def test_a_workers_data_error_reaches_the_caller_whole(tmp_path):
+    "A sample's DataError raised in a tokenize worker process arrives as that DataError (it used to break the pool)."
+    from mmfm.data import DataError
+    made = toy_dataset(tmp_path / "d", n=12)
+    t = pd.read_csv(tmp_path / "d" / "t.csv"); t.iloc[9, 1] = np.nan; t.to_csv(tmp_path / "d" / "t.csv", index=False)
+    ds = MultiSourceDataset(tmp_path / "d", [dict(s) for s in made.samples],          # read the edited table
+                            [Source("table_row", ToyTable, TableLoader("t.csv")), Source("image", ToyImage, NpyLoader("flux"))])
+    with pytest.raises(DataError, match="sample 's009', source 'table_row'"):
+        tokenize_dataset(ds, toy_manager(), tmp_path / "tok", shard_size=4, workers=2, verbose=False)
