@@ -775,7 +775,7 @@ def save(self: CodecManager, directory: str | Path,
     cannot be saved is refused before anything is written."""
     if portable:
         for c in self.codecs.values(): _portable_config(c)
-    d = make_folder(directory, 'codec manager folder')
+    d = make_folder(directory, 'codec manager folder', 'codecs')
     for key, codec in self.codecs.items(): codec.save(d/key, portable=portable)
     index = {'format': 'mmfm-codec-manager',
              'codecs': {k: {'file': k, 'class': _class_path(type(c)), 'modality': c.modality.__name__}

@@ -22,7 +22,7 @@ from fastcore.basics import patch
 from .modality import (BaseModality, ModalityError, modality_type, UnknownModalityError,
                            modality_from_definition)
 from .data import DataError, Sample, Batch, Source, collate
-from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index
+from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index, make_folder
 from .progress import progress
 
 # %% ../nbs/04a_shards.ipynb #a005
@@ -215,6 +215,7 @@ class ShardWriter:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
         self.root, self.spec, self.shard_size = Path(root), source_spec(sources), shard_size
+        make_folder(self.root, "sample-shard folder", "sample-shards")   # never over a token set or other data
         self.info, self.row_group_rows, self.compression = dict(info or {}), row_group_rows, compression
         key = {"format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "sources": self.spec,
                "shard_size": shard_size, "info": self.info}

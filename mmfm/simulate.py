@@ -30,7 +30,7 @@ from .surveys import (SurveyInfo, SURVEYS, survey_info, cutout_header,
                           image_modality, SurveyImageLoader, CATALOGS, MOMENTS_BANDS,
                           spectrograph_info, spectrum_modality, SpectrumLoader, write_spectra)
 from .data import Source, TableLoader, MultiSourceDataset, Sample
-from .files import atomic_write, write_json, FileFormatError
+from .files import atomic_write, write_json, read_json, make_folder, FileFormatError
 from .shards import ShardWriter, ShardDataset, read_shard_index, INDEX_FILE, JOURNAL_DIR
 from .progress import progress
 
@@ -515,6 +515,13 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
     if (out / INDEX_FILE).exists() or (out / JOURNAL_DIR).exists():
         raise FileFormatError(f"{out} holds sample shards (mmfm simulate --shards): writing FITS files and a manifest "
                               "there would mix two data sets; choose another folder")
+    make_folder(out, "data-set folder", "manifest")
+    claim = out / 'truth' / 'config.json'     # written first: a rerun (or a killed run's rerun) must be the same one
+    if claim.is_file() and read_json(claim, "simulation config") != json.loads(json.dumps(asdict(cfg))):
+        raise FileExistsError(f"{out} holds a data set simulated with other settings ({claim}); its cutouts would be "
+                              "overwritten by another run's and mix with its catalogs: choose another folder or "
+                              "delete it")
+    write_json(claim, asdict(cfg))
     truth = draw_galaxies(cfg)
     records = truth.to_dict('records')
     n_chunks = max(1, min(len(records), 8 * workers))
@@ -546,7 +553,6 @@ def simulate_dataset(out: "str | Path",           # data root to write (e.g. dat
     manifest = {'name': 'mmfm simulated multi-survey galaxies', 'version': 1, 'tables': TABLE_FILES,
                 'samples': samples}
     atomic_write(out / 'truth' / 'truth.csv', lambda p: truth.to_csv(p, index=False))
-    write_json(out / 'truth' / 'config.json', asdict(cfg))
     write_json(out / 'manifest.json', manifest)                # last: the manifest commits the data set
     seconds = time.perf_counter() - t0
     counts = {f'{s}_images': int(truth[f'in_{s}'].sum()) for s in IMAGE_SOURCES} | {name: len(v) for name,

@@ -282,7 +282,7 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
     for name, v in (("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     units = work_units(dataset, shard_size)        # checks shard_size and that there are samples
-    out = make_folder(out, 'token-set folder')    # made only once the arguments are known good
+    out = make_folder(out, 'token-set folder', 'token-set')    # made only once the arguments are known good
     codecs.eval()
     sizes = _unit_rows(dataset, units)
     firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()

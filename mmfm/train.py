@@ -319,7 +319,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + self.dinfo.rank)
         np.random.seed(self.cfg.seed); random.seed(self.cfg.seed)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        if self.dinfo.is_main: make_folder(self.out_dir, 'run folder')
+        if self.dinfo.is_main: make_folder(self.out_dir, 'run folder', 'run')
         found = (self.ckpt_dir / "latest.json").exists()
         if found and not resume:
             raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True (--resume) to "

@@ -245,3 +245,13 @@ def test_a_workers_data_error_reaches_the_caller_whole(tmp_path):
                             [Source("table_row", ToyTable, TableLoader("t.csv")), Source("image", ToyImage, NpyLoader("flux"))])
     with pytest.raises(DataError, match="sample 's009', source 'table_row'"):
         tokenize_dataset(ds, toy_manager(), tmp_path / "tok", shard_size=4, workers=2, verbose=False)
+
+
+def test_tokenize_never_writes_into_a_sample_shard_folder(data, tmp_path):
+    "Both formats name their files shard-NNNNN.parquet: a token set written over sample shards would destroy them."
+    from mmfm.shards import write_shards
+    write_shards(tmp_path / "samples", data, shard_size=8, progress_bar=False)
+    before = digests(tmp_path / "samples")
+    with pytest.raises(FileExistsError, match="already holds sample shards"):
+        tokenize_dataset(data, toy_manager(), tmp_path / "samples", shard_size=4, verbose=False)
+    assert digests(tmp_path / "samples") == before
