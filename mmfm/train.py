@@ -715,14 +715,15 @@ def _cli_type(f):
 
 def build_parser() -> argparse.ArgumentParser:
     "The command-line options of `mmfm train`."
+    from mmfm.cli import positive_int, nonnegative_int
     p = argparse.ArgumentParser(prog="mmfm train",
                                 description="Train a MultimodalTransformer on pre-encoded tokens.")
     p.add_argument("--data", help="TokenDataset file (safetensors), or token-shard folder (tokens.json; streamed)")
     p.add_argument("--val-data", help="TokenDataset file or token-shard folder for validation (default with a "
                    "token-shard --data: its 'val' split, if any)")
-    p.add_argument("--data-workers", type=int, default=0, help="DataLoader workers reading a token-shard folder")
-    p.add_argument("--window", type=int, default=4, help="shards whose rows a token stream shuffles together")
-    p.add_argument("--synthetic", type=int, metavar="N",
+    p.add_argument("--data-workers", type=nonnegative_int, default=0, help="DataLoader workers reading a token-shard folder")
+    p.add_argument("--window", type=positive_int, default=4, help="shards whose rows a token stream shuffles together")
+    p.add_argument("--synthetic", type=positive_int, metavar="N",
                    help="train on N synthetic samples instead of --data")
     p.add_argument("--codecs", help="CodecManager directory to check the data's vocabularies against")
     p.add_argument("--out", default="runs/mmfm", help="run directory: logs, checkpoints, final model")
@@ -749,20 +750,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/12_train.ipynb #s015
-def _budget(x: float): return int(x) if x >= 1 else x
+def _budget(x: float):
+    "A budget from the command line: a fraction in (0, 1), or a whole number of tokens (>= 1); `ValueError` otherwise."
+    if not (math.isfinite(x) and x > 0) or (x >= 1 and not float(x).is_integer()):
+        raise ValueError(f"a budget is a fraction in (0, 1) or a whole number of tokens >= 1, got {x}")
+    return int(x) if x >= 1 else x
 
 # %% ../nbs/12_train.ipynb #b004
+def _pick_split(names, want: str, path, role: str) -> str | None:
+    """`want` if the data record it among their splits `names`, None (every row) if they record no split; a data set
+    with splits but not `want` is refused: training on its test rows, or validating on its training rows, would be
+    silent leakage."""
+    named = sorted({str(n) for n in names if n not in (None, "None")})
+    if not named: return None
+    if want in named: return want
+    raise ValueError(f"{path} records the splits {named} but no {want!r} split for {role}; give data with a {want!r} "
+                     "split (or without splits, to use every row)")
+
 def _token_data(args, cfg: TrainConfig, dinfo: DistInfo) -> tuple:
-    """Training and validation data of `--data` / `--val-data`: a token-shard folder is streamed (its `train` split
-    when it records one), a file is a `TokenDataset`."""
-    val = args.val_data and (TokenShards(args.val_data) if Path(args.val_data).is_dir()
-                             else TokenDataset.load(args.val_data))
-    if not Path(args.data).is_dir(): return TokenDataset.load(args.data), val or None
+    """Training and validation data of `--data` / `--val-data`, file (`TokenDataset`) or token-shard folder (streamed):
+    training reads the `train` split of `--data`, validation the `val` split of `--val-data` or else of `--data`;
+    data without splits are used whole; data with splits but not the one needed are refused (`_pick_split`)."""
+    val = None
+    if args.val_data:
+        if Path(args.val_data).is_dir():
+            val = TokenShards(args.val_data); _pick_split(val.splits, "val", args.val_data, "validation")
+        else:
+            v = TokenDataset.load(args.val_data)
+            val = v if _pick_split(v.splits or [], "val", args.val_data, "validation") is None else v.split("val")
+    if not Path(args.data).is_dir():
+        ds = TokenDataset.load(args.data)
+        split = _pick_split(ds.splits or [], "train", args.data, "training")
+        if split is None: return ds, val
+        return ds.split("train"), val or (ds.split("val") if "val" in ds.splits else None)
     shards = TokenShards(args.data)
     if cfg.batch_size % dinfo.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dinfo.world_size} processes")
-    data = TokenStream(shards, cfg.batch_size // dinfo.world_size, "train" if "train" in shards.splits else None,
-                       cfg.seed, args.window, rank=dinfo.rank, world_size=dinfo.world_size,
+    data = TokenStream(shards, cfg.batch_size // dinfo.world_size, _pick_split(shards.splits, "train", args.data,
+                       "training"), cfg.seed, args.window, rank=dinfo.rank, world_size=dinfo.world_size,
                        num_workers=args.data_workers)
     return data, val or (shards if "val" in shards.splits else None)
 
