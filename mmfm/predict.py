@@ -16,7 +16,7 @@ from jaxtyping import Bool, Float, Int
 from .modality import BaseModality, modality_type, UnknownModalityError
 from .codec import CodecManager, check_point, token_presence, ABSENT_TOKEN
 from .data import Batch
-from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens
+from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens, check_codec_checksums
 from .transformer import MultimodalTransformer
 from .files import save_safetensors
 
@@ -445,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = shards.to_token_dataset(a.split)
         else:
             data = TokenDataset.load(a.data)
+            if data.codec_checksums:               # tokens of other codecs would be read as these codecs' tokens
+                check_codec_checksums(data.codec_checksums, codecs, f"the tokens in {a.data}")
             if a.split: data = data.split(a.split)
         keys = resolve_targets(a.targets, model, codecs)
         given = resolve_targets(a.given, model,
