@@ -368,6 +368,16 @@ class TokenShards:
         self.num_tokens = {k: int(v) for k, v in info["num_tokens"].items()}
         self.codec_checksums, self.shards = dict(info["codecs"]), list(info["shards"])
         self.splits = dict(info["splits"])       # {split: rows} ("None": rows without a split)
+        files = [r.get("file") for r in self.shards]   # the entries must hold what the index says, each once
+        twice = sorted({f for f in files if files.count(f) > 1})
+        if twice: raise FileFormatError(f"{path}: shard file(s) {twice} are listed more than once: their samples would "
+                                        "be read twice")
+        total = sum(int(r.get("rows", 0)) for r in self.shards)
+        per_split = {s: sum(int((r.get("splits") or {}).get(s, 0)) for r in self.shards) for s in self.splits}
+        if total != int(info["rows"]) or any(per_split[s] != int(n) for s, n in self.splits.items()):
+            raise FileFormatError(f"{path}: its shard entries hold {total} rows ({per_split}), the index records "
+                                  f"{info['rows']} ({self.splits}): an entry was removed or edited, and samples would "
+                                  "go missing; tokenize again")
 
     def __len__(self) -> int: return int(self.info["rows"])
     def __repr__(self):
@@ -475,8 +485,12 @@ class TokenStream(IterableDataset):
             raise ValueError(f"{self.shards.root} has {len(self.shards.shards)} shard(s), fewer than the "
                              f"{self.n_streams} streams ({world_size} process(es) x {self.n_workers} worker(s)): "
                              "tokenize with a smaller shard size")
-        if sum(self.shards.shard_rows(k, split) for k in range(len(self.shards.shards))) == 0:
+        rows = sum(self.shards.shard_rows(k, split) for k in range(len(self.shards.shards)))
+        if rows == 0:
             raise ValueError(f"no row of {self.shards.root} is in split {split!r}; splits: {self.shards.splits}")
+        if infinite and rows < batch_size * world_size:      # a batch would hold the same sample twice
+            raise ValueError(f"split {split!r} of {self.shards.root} holds {rows} rows, fewer than one batch of "
+                             f"{batch_size * world_size}: use a smaller batch size")
         self._positions, self._next = [(0, 0, 0)] * self.n_workers, 0
 
     def __iter__(self): return self._worker_batches()   # (below) the batches of this DataLoader worker's stream
