@@ -8,7 +8,7 @@ __all__ = ['SHARD_FORMAT', 'SHARD_FORMAT_VERSION', 'INDEX_FILE', 'JOURNAL_DIR', 
            'write_shards', 'read_shard_index', 'ShardDataset']
 
 # %% ../nbs/04a_shards.ipynb #a002
-import hashlib, importlib, json, math, os, typing
+import hashlib, importlib, json, math, os, typing, unicodedata
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from fastcore.basics import patch
 from .modality import (BaseModality, ModalityError, modality_type, UnknownModalityError,
                            modality_from_definition)
-from .data import DataError, Sample, Batch, Source, collate
+from .data import DataError, Sample, Batch, Source, collate, _sample_id
 from .files import atomic_write, write_json, read_json, sha256_file, FileFormatError, read_index, make_folder
 from .progress import progress
 
@@ -154,6 +154,7 @@ def _list_column(values: list, storage: str) -> pa.Array:
 # %% ../nbs/04a_shards.ipynb #a026
 def _check_id(sid, split, i):
     if not isinstance(sid, str) or not sid: raise DataError(f"<sample #{i}>", "id", f"bad id {sid!r}")
+    _sample_id({"id": sid}, i, {})          # the manifest's rules: printable, no surrounding whitespace
     if split is not None and not isinstance(split, str):
         raise DataError(sid, "split", f"split must be a string or None, got {split!r}")
 
@@ -300,6 +301,15 @@ def finish(self: ShardWriter, n_shards: int) -> dict:
                                     f"but {first['first']} has {first['shape']} ({first['dtype']})")
         recs.append({k2: rec[k2] for k2 in ("file", "rows", "sha256", "splits", "present", "ids_sha256",
                                            "extras")})
+    seen, where = {}, {}                          # ids unique across the data set (also after NFC), as in a manifest
+    for rec in recs:
+        for sid in pq.read_table(self.root / rec["file"], columns=["id"]).column("id").to_pylist():
+            try: _sample_id({"id": sid}, len(where), seen)
+            except DataError as e:
+                raise DataError(sid, "id", f"{e.problem} (in {rec['file']}; the other in "
+                                f"{where.get(unicodedata.normalize('NFC', sid), '?')}): every sample id must be unique "
+                                "across the shards") from None
+            where[unicodedata.normalize("NFC", sid)] = rec["file"]
     k = n_shards
     while (rec := self._record(k)) is not None:   # leftovers of an earlier, larger run of this writer
         for f in [rec["file"]] + [e["file"] for e in rec["extras"].values()]: (self.root / f).unlink(missing_ok=True)
