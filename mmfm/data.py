@@ -344,8 +344,9 @@ def _manifest_path(data_root: Path, manifest) -> Path:
     if p.is_absolute() or (not data_root.is_absolute() and p.is_relative_to(data_root)): return p
     return data_root / p
 
-def _keep(samples: list, split, drop_empty: bool, sources, where: str, skipped: list) -> list:
-    "The samples of `split` (with one of `sources` if `drop_empty`); none left is a `DataError` saying why."
+def _keep(samples: list, split, drop_empty: bool, sources, where: str, skipped: list, dropped: list | None = None) -> list:
+    """The samples of `split` (with one of `sources` if `drop_empty`; the ids of those without go to `dropped`); none
+    left is a `DataError` saying why."""
     if not samples: raise DataError('<manifest>', where, "no sample to read: the manifest lists none" if not
                                     skipped else f"no sample to read: all {len(skipped)} were skipped")
     kept = samples if split is None else [s for s in samples if s.get('split') == split]
@@ -354,7 +355,10 @@ def _keep(samples: list, split, drop_empty: bool, sources, where: str, skipped: 
         raise DataError('<manifest>', where, f"no sample in split {split!r}; the splits are {splits}"
                         + (f" ({sum('split' not in s for s in samples)} sample(s) have none)"
                            if any('split' not in s for s in samples) else ''))
-    if drop_empty: kept = [s for s in kept if any(src.key in s for src in sources)]
+    if drop_empty:
+        has = [any(src.key in s for src in sources) for s in kept]
+        if dropped is not None: dropped.extend(s['id'] for s, h in zip(kept, has) if not h)
+        kept = [s for s, h in zip(kept, has) if h]
     if not kept:
         raise DataError('<manifest>', where, f"no sample has any of the sources {[s.key for s in sources]}")
     return kept
@@ -388,7 +392,8 @@ class MultiSourceDataset(Dataset):
             warnings.warn(f"skipped {len(self.skipped)} bad sample(s); see dataset.skipped. First: "
                           f"{self.skipped[0]}")
         where = str(manifest) if is_path else '<samples>'
-        self.samples = _keep(samples, split, drop_empty, self.sources, where, self.skipped)
+        self.dropped: list[str] = []          # ids left out by drop_empty (none of the sources)
+        self.samples = _keep(samples, split, drop_empty, self.sources, where, self.skipped, self.dropped)
 
     def __len__(self): return len(self.samples)
 

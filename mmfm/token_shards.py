@@ -337,6 +337,7 @@ def _write_index(out: Path, units: list[dict], codecs, dataset) -> "TokenShards"
         for s, c in r["splits"].items(): splits[s] = splits.get(s, 0) + c
         rows, left = rows + r["rows"], left + r.get("left_out", 0)
         entries.append({k: r[k] for k in ("file", "rows", "sha256", "splits")})
+    left += len(getattr(dataset, "dropped", ()))   # samples a manifest data set left out before the units
     sums = codec_checksums(codecs)
     per_key = lambda d: {k: d[k] for k in keys}
     index = {"format": FORMAT, "version": FORMAT_VERSION, "keys": keys, "vocab_sizes": per_key(codecs.vocab_sizes),

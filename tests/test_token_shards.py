@@ -255,3 +255,15 @@ def test_tokenize_never_writes_into_a_sample_shard_folder(data, tmp_path):
     with pytest.raises(FileExistsError, match="already holds sample shards"):
         tokenize_dataset(data, toy_manager(), tmp_path / "samples", shard_size=4, verbose=False)
     assert digests(tmp_path / "samples") == before
+
+
+def test_samples_a_manifest_leaves_out_are_counted(tmp_path):
+    "A sample with none of the codecs' modalities is left out and counted, in manifest mode as in shard mode."
+    made = toy_dataset(tmp_path / "d", n=8)
+    man = [dict(s) for s in made.samples]
+    del man[3]["table_row"]; man[3].pop("image", None)                  # sample s003: nothing to encode
+    ds = MultiSourceDataset(tmp_path / "d", man, [Source("table_row", ToyTable, TableLoader("t.csv")),
+                                                 Source("image", ToyImage, NpyLoader("flux"))], drop_empty=True)
+    assert ds.dropped == ["s003"]
+    tok = tokenize_dataset(ds, toy_manager(), tmp_path / "tok", shard_size=4, verbose=False)
+    assert len(tok) == 7 and tok.info["left_out"] == 1
