@@ -511,7 +511,15 @@ def _decode(self: ShardDataset, cols: dict, r: int, sid: str) -> Sample:
             if d.get("shape") is None or len(v) != math.prod(d["shape"]):
                 raise DataError(sid, name, f"field {f!r}: {len(v)} values, but the index gives the shape "
                                            f"{d.get('shape')} ({where})")
-            kwargs[f] = torch.from_numpy(v.reshape(1, *d["shape"]).copy()).to(_TORCH[d["dtype"]])
+            raw = torch.from_numpy(v.reshape(1, *d["shape"]).copy())
+            kwargs[f] = raw.to(_TORCH[d["dtype"]])
+            if kwargs[f].dtype != raw.dtype:          # the index's dtype must not change the stored values
+                back = kwargs[f].to(raw.dtype)
+                same = (back == raw) | (torch.isnan(raw) & torch.isnan(back)) if raw.is_floating_point() else back == raw
+                if not bool(same.all()):
+                    raise DataError(sid, name, f"field {f!r}: the index gives dtype {d['dtype']}, which changes the "
+                                               f"stored {str(raw.dtype).replace('torch.', '')} values ({where}); was "
+                                               "shards.json edited?")
         kwargs.update({f: _tupled(v, hints.get(f)) for f, v in extra.get("fields", {}).items()})
         try: mods[name] = cls(**kwargs, metadata=extra.get("metadata"))
         except (TypeError, ValueError) as err: raise DataError(sid, name, f"{err} ({where})") from None

@@ -106,3 +106,18 @@ def test_shards_of_a_data_frame_are_read_by_another_process(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     n, mods, c0 = r.stdout.split(" ", 1)[0], r.stdout.split("[", 1)[1].split("]")[0], float(r.stdout.split()[-1])
     assert n == "12" and mods == "'LabB'" and abs(c0 - df.c[0]) < 1e-6, r.stdout
+
+
+def test_an_edited_dtype_never_truncates_values(tmp_path):
+    "shards.json's dtype is trusted only while it keeps the stored values (int64 over float32 redshifts used to give 0)."
+    import json
+    from mmfm.data import DataError
+    from mmfm.simulate import SimConfig, simulate_dataset
+    from mmfm.shards import ShardDataset
+    simulate_dataset(tmp_path / "s", SimConfig(n_galaxies=12, seed=1), shards=True, shard_size=6)
+    ix = json.loads((tmp_path / "s" / "shards.json").read_text())
+    ix["sources"]["spec_z"]["fields"]["z"]["dtype"] = "int64"
+    (tmp_path / "s" / "shards.json").write_text(json.dumps(ix))
+    ds = ShardDataset(tmp_path / "s")
+    with pytest.raises(DataError, match="the index gives dtype int64, which changes the stored float32 values"):
+        for i in range(len(ds)): ds[i]
