@@ -18,7 +18,7 @@ from .codec import CodecManager, check_point, token_presence, ABSENT_TOKEN
 from .data import Batch
 from .tokens import TokenBatch, TokenDataset, as_token_batch, check_tokens, check_codec_checksums
 from .transformer import MultimodalTransformer
-from .files import save_safetensors
+from .files import save_safetensors, make_folder
 
 # %% ../nbs/13_predict.ipynb #c007
 class PredictionError(ValueError):
@@ -433,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out {a.out}: predictions are written as safetensors; name the file *.safetensors")
         if Path(a.out).exists():                   # never replace a file: it could be the model being read
             raise FileExistsError(f"--out {a.out} already exists; predictions never replace a file (choose a new path)")
+        make_folder(Path(a.out).parent, "--out folder")   # a file in its way is named now, not after the work
         points = [_point_arg(p) for p in a.points]   # checked before the work, like --out
         twice = sorted({str(x) for x in points if points.count(x) > 1})
         if twice: raise ValueError(f"--points names {twice} more than once")

@@ -615,6 +615,9 @@ def detect_format(root: str | Path) -> str:
     root = Path(root)
     if (root / "shards.json").exists(): return "shards"
     if not (root / "manifest.json").exists():
+        if (root / "journal").is_dir():             # sample shards whose writing stopped before the index
+            raise FileNotFoundError(f"{root} holds sample shards that are not finished (no shards.json yet): rerun "
+                                    "the command that wrote them (mmfm simulate --shards, write_shards) to resume")
         raise FileNotFoundError(f"{root} holds neither shards.json nor manifest.json")
     if (root / "info.json").exists():
         name = read_json(root / "info.json", "data set info").get("dataset")
