@@ -8,7 +8,7 @@ __all__ = ['FORMAT', 'FORMAT_VERSION', 'INDEX_FILE', 'DATA_FORMATS', 'token_dtyp
            'StreamBatch', 'TokenStream', 'detect_format', 'format_sources', 'open_dataset', 'build_parser', 'main']
 
 # %% ../nbs/08a_token_shards.ipynb #a002
-import argparse, ctypes, ctypes.util, dataclasses, gc, hashlib, itertools, json, math, multiprocessing, sys, time
+import argparse, ctypes, ctypes.util, dataclasses, gc, hashlib, itertools, json, math, multiprocessing, os, signal, sys, time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +199,20 @@ def _init_worker(dataset, codecs):
     _fix_mmap_threshold()
     _WORKER.update(dataset=dataset, codecs=codecs)
 
+def _die_with_parent(parent: int) -> bool:
+    """Linux: have the kernel end this pool process when its parent dies (`prctl(PR_SET_PDEATHSIG, SIGTERM)`,
+    prctl(2)), so a tokenize killed with SIGKILL leaves no workers holding memory; exits at once if the parent is
+    already gone. Returns whether the request was made (False elsewhere)."""
+    if not sys.platform.startswith("linux"): return False
+    try: ok = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM) == 0
+    except (OSError, AttributeError): return False
+    if os.getppid() != parent: os._exit(1)
+    return ok
+
+def _init_pool_worker(dataset, codecs, parent: int):
+    "The initializer of a pool process: `_die_with_parent`, then `_init_worker`."
+    _die_with_parent(parent); _init_worker(dataset, codecs)
+
 def _release_memory() -> bool:
     """Hand the memory freed by the last unit back to the operating system: a garbage collection (cycles holding
     arrays), then glibc's `malloc_trim(0)` (malloc_trim(3), GNU C Library), which returns the free pages of every
@@ -307,7 +321,7 @@ def tokenize_dataset(dataset,  # sample shards (`.shards`, `.shard(k)`) or a map
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         procs = min(workers, len(todo))
         with ProcessPoolExecutor(procs, multiprocessing.get_context(method),
-                                 initializer=_init_worker, initargs=(dataset, codecs)) as pool:
+                                 initializer=_init_pool_worker, initargs=(dataset, codecs, os.getpid())) as pool:
             queue = iter(todo)           # at most two units per process queued: no future per shard is held
             pending = {pool.submit(_write_unit, *args(u, f)) for u, f in itertools.islice(queue, 2 * procs)}
             try:

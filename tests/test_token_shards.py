@@ -267,3 +267,13 @@ def test_samples_a_manifest_leaves_out_are_counted(tmp_path):
     assert ds.dropped == ["s003"]
     tok = tokenize_dataset(ds, toy_manager(), tmp_path / "tok", shard_size=4, verbose=False)
     assert len(tok) == 7 and tok.info["left_out"] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_pool_workers_ask_to_die_with_their_parent():
+    "A tokenize pool process asks the kernel for SIGTERM when its parent dies (a SIGKILLed tokenize left them running)."
+    code = ("import ctypes, os, signal; from mmfm.token_shards import _die_with_parent\n"
+            "assert _die_with_parent(os.getppid())\n"
+            "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value == signal.SIGTERM)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-1000:]
