@@ -203,9 +203,9 @@ def _die_with_parent(parent: int) -> bool:
     """Linux: have the kernel end this pool process when its parent dies (`prctl(PR_SET_PDEATHSIG, SIGTERM)`,
     prctl(2)), so a tokenize killed with SIGKILL leaves no workers holding memory; exits at once if the parent is
     already gone. Returns whether the request was made (False elsewhere)."""
-    if not sys.platform.startswith("linux"): return False
-    try: ok = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM) == 0
-    except (OSError, AttributeError): return False
+    prctl = _glibc("prctl")                    # the C library's, found as the allocator's functions are
+    if not sys.platform.startswith("linux") or prctl is None: return False
+    ok = prctl(1, signal.SIGTERM) == 0         # PR_SET_PDEATHSIG = 1 (<linux/prctl.h>)
     if os.getppid() != parent: os._exit(1)
     return ok
 
